@@ -1,0 +1,35 @@
+"""gcvit: the Global Context Vision Transformer (GC ViT) for PyTorch.
+
+    >>> import gcvit
+    >>> model = gcvit.create_model("gcvit_tiny", pretrained=True)   # NVIDIA's ImageNet-1K weights
+    >>> logits = model(images)                                      # (B, 3, H, W), any H, W >= 32
+"""
+
+from gcvit.download import ChecksumError
+from gcvit.models import (
+    CheckpointError,
+    GCViT,
+    GCViTConfig,
+    LoadReport,
+    PretrainedCfg,
+    create_model,
+    list_models,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChecksumError",
+    "CheckpointError",
+    "GCViT",
+    "GCViTConfig",
+    "LoadReport",
+    "PretrainedCfg",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "save_checkpoint",
+]

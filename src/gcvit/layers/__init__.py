@@ -1,0 +1,23 @@
+"""Layers shared by every model of the package: one concept per file."""
+
+from gcvit.layers.attention import WindowAttention, WindowAttentionGlobal
+from gcvit.layers.conv import FeatExtract, ReduceSize, SqueezeExcite, fused_mbconv
+from gcvit.layers.mlp import Mlp
+from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
+from gcvit.layers.window import pad_to_window_multiple, padding_key_mask, window_partition, window_reverse
+
+__all__ = [
+    "FeatExtract",
+    "Mlp",
+    "ReduceSize",
+    "SqueezeExcite",
+    "WindowAttention",
+    "WindowAttentionGlobal",
+    "fused_mbconv",
+    "pad_to_window_multiple",
+    "padding_key_mask",
+    "relative_position_index",
+    "resize_bias_table",
+    "window_partition",
+    "window_reverse",
+]

@@ -1,0 +1,106 @@
+"""Window attention of GC ViT: local (queries, keys and values from the window) and global (queries from the
+stage's global query generator, keys and values from the window).
+
+Both run through `torch.nn.functional.scaled_dot_product_attention` with the relative-position bias, plus the
+padding mask where the map was padded, as its additive float mask.
+Shapes: windows (B, nW, N, C); heads split C into (heads, hd); N = ws * ws tokens per window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gcvit.layers.rel_pos import relative_position_index
+
+
+class _WindowAttentionBase(nn.Module):
+    """Holds the relative-position bias table and the output projection shared by both kinds of attention."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = window_size
+        self.scale = self.head_dim**-0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=True)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(heads, N, N) bias gathered from the table."""
+        N = self.window_size**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """q (B, nW or 1, heads, N, hd), k and v (B, nW, heads, N, hd) -> (B, nW, N, C)."""
+        mask = self.relative_position_bias().to(q.dtype)  # (heads, N, N)
+        if pad_mask is not None:
+            mask = mask + pad_mask.to(q.dtype)  # (nW, heads, N, N)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        )  # (B, nW, heads, N, hd)
+        B, nW, _, N, _ = out.shape
+        out = out.transpose(2, 3).reshape(B, nW, N, -1)  # (B, nW, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+class WindowAttention(_WindowAttentionBase):
+    """Local window self-attention: `qkv` Linear(C, 3C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__(dim, num_heads, window_size, attn_drop, proj_drop)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+
+    def forward(
+        self, x: torch.Tensor, q_global: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, nW, N, C) -> (B, nW, N, C); `q_global` is ignored."""
+        B, nW, N, C = x.shape
+        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, self.head_dim)  # (B, nW, N, 3, heads, hd)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, hd)
+        return self._attend(q, k, v, pad_mask)
+
+
+class WindowAttentionGlobal(_WindowAttentionBase):
+    """Global window attention: `qkv` Linear(C, 2C) gives keys and values; the queries are the image's global query,
+    shared by all windows of that image (broadcast, never copied per window)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__(dim, num_heads, window_size, attn_drop, proj_drop)
+        self.qkv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+
+    def forward(
+        self, x: torch.Tensor, q_global: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, nW, N, C), q_global (B, heads, N, hd) -> (B, nW, N, C)."""
+        if q_global is None:
+            raise ValueError("global window attention needs the stage's global query")
+        B, nW, N, C = x.shape
+        kv = self.qkv(x).view(B, nW, N, 2, self.num_heads, self.head_dim)  # (B, nW, N, 2, heads, hd)
+        k, v = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, hd)
+        q = q_global.unsqueeze(1)  # (B, 1, heads, N, hd): image b's query meets only image b's windows
+        return self._attend(q, k, v, pad_mask)

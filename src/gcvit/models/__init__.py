@@ -1,0 +1,22 @@
+"""Model definitions, the name registry and checkpoint handling."""
+
+from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig, convert_timm
+from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
+from gcvit.models.registry import create_model, list_models, resolve_name
+from gcvit.models.weights import CheckpointError, LoadReport, load_checkpoint, save_checkpoint
+
+__all__ = [
+    "PRETRAINED",
+    "VARIANTS",
+    "CheckpointError",
+    "GCViT",
+    "GCViTConfig",
+    "LoadReport",
+    "PretrainedCfg",
+    "convert_timm",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "resolve_name",
+    "save_checkpoint",
+]

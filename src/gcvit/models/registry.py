@@ -1,0 +1,121 @@
+"""Model names, tags and `create_model`.
+
+A name is an architecture (`gcvit_tiny`) or an architecture with a pretrained tag (`gcvit_tiny.in1k`). A tag may
+change the architecture (the 384 and 512 px large models have larger windows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig
+from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
+from gcvit.models.weights import load_state_dict_into, read_state_dict, resolve, to_official
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a name resolves to."""
+
+    arch: str
+    tag: str | None
+    config: GCViTConfig
+    pretrained: PretrainedCfg | None
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Architectures and `arch.tag` names matching a shell-style pattern, sorted."""
+    names = list(VARIANTS) + [f"{arch}.{tag}" for arch, tags in PRETRAINED.items() for tag in tags]
+    return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+
+
+def _unknown(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, list_models(), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown model {name!r}{hint} (gcvit.list_models() lists them all)")
+
+
+def resolve_name(name: str) -> ModelSpec:
+    """Split `arch[.tag]` and find its config and pretrained metadata (default tag: the first one)."""
+    arch, _, tag = name.partition(".")
+    if arch not in VARIANTS or (tag and tag not in PRETRAINED.get(arch, {})):
+        raise _unknown(name)
+    tags = PRETRAINED.get(arch, {})
+    tag = tag or next(iter(tags), None)
+    pretrained = tags.get(tag) if tag else None
+    config = VARIANTS[arch]
+    if pretrained is not None and pretrained.arch:
+        config = dataclasses.replace(config, **pretrained.arch)
+    return ModelSpec(arch, tag, config, pretrained)
+
+
+def _apply_overrides(config: GCViTConfig, img_size: int | tuple[int, int] | None, overrides: dict[str, Any]) -> GCViTConfig:
+    fields = {f.name for f in dataclasses.fields(GCViTConfig)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise TypeError(f"unknown override(s) {bad}; expected fields of GCViTConfig: {sorted(fields)}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    # the global query generator's structure (state-dict keys) stays that of the native size
+    overrides.setdefault("global_query_pools", config.pools)
+    if img_size is not None:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(size) != 2 or min(size) < 32:
+            raise ValueError(f"expected img_size as an int or (H, W) of at least 32 px; got {img_size!r}")
+        overrides["img_size"] = size
+    return dataclasses.replace(config, **overrides)
+
+
+def create_model(
+    name: str,
+    pretrained: bool | str | os.PathLike[str] = False,
+    num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a GC ViT by name, optionally with pretrained weights.
+
+    Args:
+        name: `arch` or `arch.tag`, as listed by `list_models()`.
+        pretrained: False; True for the tag's official weights (downloaded with a hash check into the cache); or a
+            local checkpoint path or URL (official, timm or own format).
+        num_classes: classes of the head; one other than the checkpoint's gives a fresh head for fine-tuning.
+        img_size: native input size, int or (H, W). Any size from 32 px runs; the window sizes stay those of the
+            variant unless `window_size` is overridden too (bias tables are then resized while loading).
+        overrides: any other GCViTConfig field (drop_path_rate, window_size, layer_scale, ...).
+    Returns:
+        The model in train mode, with `model.pretrained_cfg` set (input size, crop, mean/std of its weights).
+    """
+    spec = resolve_name(name)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    config = _apply_overrides(spec.config, img_size, overrides)
+    model = GCViT(config)
+    meta = spec.pretrained or PretrainedCfg(url="", license="", top1=None)
+    if pretrained is not False and pretrained is not None:
+        if pretrained is True:
+            if spec.pretrained is None:
+                raise ValueError(f"{name} has no pretrained weights; pass a checkpoint path or URL instead")
+            source, sha = spec.pretrained.url, spec.pretrained.sha256
+        else:
+            source, sha = str(pretrained), None
+        state_dict = read_state_dict(resolve(source, sha))
+        _load_pretrained(model, state_dict, source)
+    model.pretrained_cfg = dataclasses.replace(meta, img_size=config.img_size, num_classes=config.num_classes)
+    return model
+
+
+def _load_pretrained(model: GCViT, state_dict: dict, source: str) -> None:
+    """Load strictly, except for a head whose class count differs, which stays freshly initialised."""
+    state_dict, _ = to_official(state_dict)
+    head = state_dict.get("head.weight")
+    if head is not None and head.shape[0] != model.num_classes:
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")} | fresh
+    load_state_dict_into(model, state_dict, source, strict=True)

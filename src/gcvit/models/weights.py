@@ -1,0 +1,185 @@
+"""Reading, converting, adapting and writing checkpoints.
+
+Formats recognised: NVIDIA's official .pth.tar ({'state_dict': ...}), timm's GC ViT state dicts, and this project's
+own safetensors files (official key names). Pickles are read with `torch.load(weights_only=True)`: one that tries to
+run code is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gcvit.download import download
+from gcvit.layers.rel_pos import resize_bias_table
+from gcvit.models.gcvit import convert_timm, is_timm_state_dict
+
+_WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not fit the model; the message names the keys and shapes."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    format: str  # "official", "timm"
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint (a, b) vs model (c, d)"
+    resized: list[str] = field(default_factory=list)  # bias tables resized to the model's window size
+
+
+def _is_url(s: str) -> bool:
+    return s.startswith(("http://", "https://", "file://"))
+
+
+def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> Path:
+    """A local path for a checkpoint path or URL (URLs are downloaded into the cache)."""
+    s = str(path_or_url)
+    if _is_url(s):
+        return download(s, sha256)
+    path = Path(s).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a checkpoint file or an http(s):// URL; {s!r} does not exist")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: safetensors, or a torch pickle read with weights_only=True (and unwrapped
+    from 'state_dict'/'model' and a DDP 'module.' prefix)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    is_safetensors = path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{")
+    if is_safetensors:
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
+    try:
+        # argparse.Namespace is allowed: training scripts store their arguments next to the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: refused or unreadable; expected a safetensors file or a torch checkpoint of plain tensors "
+            f"(loaded with weights_only=True): {e}"
+        ) from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors (a state dict)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def to_official(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Convert any recognised format to official key names; returns (state_dict, format name)."""
+    if is_timm_state_dict(state_dict):
+        return convert_timm(dict(state_dict)), "timm"
+    return dict(state_dict), "official"
+
+
+def adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Fit geometric tensors to the model: relative-position indices come from the model (they follow from its
+    window sizes) and bias tables are resized bicubically when window sizes differ. Returns (state_dict, resized)."""
+    own = model.state_dict()
+    resized = []
+    for key, target in own.items():
+        if key.endswith("relative_position_index"):
+            state_dict[key] = target
+        elif key.endswith("relative_position_bias_table") and key in state_dict:
+            table = state_dict[key]
+            if table.shape != target.shape and table.ndim == 2 and table.shape[1] == target.shape[1]:
+                new_ws = (round(target.shape[0] ** 0.5) + 1) // 2
+                state_dict[key] = resize_bias_table(table, new_ws)
+                resized.append(f"{key}: {tuple(table.shape)} -> {tuple(target.shape)}")
+    return state_dict, resized
+
+
+def _compare(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[list[str], list[str], list[str]]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    return missing, unexpected, mismatched
+
+
+def _describe(report: LoadReport, limit: int = 20) -> str:
+    parts = []
+    for label, keys in (("missing", report.missing), ("unexpected", report.unexpected), ("mis-shaped", report.mismatched)):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+            parts.append(f"{len(keys)} {label}: {shown}")
+    return "; ".join(parts)
+
+
+def load_state_dict_into(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, strict: bool = True
+) -> LoadReport:
+    """Convert, adapt and load a state dict; with strict, any missing, unexpected or mis-shaped key is an error."""
+    sd, fmt = to_official(state_dict)
+    sd, resized = adapt_to_model(sd, model)
+    report = LoadReport(source, fmt, *_compare(sd, model), resized=resized)
+    if strict and (report.missing or report.unexpected or report.mismatched):
+        raise CheckpointError(f"{source} ({fmt} format) does not fit {type(model).__name__}: {_describe(report)}")
+    skip = {m.split(":")[0] for m in report.mismatched}
+    model.load_state_dict({k: v for k, v in sd.items() if k not in skip}, strict=False)
+    return report
+
+
+def load_checkpoint(
+    model: nn.Module, path_or_url: str | os.PathLike[str], strict: bool = True, sha256: str | None = None
+) -> LoadReport:
+    """Load an official, timm or own checkpoint (path or URL) into `model`.
+
+    Args:
+        model: the model to fill.
+        path_or_url: a local file, or an http(s):// / file:// URL (downloaded into the cache).
+        strict: raise CheckpointError naming missing, unexpected and mis-shaped keys; otherwise load what fits.
+        sha256: expected digest for URLs.
+    Returns:
+        A LoadReport naming the format and any keys that were missing, unexpected, mis-shaped or resized.
+    """
+    path = resolve(path_or_url, sha256)
+    return load_state_dict_into(model, read_state_dict(path), str(path_or_url), strict=strict)
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write tensors as safetensors atomically: a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Save a model's weights (official key names) as safetensors, atomically."""
+    return save_safetensors(model.state_dict(), path, metadata={"format": "gcvit"})
