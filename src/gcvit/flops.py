@@ -1,0 +1,26 @@
+"""Parameter and FLOP counts, measured with torch's own FLOP counter on the meta device (no real compute)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, img_size: tuple[int, int], batch: int = 1) -> float:
+    """Multiply-accumulates of one forward pass per image (torch's FLOP counter / 2, the convention papers call
+    FLOPs). Runs on whatever device the model is on; build it under `torch.device("meta")` to count for free."""
+    p = next(model.parameters())
+    x = torch.zeros(batch, 3, *img_size, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 2 / batch

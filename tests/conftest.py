@@ -1,0 +1,68 @@
+"""Shared fixtures: seeded randomness, a local HTTP server, official-format checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import gcvit
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def randomize_(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter so that no weight keeps its special initial value (LayerNorm 1/0, layer scale 1e-5)."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served over HTTP on 127.0.0.1: yields (folder, base URL)."""
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv("GCVIT_CACHE", str(path))
+    return path
+
+
+def save_official(model: torch.nn.Module, path: Path) -> Path:
+    """Write a checkpoint the way NVIDIA's release does: a .pth.tar holding {'state_dict': ...} (plus the training
+    arguments, as training scripts store them)."""
+    torch.save({"state_dict": model.state_dict(), "epoch": 309, "args": argparse.Namespace(lr=5e-3)}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def xxtiny_official(tmp_path_factory: pytest.TempPathFactory) -> tuple[gcvit.GCViT, Path]:
+    """A randomised gcvit_xxtiny and its official-format checkpoint."""
+    torch.manual_seed(0)
+    model = randomize_(gcvit.create_model("gcvit_xxtiny")).eval()
+    return model, save_official(model, tmp_path_factory.mktemp("ckpt") / "gcvit_1k_xxtiny.pth.tar")

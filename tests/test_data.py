@@ -1,0 +1,277 @@
+"""Tests for gcvit.data: datasets, the bad-file check, transforms, batch mixing and loaders."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("sklearn")
+
+from gcvit.data import (
+    DataError,
+    DigitsDataset,
+    ImageFolderDataset,
+    build_loader,
+    check_same_classes,
+    eval_transform,
+    mixup_cutmix,
+    parse_randaugment,
+    set_epoch,
+    split_image_folder,
+    train_transform,
+)
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------- digits
+
+
+def test_digits_split_sizes_and_disjoint() -> None:
+    train, val, full = DigitsDataset("train"), DigitsDataset("val"), DigitsDataset("all")
+    assert len(full) == 1797
+    assert len(val) == 360 and len(train) == 1437  # sklearn rounds the test share up: ceil(0.2 * 1797)
+    assert set(train.indices).isdisjoint(val.indices)
+    assert sorted([*train.indices, *val.indices]) == list(range(1797))
+    assert train.classes == [str(d) for d in range(10)]
+
+
+def test_digits_split_is_stratified() -> None:
+    full, val = DigitsDataset("all"), DigitsDataset("val", val_fraction=0.25)
+    total, in_val = Counter(full.targets), Counter(val.targets)
+    for label in range(10):
+        assert abs(in_val[label] - 0.25 * total[label]) <= 1
+
+
+def test_digits_split_depends_only_on_seed() -> None:
+    a, b, c = DigitsDataset("val", seed=1), DigitsDataset("val", seed=1), DigitsDataset("val", seed=2)
+    assert a.indices.tolist() == b.indices.tolist()
+    assert a.indices.tolist() != c.indices.tolist()
+
+
+def test_digits_images_are_rgb_of_img_size() -> None:
+    image, label = DigitsDataset("val", img_size=40)[0]
+    assert image.mode == "RGB" and image.size == (40, 40) and isinstance(label, int)
+    pixels = np.asarray(image)
+    assert pixels.min() == 0 and pixels.max() > 200  # 0..16 scaled to 0..255
+    wide, _ = DigitsDataset("val", img_size=(24, 48))[0]
+    assert wide.size == (48, 24)  # PIL reports (W, H)
+    tensor, _ = DigitsDataset("val", img_size=32, transform=eval_transform(32, MEAN, STD, crop_pct=1.0))[0]
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+
+
+def test_digits_rejects_unknown_split() -> None:
+    with pytest.raises(ValueError, match="'test'"):
+        DigitsDataset("test")
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _save(path: Path, fmt: str, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, fmt)
+
+
+def _truncated_jpeg(path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[:-2])  # only the end-of-image marker missing: verify() passes, load() fails
+
+
+def _make_folder(root: Path, per_class: int = 4, classes: tuple[str, ...] = ("cat", "dog")) -> None:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            fmt = "PNG" if i % 2 else "JPEG"
+            _save(root / name / f"{i}.{fmt.lower()}", fmt, seed=10 * c + i)
+
+
+@pytest.fixture
+def folder_with_bad_files(tmp_path: Path) -> tuple[Path, list[str]]:
+    root = tmp_path / "images"
+    _make_folder(root)
+    _truncated_jpeg(root / "cat" / "truncated.jpeg")
+    (root / "dog" / "text.png").write_text("this is not a png")
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    return root, ["truncated.jpeg", "text.png", "empty.jpg"]
+
+
+def test_image_folder_reads_good_files(tmp_path: Path) -> None:
+    _make_folder(tmp_path)
+    dataset = ImageFolderDataset(tmp_path, transform=eval_transform(16, MEAN, STD))
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 8 and dataset.skipped == []
+    assert dataset.targets == [0, 0, 0, 0, 1, 1, 1, 1]
+    image, label = dataset[5]
+    assert image.shape == (3, 16, 16) and label == 1
+
+
+def test_bad_files_skipped_when_not_strict(folder_with_bad_files, caplog) -> None:
+    root, bad_names = folder_with_bad_files
+    with caplog.at_level(logging.WARNING, logger="gcvit.data"):
+        dataset = ImageFolderDataset(root)
+    assert len(dataset) == 8
+    assert sorted(p.name for p in dataset.skipped) == sorted(bad_names)
+    assert "skipped 3 unreadable image files" in caplog.text
+    assert all(path.name not in bad_names for path, _ in dataset.samples)
+
+
+def test_bad_files_raise_when_strict(folder_with_bad_files) -> None:
+    root, bad_names = folder_with_bad_files
+    with pytest.raises(DataError, match="3 of 11 image files cannot be read") as info:
+        ImageFolderDataset(root, strict=True)
+    for name in bad_names:
+        assert name in str(info.value)
+    assert "notes.txt" not in str(info.value)
+
+
+def test_decode_failure_at_load_time(tmp_path: Path, caplog) -> None:
+    _make_folder(tmp_path)
+    dataset = ImageFolderDataset(tmp_path)
+    broken = dataset.samples[1][0]
+    broken.write_bytes(b"corrupted after the check")
+    with caplog.at_level(logging.WARNING, logger="gcvit.data"):
+        image, label = dataset[1]
+    assert np.array_equal(np.asarray(image), np.asarray(dataset[2][0]))  # the next sample, deterministically
+    assert label == dataset.targets[2] and dataset.load_failures == [broken]
+    assert broken.name in caplog.text
+    dataset.strict = True
+    with pytest.raises(DataError, match=broken.name):
+        dataset[1]
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    _make_folder(tmp_path)
+    (tmp_path / "bird").mkdir()
+    (tmp_path / "bird" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folders with no image files .*\['bird'\]"):
+        ImageFolderDataset(tmp_path)
+
+
+def test_class_emptied_by_bad_files_is_named(tmp_path: Path) -> None:
+    _make_folder(tmp_path)
+    (tmp_path / "bird").mkdir()
+    (tmp_path / "bird" / "only.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no readable image: \['bird'\]"):
+        ImageFolderDataset(tmp_path)
+
+
+def test_missing_root_and_root_without_classes(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="has no class folders"):
+        ImageFolderDataset(tmp_path)
+    with pytest.raises(DataError, match=r"no folder for classes \['cow'\]"):
+        _make_folder(tmp_path)
+        ImageFolderDataset(tmp_path, classes=["cat", "cow"])
+
+
+def test_check_same_classes(tmp_path: Path) -> None:
+    _make_folder(tmp_path / "train", classes=("cat", "dog", "fox"))
+    _make_folder(tmp_path / "val", classes=("cat", "dog", "owl"))
+    train, val = ImageFolderDataset(tmp_path / "train"), ImageFolderDataset(tmp_path / "val")
+    with pytest.raises(DataError, match=r"only in train: \['fox'\]; only in val: \['owl'\]"):
+        check_same_classes(train, val)
+    with pytest.raises(DataError, match="different order"):
+        check_same_classes(["a", "b"], ["b", "a"])
+    check_same_classes(train, ["cat", "dog", "fox"])
+
+
+def test_split_image_folder_is_stratified_and_seeded(tmp_path: Path) -> None:
+    _make_folder(tmp_path, per_class=10)
+    train, val = split_image_folder(tmp_path, val_fraction=0.3, seed=0, val_transform=eval_transform(8, MEAN, STD))
+    assert train.classes == val.classes == ["cat", "dog"]
+    assert Counter(val.targets) == {0: 3, 1: 3} and Counter(train.targets) == {0: 7, 1: 7}
+    assert {p for p, _ in train.samples}.isdisjoint(p for p, _ in val.samples)
+    assert train.transform is None and val[0][0].shape == (3, 8, 8)
+    again, _ = split_image_folder(tmp_path, val_fraction=0.3, seed=0)
+    other, _ = split_image_folder(tmp_path, val_fraction=0.3, seed=1)
+    assert again.samples == train.samples and other.samples != train.samples
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_eval_transform_shape_and_crop_pct() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    full = eval_transform(32, MEAN, STD, crop_pct=1.0)(image)
+    cropped = eval_transform(32, MEAN, STD, crop_pct=0.875)(image)
+    squash = eval_transform((24, 40), MEAN, STD, crop_mode="squash", crop_pct=1.0)(image)
+    assert full.shape == cropped.shape == (3, 32, 32) and squash.shape == (3, 24, 40)
+    assert type(full) is torch.Tensor and full.dtype == torch.float32
+    assert not torch.allclose(full, cropped)
+    with pytest.raises(ValueError, match="crop_mode"):
+        eval_transform(32, MEAN, STD, crop_mode="border")
+
+
+def test_train_transform_output() -> None:
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    transform = train_transform(
+        (32, 48), MEAN, STD, randaugment="rand-m9-mstd0.5-inc1", color_jitter=0.4, random_erasing=1.0
+    )
+    torch.manual_seed(0)
+    out = transform(image)
+    assert out.shape == (3, 32, 48) and type(out) is torch.Tensor and out.dtype == torch.float32
+
+
+def test_parse_randaugment() -> None:
+    spec = parse_randaugment("rand-m9-n3-mstd0.5-inc1")
+    assert (spec.magnitude, spec.num_ops, spec.magnitude_std) == (9, 3, 0.5)
+    with pytest.raises(ValueError, match="unknown part 'x1'"):
+        parse_randaugment("rand-m9-x1")
+    with pytest.raises(ValueError, match=r"0\.\.10"):
+        parse_randaugment("rand-m12")
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_mixup_cutmix_targets(mixup: float, cutmix: float) -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 0])
+    mix = mixup_cutmix(5, mixup, cutmix, label_smoothing=0.1)
+    mixed, targets = mix(images, labels)
+    assert mixed.shape == images.shape and targets.shape == (6, 5) and targets.dtype == torch.float32
+    torch.testing.assert_close(targets.sum(dim=1), torch.ones(6))
+    assert targets.min() >= 0.1 / 5 - 1e-6
+    if mixup == cutmix == 0:
+        assert torch.equal(mixed, images)
+        torch.testing.assert_close(targets.argmax(dim=1), labels)
+        torch.testing.assert_close(targets.max(dim=1).values, torch.full((6,), 0.9 + 0.02))
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_build_loader_seeded_order_and_epochs() -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(20))
+
+    def order(seed: int, epoch: int) -> list[int]:
+        loader = build_loader(data, batch_size=4, train=True, seed=seed)
+        set_epoch(loader, epoch)
+        return torch.cat([batch for (batch,) in loader]).tolist()
+
+    assert order(0, 0) == order(0, 0) and sorted(order(0, 0)) == list(range(20))
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+    evaluation = build_loader(data, batch_size=6, train=False)
+    assert [len(b) for (b,) in evaluation] == [6, 6, 6, 2]  # eval keeps the last batch, in order
+
+
+def test_build_loader_distributed_and_workers() -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(20))
+    halves = [build_loader(data, 2, train=True, distributed=True, num_replicas=2, rank=r) for r in (0, 1)]
+    seen = [torch.cat([b for (b,) in loader]).tolist() for loader in halves]
+    assert len(seen[0]) == len(seen[1]) == 10 and set(seen[0]).isdisjoint(seen[1])
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        build_loader(data, 2, train=True, distributed=True)
+    with pytest.raises(ValueError, match="no full batch"):
+        build_loader(data, 32, train=True)
+    loader = build_loader(data, 5, train=True, num_workers=2, seed=0)
+    assert loader.persistent_workers and sorted(torch.cat([b for (b,) in loader]).tolist()) == list(range(20))

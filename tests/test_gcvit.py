@@ -1,0 +1,294 @@
+"""The GC ViT model: structure, parameter counts, any input size, batching, padding, training features, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gcvit
+from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask, window_partition, window_reverse
+from gcvit.models import VARIANTS
+
+# Parameter counts of GCVIT_SPEC.md (millions); the 384/512 large models carry larger bias tables.
+PARAMS_M = {
+    "gcvit_xxtiny": 12.00,
+    "gcvit_xtiny": 19.98,
+    "gcvit_tiny": 28.22,
+    "gcvit_tiny2": 34.54,
+    "gcvit_small": 51.09,
+    "gcvit_small2": 68.62,
+    "gcvit_base": 90.32,
+    "gcvit_large": 202.08,
+    "gcvit_large.in21k_ft_in1k": 202.08,
+    "gcvit_large.in21k_ft_in1k_384": 202.86,
+    "gcvit_large.in21k_ft_in1k_512": 203.80,
+}
+ALL_ARCHS = list(VARIANTS)
+SMALL_ARCHS = ["gcvit_xxtiny", "gcvit_xtiny", "gcvit_tiny"]
+LARGE_TAGS = ["gcvit_large.in21k_ft_in1k_384", "gcvit_large.in21k_ft_in1k_512"]
+
+
+@pytest.mark.parametrize("name", list(PARAMS_M))
+def test_parameter_count(name: str) -> None:
+    with torch.device("meta"):
+        model = gcvit.create_model(name)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == PARAMS_M[name]
+
+
+def test_list_models() -> None:
+    names = gcvit.list_models()
+    for arch in ALL_ARCHS:
+        assert arch in names and f"{arch}.in1k" in names
+    assert gcvit.list_models("gcvit_large.in21k*") == [
+        "gcvit_large.in21k_ft_in1k",
+        "gcvit_large.in21k_ft_in1k_384",
+        "gcvit_large.in21k_ft_in1k_512",
+    ]
+
+
+def test_large_tags_carry_their_own_geometry() -> None:
+    with torch.device("meta"):
+        m384 = gcvit.create_model("gcvit_large.in21k_ft_in1k_384")
+        m512 = gcvit.create_model("gcvit_large.in21k_ft_in1k_512")
+    assert m384.cfg.window_size == (12, 12, 24, 12) and m384.cfg.img_size == (384, 384)
+    assert m512.cfg.window_size == (16, 16, 32, 16) and m512.cfg.img_size == (512, 512)
+    assert m384.pretrained_cfg.crop_mode == "squash" and m384.pretrained_cfg.url.endswith("gcvit_21k_large_384.pth.tar")
+    assert m384.cfg.pools == (3, 2, 0, 0) == m512.cfg.pools
+
+
+def test_official_key_names() -> None:
+    keys = list(gcvit.create_model("gcvit_xxtiny").state_dict())
+    assert len(keys) == 238
+    for key in [
+        "patch_embed.proj.bias",
+        "patch_embed.conv_down.norm1.weight",
+        "patch_embed.conv_down.conv.0.weight",
+        "patch_embed.conv_down.conv.2.fc.0.weight",
+        "patch_embed.conv_down.conv.2.fc.2.weight",
+        "patch_embed.conv_down.conv.3.weight",
+        "patch_embed.conv_down.reduction.weight",
+        "levels.0.q_global_gen.to_q_global.2.conv.3.weight",
+        "levels.2.q_global_gen.to_q_global.0.conv.0.weight",
+        "levels.1.blocks.1.attn.relative_position_bias_table",
+        "levels.1.blocks.1.attn.relative_position_index",
+        "levels.2.downsample.norm2.bias",
+        "levels.3.blocks.1.mlp.fc2.weight",
+        "norm.weight",
+        "head.bias",
+    ]:
+        assert key in keys, key
+    assert not any(k.startswith("levels.3.downsample") for k in keys)
+    assert not any(k.startswith("levels.0.q_global_gen.to_q_global.3") for k in keys)
+    small = gcvit.create_model("gcvit_small").state_dict()
+    assert "levels.0.blocks.0.gamma1" in small and "levels.0.blocks.0.gamma2" in small
+
+
+def test_local_and_global_blocks_alternate() -> None:
+    model = gcvit.create_model("gcvit_xxtiny")
+    kinds = [type(b.attn) for b in model.levels[2].blocks]
+    assert kinds == [WindowAttention, WindowAttentionGlobal] * 3
+    assert model.levels[0].blocks[1].attn.qkv.out_features == 2 * 64
+
+
+def _batched_vs_single(model: torch.nn.Module, size: tuple[int, int], batch: int = 3) -> float:
+    x = torch.randn(batch, 3, *size)
+    with torch.no_grad():
+        together = model(x)
+        apart = torch.cat([model(x[i : i + 1]) for i in range(batch)])
+    return (together - apart).abs().max().item()
+
+
+@pytest.mark.parametrize("name", ALL_ARCHS)
+def test_batch_equals_one_image_at_a_time(name: str) -> None:
+    from tests.conftest import randomize_
+
+    model = randomize_(gcvit.create_model(name)).eval()
+    for size in [(224, 224), (200, 320), (96, 96)]:
+        assert _batched_vs_single(model, size) < 1e-4, size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LARGE_TAGS)
+def test_batch_equals_one_image_at_a_time_large_tags(name: str) -> None:
+    model = gcvit.create_model(name).eval()
+    for size in [model.cfg.img_size, (200, 320), (96, 96)]:
+        assert _batched_vs_single(model, size, batch=2) < 1e-4, size
+
+
+def test_global_query_belongs_to_its_own_image() -> None:
+    """Changing image 1 must not move image 0's logits (the batch-order bug of NVlabs #10 fails this)."""
+    model = gcvit.create_model("gcvit_xxtiny").eval()
+    x = torch.randn(2, 3, 224, 224)
+    y = x.clone()
+    y[1] = torch.randn(3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[0], model(y)[0], atol=1e-5)
+
+
+def _forward_backward(model: torch.nn.Module, size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *size)
+    out = model(x)
+    assert out.shape == (2, model.num_classes)
+    out.logsumexp(-1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+SIZES = [(224, 224), (256, 256), (384, 384), (192, 288)]
+
+
+@pytest.mark.parametrize("name", SMALL_ARCHS)
+def test_forward_backward_and_pretrained_at_many_sizes(name: str, tmp_path) -> None:
+    from tests.conftest import save_official
+
+    ckpt = save_official(gcvit.create_model(name), tmp_path / "official.pth.tar")
+    for size in SIZES:
+        model = gcvit.create_model(name, pretrained=ckpt, img_size=size)
+        assert model.cfg.img_size == size and model.pretrained_cfg.img_size == size
+        _forward_backward(model, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ALL_ARCHS if n not in SMALL_ARCHS] + LARGE_TAGS)
+def test_forward_backward_and_pretrained_at_many_sizes_big(name: str, tmp_path) -> None:
+    test_forward_backward_and_pretrained_at_many_sizes(name, tmp_path)
+
+
+def test_feature_pyramid_and_info() -> None:
+    model = gcvit.create_model("gcvit_xxtiny").eval()
+    for H, W in [(224, 224), (200, 320), (33, 47)]:
+        with torch.no_grad():
+            feats = model.forward_intermediates(torch.randn(2, 3, H, W))
+        assert len(feats) == 4
+        for f, info in zip(feats, model.feature_info):
+            r = info["reduction"]
+            assert f.shape == (2, info["num_chs"], -(-H // r), -(-W // r))
+    assert [i["num_chs"] for i in model.feature_info] == [64, 128, 256, 512]
+    assert [i["reduction"] for i in model.feature_info] == [4, 8, 16, 32]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        last = model.forward_intermediates(x)[-1]
+        assert torch.equal(last, model.forward_features(x))
+
+
+def test_padded_keys_are_masked_out() -> None:
+    """Attention over a padded window equals attention over its real tokens only."""
+    attn = WindowAttention(dim=32, num_heads=4, window_size=4).eval()
+    H, W, ws = 6, 7, 4
+    x = torch.randn(1, H, W, 32)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 1, 0, 2))  # (1, 8, 8, 32)
+    mask = padding_key_mask(H, W, ws, x.device, x.dtype)
+    assert mask is not None and mask.shape == (4, 1, 1, 16)
+    with torch.no_grad():
+        out = window_reverse(attn(window_partition(padded, ws), None, mask), ws, 8, 8)[:, :H, :W]
+        # reference: the bottom-right window holds real rows 4..5 and columns 4..6
+        q = attn.qkv(x[:, 4:6, 4:7].reshape(1, 6, 32)).view(1, 6, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        rows, cols = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
+        idx = (rows * 4 + cols).flatten()  # positions of the real tokens inside the 4x4 window
+        bias = attn.relative_position_bias()[:, idx][:, :, idx]
+        ref = torch.softmax(q[0] @ q[1].transpose(-1, -2) * attn.scale + bias, -1) @ q[2]  # (1, heads, 6, hd)
+        ref = attn.proj(ref.transpose(1, 2).reshape(1, 2, 3, 32))
+    assert (out[:, 4:6, 4:7] - ref).abs().max().item() < 1e-5
+
+
+def test_output_does_not_depend_on_padding_content(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fill the padding with noise instead of zeros: the logits stay the same."""
+    import gcvit.models.gcvit as module
+
+    model = gcvit.create_model("gcvit_xxtiny").eval()
+    x = torch.randn(2, 3, 96, 130)
+    with torch.no_grad():
+        expected = model(x)
+
+    def noisy_pad(t: torch.Tensor, ws: int) -> torch.Tensor:
+        _, H, W, C = t.shape
+        out = torch.randn(t.shape[0], -(-H // ws) * ws, -(-W // ws) * ws, C) * 100
+        out[:, :H, :W] = t
+        return out
+
+    monkeypatch.setattr(module, "pad_to_window_multiple", noisy_pad)
+    with torch.no_grad():
+        got = model(x)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_gradient_checkpointing_gives_same_gradients() -> None:
+    model = gcvit.create_model("gcvit_xxtiny", drop_path_rate=0.0)
+    x = torch.randn(2, 3, 96, 96)
+    model(x).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_drop_path_and_dropout_act_only_in_training() -> None:
+    model = gcvit.create_model("gcvit_xxtiny", drop_path_rate=0.5, drop_rate=0.1, attn_drop_rate=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_layer_scale_and_reset_classifier() -> None:
+    model = gcvit.create_model("gcvit_small", layer_scale=0.5)
+    assert torch.all(model.levels[1].blocks[0].gamma1 == 0.5)
+    model.reset_classifier(7)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 768)
+    assert "levels.0.blocks.0.attn.relative_position_bias_table" in model.no_weight_decay()
+
+
+def test_torch_compile_full_graph_matches_eager() -> None:
+    """The whole model traces into one graph (fullgraph=True fails on any graph break), with a dynamic batch."""
+    model = gcvit.create_model("gcvit_xxtiny").eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for batch in (2, 3):
+            x = torch.randn(batch, 3, 64, 64)
+            torch._dynamo.mark_dynamic(x, 0)
+            assert (compiled(x) - model(x)).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager() -> None:
+    model = gcvit.create_model("gcvit_xxtiny").eval()
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (compiled(x) - model(x)).abs().max().item() < 1e-4
+
+
+def test_unknown_model_names_close_matches() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'gcvit_tinny'; did you mean gcvit_tiny"):
+        gcvit.create_model("gcvit_tinny")
+    with pytest.raises(ValueError, match=r"unknown model 'gcvit_tiny.in22k'"):
+        gcvit.create_model("gcvit_tiny.in22k")
+    with pytest.raises(TypeError, match=r"unknown override\(s\) \['windows'\]"):
+        gcvit.create_model("gcvit_tiny", windows=(7, 7, 7, 7))
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (torch.randn(3, 224, 224), r"expected a 4-D float tensor \(B, 3, H, W\); got \(3, 224, 224\)"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), r"expected a 4-D float tensor .* torch.uint8"),
+        (torch.randn(1, 1, 64, 64), r"expected 3 channels in dim 1 \(NCHW\); got shape \(1, 1, 64, 64\)"),
+        (torch.randn(1, 3, 31, 64), r"expected H and W of at least 32 px; got \(31, 64\)"),
+    ],
+)
+def test_bad_input_is_refused_clearly(x: torch.Tensor, message: str) -> None:
+    model = gcvit.create_model("gcvit_xxtiny")
+    with pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_smallest_input_runs() -> None:
+    model = gcvit.create_model("gcvit_xxtiny").eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()

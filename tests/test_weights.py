@@ -1,0 +1,174 @@
+"""Checkpoints: official, timm and own formats, safe loading, resizing, clear mismatch errors, downloads."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+import gcvit
+from gcvit.layers import resize_bias_table
+from gcvit.models import PRETRAINED
+from tests.conftest import randomize_, save_official
+
+
+def test_official_checkpoint_loads_strictly_without_renaming(xxtiny_official) -> None:
+    reference, path = xxtiny_official
+    sd = torch.load(path, weights_only=False)["state_dict"]
+    model = gcvit.create_model("gcvit_xxtiny").eval()
+    model.load_state_dict(sd, strict=True)  # plain torch, no conversion: the keys are the official ones
+    report = gcvit.load_checkpoint(model, path)
+    assert report.format == "official" and not report.resized
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_safetensors_roundtrip_is_bit_exact(tmp_path: Path, xxtiny_official) -> None:
+    reference, _ = xxtiny_official
+    path = gcvit.save_checkpoint(reference, tmp_path / "model.safetensors")
+    assert not [p for p in tmp_path.iterdir() if p.name != "model.safetensors"]  # no temporary files left
+    model = gcvit.create_model("gcvit_xxtiny", pretrained=path).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def test_code_running_pickle_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(gcvit.CheckpointError, match="refused or unreadable.*weights_only=True"):
+        gcvit.load_checkpoint(gcvit.create_model("gcvit_xxtiny"), path)
+    assert not marker.exists()
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(xxtiny_official) -> None:
+    _, path = xxtiny_official
+    model = gcvit.create_model("gcvit_xtiny")
+    with pytest.raises(gcvit.CheckpointError) as info:
+        gcvit.load_checkpoint(model, path)
+    message = str(info.value)
+    assert "missing: levels.0.blocks.2.norm1.weight" in message
+    model = gcvit.create_model("gcvit_xxtiny", num_classes=10)
+    with pytest.raises(gcvit.CheckpointError, match=r"head.weight: checkpoint \(1000, 512\) vs model \(10, 512\)"):
+        gcvit.load_checkpoint(model, path)
+    report = gcvit.load_checkpoint(model, path, strict=False)
+    assert report.mismatched == ["head.weight: checkpoint (1000, 512) vs model (10, 512)",
+                                 "head.bias: checkpoint (1000,) vs model (10,)"]
+
+
+def test_missing_file_is_a_clear_error() -> None:
+    with pytest.raises(FileNotFoundError, match="expected a checkpoint file or an http"):
+        gcvit.create_model("gcvit_xxtiny", pretrained="/no/such/file.pth")
+
+
+def test_fine_tuning_head_is_fresh_and_backbone_loaded(xxtiny_official) -> None:
+    reference, path = xxtiny_official
+    model = gcvit.create_model("gcvit_xxtiny", pretrained=path, num_classes=10)
+    assert model.head.weight.shape == (10, 512)
+    ours, theirs = model.state_dict(), reference.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("head."))
+
+
+def test_bias_tables_resized_for_other_windows(xxtiny_official) -> None:
+    _, path = xxtiny_official
+    model = gcvit.create_model("gcvit_xxtiny", pretrained=path, img_size=384, window_size=(12, 12, 24, 12)).eval()
+    assert model.levels[0].blocks[0].attn.relative_position_bias_table.shape == (23 * 23, 2)
+    report = gcvit.load_checkpoint(model, path)
+    assert len(report.resized) == 12  # one table per block
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 384, 384))).all()
+
+
+def test_resize_bias_table_properties() -> None:
+    table = torch.randn(13 * 13, 3)
+    assert torch.equal(resize_bias_table(table, 7), table)
+    constant = torch.full((13 * 13, 3), 0.25)
+    assert torch.allclose(resize_bias_table(constant, 12), torch.full((23 * 23, 3), 0.25), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(2\*ws-1\)\*\*2 rows; got 10"):
+        resize_bias_table(torch.randn(10, 3), 7)
+
+
+def _serve_as_tag(monkeypatch: pytest.MonkeyPatch, url: str, sha256: str) -> None:
+    cfg = dataclasses.replace(PRETRAINED["gcvit_xxtiny"]["in1k"], url=url, sha256=sha256)
+    monkeypatch.setitem(PRETRAINED, "gcvit_xxtiny", {"in1k": cfg})
+
+
+def test_download_checks_hash_caches_and_loads(http_root, cache, monkeypatch, xxtiny_official) -> None:
+    root, base = http_root
+    reference, path = xxtiny_official
+    data = path.read_bytes()
+    (root / "gcvit_1k_xxtiny.pth.tar").write_bytes(data)
+    _serve_as_tag(monkeypatch, f"{base}/gcvit_1k_xxtiny.pth.tar", hashlib.sha256(data).hexdigest())
+
+    model = gcvit.create_model("gcvit_xxtiny.in1k", pretrained=True).eval()
+    cached = cache / "gcvit_1k_xxtiny.pth.tar"
+    assert cached.read_bytes() == data
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+    (root / "gcvit_1k_xxtiny.pth.tar").unlink()  # a second load comes from the cache
+    gcvit.create_model("gcvit_xxtiny", pretrained=True)
+
+
+def test_corrupted_download_is_refused_and_not_cached(http_root, cache, monkeypatch, xxtiny_official) -> None:
+    root, base = http_root
+    _, path = xxtiny_official
+    data = path.read_bytes()
+    corrupted = bytearray(data)
+    corrupted[len(data) // 2] ^= 0xFF
+    (root / "gcvit_1k_xxtiny.pth.tar").write_bytes(bytes(corrupted))
+    _serve_as_tag(monkeypatch, f"{base}/gcvit_1k_xxtiny.pth.tar", hashlib.sha256(data).hexdigest())
+
+    with pytest.raises(gcvit.ChecksumError, match=r"download of http://127\.0\.0\.1:\d+/gcvit_1k_xxtiny\.pth\.tar "
+                       r"has the wrong SHA-256"):
+        gcvit.create_model("gcvit_xxtiny.in1k", pretrained=True)
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_corrupted_cache_file_is_downloaded_again(http_root, cache, monkeypatch, xxtiny_official) -> None:
+    root, base = http_root
+    _, path = xxtiny_official
+    data = path.read_bytes()
+    (root / "gcvit_1k_xxtiny.pth.tar").write_bytes(data)
+    cache.mkdir()
+    (cache / "gcvit_1k_xxtiny.pth.tar").write_bytes(b"garbage")
+    _serve_as_tag(monkeypatch, f"{base}/gcvit_1k_xxtiny.pth.tar", hashlib.sha256(data).hexdigest()[:16])
+    gcvit.create_model("gcvit_xxtiny.in1k", pretrained=True)
+    assert (cache / "gcvit_1k_xxtiny.pth.tar").read_bytes() == data
+
+
+def test_unreachable_url_names_it(cache) -> None:
+    with pytest.raises(OSError, match=r"could not download http://127\.0\.0\.1:9/nothing\.pth"):
+        gcvit.create_model("gcvit_xxtiny", pretrained="http://127.0.0.1:9/nothing.pth")
+
+
+def test_timm_state_dict_converts_and_is_detected() -> None:
+    timm = pytest.importorskip("timm")
+    sd = randomize_(timm.create_model("gcvit_xxtiny")).state_dict()
+    converted = gcvit.models.convert_timm(sd)
+    model = gcvit.create_model("gcvit_xxtiny")
+    own = model.state_dict()
+    assert set(converted) == {k for k in own if not k.endswith("relative_position_index")}
+    assert converted["levels.0.q_global_gen.to_q_global.0.conv.2.fc.0.weight"].shape == (16, 64)
+    assert torch.equal(converted["levels.0.downsample.reduction.weight"], sd["stages.1.downsample.reduction.weight"])
+
+
+def test_save_official_helper_roundtrip(tmp_path: Path) -> None:
+    model = gcvit.create_model("gcvit_xxtiny")
+    path = save_official(model, tmp_path / "x.pth.tar")
+    loaded = torch.load(path, weights_only=False)
+    assert set(loaded) == {"state_dict", "epoch", "args"}
