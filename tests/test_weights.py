@@ -65,8 +65,10 @@ def test_mismatched_checkpoint_names_keys_and_shapes(xxtiny_official) -> None:
     with pytest.raises(gcvit.CheckpointError, match=r"head.weight: checkpoint \(1000, 512\) vs model \(10, 512\)"):
         gcvit.load_checkpoint(model, path)
     report = gcvit.load_checkpoint(model, path, strict=False)
-    assert report.mismatched == ["head.weight: checkpoint (1000, 512) vs model (10, 512)",
-                                 "head.bias: checkpoint (1000,) vs model (10,)"]
+    assert report.mismatched == [
+        "head.weight: checkpoint (1000, 512) vs model (10, 512)",
+        "head.bias: checkpoint (1000,) vs model (10,)",
+    ]
 
 
 def test_missing_file_is_a_clear_error() -> None:
@@ -133,8 +135,11 @@ def test_corrupted_download_is_refused_and_not_cached(http_root, cache, monkeypa
     (root / "gcvit_1k_xxtiny.pth.tar").write_bytes(bytes(corrupted))
     _serve_as_tag(monkeypatch, f"{base}/gcvit_1k_xxtiny.pth.tar", hashlib.sha256(data).hexdigest())
 
-    with pytest.raises(gcvit.ChecksumError, match=r"download of http://127\.0\.0\.1:\d+/gcvit_1k_xxtiny\.pth\.tar "
-                       r"has the wrong SHA-256"):
+    with pytest.raises(
+        gcvit.ChecksumError,
+        match=r"download of http://127\.0\.0\.1:\d+/gcvit_1k_xxtiny\.pth\.tar "
+        r"has the wrong SHA-256",
+    ):
         gcvit.create_model("gcvit_xxtiny.in1k", pretrained=True)
     assert not cache.exists() or list(cache.iterdir()) == []
 

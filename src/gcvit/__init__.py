@@ -1,8 +1,8 @@
 """gcvit: the Global Context Vision Transformer (GC ViT) for PyTorch.
 
-    >>> import gcvit
-    >>> model = gcvit.create_model("gcvit_tiny", pretrained=True)   # NVIDIA's ImageNet-1K weights
-    >>> logits = model(images)                                      # (B, 3, H, W), any H, W >= 32
+>>> import gcvit
+>>> model = gcvit.create_model("gcvit_tiny", pretrained=True)   # NVIDIA's ImageNet-1K weights
+>>> logits = model(images)                                      # (B, 3, H, W), any H, W >= 32
 """
 
 from gcvit.download import ChecksumError
@@ -21,8 +21,8 @@ from gcvit.models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChecksumError",
     "CheckpointError",
+    "ChecksumError",
     "GCViT",
     "GCViTConfig",
     "LoadReport",

@@ -12,12 +12,13 @@ import torch
 
 import gcvit
 from gcvit.flops import count_macs, count_params
-from gcvit.models import resolve_name
+from gcvit.models import VARIANTS, resolve_name
 
 
 def _models(args: argparse.Namespace) -> None:
     rows = []
-    for name in gcvit.list_models(args.pattern):
+    order = {arch: i for i, arch in enumerate(VARIANTS)}
+    for name in sorted(gcvit.list_models(args.pattern), key=lambda n: (order[n.split(".")[0]], n)):
         spec = resolve_name(name)
         if "." not in name and spec.pretrained is not None and name + "." + str(spec.tag) in gcvit.list_models():
             continue  # the architecture is shown through its tags
@@ -52,7 +53,7 @@ def _demo(args: argparse.Namespace) -> None:
     std = torch.tensor(model.pretrained_cfg.std).view(1, 3, 1, 1)
     print(f"{args.model}: {count_params(model) / 1e6:.2f} M parameters, windows {model.cfg.window_size}")
     photos = load_sample_images()
-    images = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in photos.images])  # (2, 3, H, W)
+    images = torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in photos.images])  # (2, 3, H, W)
     images = (images - mean) / std
     native = torch.nn.functional.interpolate(images, size=model.cfg.img_size, mode="bicubic", antialias=True)
     with torch.inference_mode():
@@ -65,7 +66,8 @@ def _demo(args: argparse.Namespace) -> None:
             for name, p, idx in zip(photos.filenames, top.values, top.indices):
                 classes = ", ".join(f"{int(i)}:{float(v):.3f}" for v, i in zip(p, idx))
                 print(f"  {label:8s} {tuple(x.shape[2:])!s:11s} {name.rsplit('/', 1)[-1]:11s} top-3 {classes}")
-            print(f"  {label:8s} batch of 2 in {dt:.2f} s; batched vs one by one max diff {(probs - single).abs().max():.1e}")
+            diff = (probs - single).abs().max()
+            print(f"  {label:8s} batch of 2 in {dt:.2f} s; batched vs one by one: max diff {diff:.1e}")
         feats = model.forward_intermediates(images)
     print("  feature pyramid at", tuple(images.shape[2:]), ":", ", ".join(str(tuple(f.shape[1:])) for f in feats))
     if not args.pretrained:

@@ -71,7 +71,7 @@ class WindowAttention(_WindowAttentionBase):
         self, x: torch.Tensor, q_global: torch.Tensor | None = None, pad_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x (B, nW, N, C) -> (B, nW, N, C); `q_global` is ignored."""
-        B, nW, N, C = x.shape
+        B, nW, N, _ = x.shape
         qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, self.head_dim)  # (B, nW, N, 3, heads, hd)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, hd)
         return self._attend(q, k, v, pad_mask)
@@ -99,7 +99,7 @@ class WindowAttentionGlobal(_WindowAttentionBase):
         """x (B, nW, N, C), q_global (B, heads, N, hd) -> (B, nW, N, C)."""
         if q_global is None:
             raise ValueError("global window attention needs the stage's global query")
-        B, nW, N, C = x.shape
+        B, nW, N, _ = x.shape
         kv = self.qkv(x).view(B, nW, N, 2, self.num_heads, self.head_dim)  # (B, nW, N, 2, heads, hd)
         k, v = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, hd)
         q = q_global.unsqueeze(1)  # (B, 1, heads, N, hd): image b's query meets only image b's windows

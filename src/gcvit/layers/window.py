@@ -37,9 +37,7 @@ def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> t
     return x.reshape(B, H, W, C)
 
 
-def padding_key_mask(
-    H: int, W: int, window_size: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor | None:
+def padding_key_mask(H: int, W: int, window_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive attention mask hiding the padded tokens of an (H, W) map split into windows.
 
     Returns None when no padding is needed, else a (nW, 1, 1, N) tensor holding 0 for real keys and -inf for padded

@@ -73,7 +73,7 @@ class GCViTConfig:
         pools = []
         for i, ws in enumerate(self.window_size):
             side = min(self.img_size) / 2 ** (i + 2)  # map side of stage i at the native size
-            pools.append(max(0, int(math.floor(math.log2(side / ws) + 1e-9))) if side > ws else 0)
+            pools.append(max(0, math.floor(math.log2(side / ws) + 1e-9)) if side > ws else 0)
         return tuple(pools)
 
 
@@ -261,7 +261,9 @@ class GCViT(nn.Module):
         """Replace the head with a fresh Linear(8C, num_classes); 0 removes it."""
         p = self.norm.weight
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
+        )
         self.head.apply(_init_weights)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -301,7 +303,10 @@ def _timm_key(key: str) -> str:
         (r"^stem\.conv1\.", "patch_embed.proj."),
         (r"^stem\.down\.", "patch_embed.conv_down."),
         (r"^stages\.(\d+)\.downsample\.", lambda m: f"levels.{int(m[1]) - 1}.downsample."),
-        (r"^stages\.(\d+)\.global_block\.blocks\.conv(\d+)\.", lambda m: f"levels.{m[1]}.q_global_gen.to_q_global.{int(m[2]) - 1}.conv."),
+        (
+            r"^stages\.(\d+)\.global_block\.blocks\.conv(\d+)\.",
+            lambda m: f"levels.{m[1]}.q_global_gen.to_q_global.{int(m[2]) - 1}.conv.",
+        ),
         (r"^stages\.(\d+)\.norm\.", "norm."),
         (r"^stages\.(\d+)\.blocks\.", r"levels.\1.blocks."),
         (r"^head\.fc\.", "head."),

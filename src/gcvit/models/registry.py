@@ -56,7 +56,9 @@ def resolve_name(name: str) -> ModelSpec:
     return ModelSpec(arch, tag, config, pretrained)
 
 
-def _apply_overrides(config: GCViTConfig, img_size: int | tuple[int, int] | None, overrides: dict[str, Any]) -> GCViTConfig:
+def _apply_overrides(
+    config: GCViTConfig, img_size: int | tuple[int, int] | None, overrides: dict[str, Any]
+) -> GCViTConfig:
     fields = {f.name for f in dataclasses.fields(GCViTConfig)}
     bad = sorted(set(overrides) - fields)
     if bad:

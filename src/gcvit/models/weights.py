@@ -122,7 +122,11 @@ def _compare(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[
 
 def _describe(report: LoadReport, limit: int = 20) -> str:
     parts = []
-    for label, keys in (("missing", report.missing), ("unexpected", report.unexpected), ("mis-shaped", report.mismatched)):
+    for label, keys in (
+        ("missing", report.missing),
+        ("unexpected", report.unexpected),
+        ("mis-shaped", report.mismatched),
+    ):
         if keys:
             shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
             parts.append(f"{len(keys)} {label}: {shown}")
