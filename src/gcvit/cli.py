@@ -53,7 +53,7 @@ def _demo(args: argparse.Namespace) -> None:
     std = torch.tensor(model.pretrained_cfg.std).view(1, 3, 1, 1)
     print(f"{args.model}: {count_params(model) / 1e6:.2f} M parameters, windows {model.cfg.window_size}")
     photos = load_sample_images()
-    images = torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1).float() / 255 for im in photos.images])  # (2, 3, H, W)
+    images = torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1) for im in photos.images]) / 255  # (2, 3, H, W)
     images = (images - mean) / std
     native = torch.nn.functional.interpolate(images, size=model.cfg.img_size, mode="bicubic", antialias=True)
     with torch.inference_mode():
