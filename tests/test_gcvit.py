@@ -186,7 +186,7 @@ def test_padded_keys_are_masked_out() -> None:
         q = attn.qkv(x[:, 4:6, 4:7].reshape(1, 6, 32)).view(1, 6, 3, 4, 8).permute(2, 0, 3, 1, 4)
         rows, cols = torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij")
         idx = (rows * 4 + cols).flatten()  # positions of the real tokens inside the 4x4 window
-        bias = attn.relative_position_bias()[:, idx][:, :, idx]
+        bias = attn.relative_position_bias()[0][:, idx][:, :, idx]
         ref = torch.softmax(q[0] @ q[1].transpose(-1, -2) * attn.scale + bias, -1) @ q[2]  # (1, heads, 6, hd)
         ref = attn.proj(ref.transpose(1, 2).reshape(1, 2, 3, 32))
     assert (out[:, 4:6, 4:7] - ref).abs().max().item() < 1e-5

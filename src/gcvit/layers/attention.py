@@ -2,7 +2,9 @@
 stage's global query generator, keys and values from the window).
 
 Both run through `torch.nn.functional.scaled_dot_product_attention` with the relative-position bias, plus the
-padding mask where the map was padded, as its additive float mask.
+padding mask where the map was padded, as its additive float mask. Inputs are laid out as 4-D (B*nW, heads, N, hd)
+with a 4-D mask, the layout PyTorch's fused CPU and GPU kernels take (5-D inputs or a 3-D mask fall back to the
+slow unfused path).
 Shapes: windows (B, nW, N, C); heads split C into (heads, hd); N = ws * ws tokens per window.
 """
 
@@ -32,23 +34,37 @@ class _WindowAttentionBase(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
     def relative_position_bias(self) -> torch.Tensor:
-        """(heads, N, N) bias gathered from the table."""
+        """(1, heads, N, N) bias gathered from the table."""
         N = self.window_size**2
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
-        return bias.view(N, N, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
+        return bias.view(N, N, self.num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        """q (B, nW or 1, heads, N, hd), k and v (B, nW, heads, N, hd) -> (B, nW, N, C)."""
-        mask = self.relative_position_bias().to(q.dtype)  # (heads, N, N)
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The bias in `dtype`; gathered once and reused while no gradient is needed and the table is unchanged."""
+        table = self.relative_position_bias_table
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.relative_position_bias().to(dtype)
+        key = (table._version, table.data_ptr(), table.device, dtype)
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            self._bias_cache = (key, self.relative_position_bias().to(dtype).contiguous())
+        return self._bias_cache[1]
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None, B: int
+    ) -> torch.Tensor:
+        """q, k, v (B*nW, heads, N, hd) -> (B, nW, N, C)."""
+        mask = self._bias(q.dtype)  # (1, heads, N, N)
         if pad_mask is not None:
             mask = mask + pad_mask.to(q.dtype)  # (nW, heads, N, N)
+            mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )  # (B, nW, heads, N, hd)
-        B, nW, _, N, _ = out.shape
-        out = out.transpose(2, 3).reshape(B, nW, N, -1)  # (B, nW, N, C)
+        )  # (B*nW, heads, N, hd)
+        BnW, _, N, _ = out.shape
+        out = out.transpose(1, 2).reshape(B, BnW // B, N, -1)  # (B, nW, N, C)
         return self.proj_drop(self.proj(out))
 
 
@@ -72,14 +88,14 @@ class WindowAttention(_WindowAttentionBase):
     ) -> torch.Tensor:
         """x (B, nW, N, C) -> (B, nW, N, C); `q_global` is ignored."""
         B, nW, N, _ = x.shape
-        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, self.head_dim)  # (B, nW, N, 3, heads, hd)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, hd)
-        return self._attend(q, k, v, pad_mask)
+        qkv = self.qkv(x).view(B * nW, N, 3, self.num_heads, self.head_dim)  # (B*nW, N, 3, heads, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
+        return self._attend(q, k, v, pad_mask, B)
 
 
 class WindowAttentionGlobal(_WindowAttentionBase):
     """Global window attention: `qkv` Linear(C, 2C) gives keys and values; the queries are the image's global query,
-    shared by all windows of that image (broadcast, never copied per window)."""
+    shared by all windows of that image and only of that image (image-major order, as the windows)."""
 
     def __init__(
         self,
@@ -100,7 +116,8 @@ class WindowAttentionGlobal(_WindowAttentionBase):
         if q_global is None:
             raise ValueError("global window attention needs the stage's global query")
         B, nW, N, _ = x.shape
-        kv = self.qkv(x).view(B, nW, N, 2, self.num_heads, self.head_dim)  # (B, nW, N, 2, heads, hd)
-        k, v = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, hd)
-        q = q_global.unsqueeze(1)  # (B, 1, heads, N, hd): image b's query meets only image b's windows
-        return self._attend(q, k, v, pad_mask)
+        kv = self.qkv(x).view(B * nW, N, 2, self.num_heads, self.head_dim)  # (B*nW, N, 2, heads, hd)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
+        # image b's query meets only image b's windows; the fused kernels need it laid out per window
+        q = q_global.unsqueeze(1).expand(B, nW, *q_global.shape[1:]).flatten(0, 1)  # (B*nW, heads, N, hd)
+        return self._attend(q, k, v, pad_mask, B)
