@@ -74,6 +74,23 @@ def _demo(args: argparse.Namespace) -> None:
         print("  (random weights: pass --pretrained for NVIDIA's ImageNet weights, which needs the network)")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from gcvit.bench import BenchConfig, run
+
+    cfg = BenchConfig(
+        models=tuple(args.models),
+        train_models=tuple(args.train_models),
+        infer_batches=tuple(args.batches),
+        train_batch=args.train_batch,
+        img_size=args.img_size,
+        repeats=args.repeats,
+        dtypes=tuple(args.dtypes),
+    )
+    if args.device:
+        cfg.device = args.device
+    run(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gcvit", description="Global Context Vision Transformer (GC ViT)")
     parser.add_argument("--version", action="version", version=f"gcvit {gcvit.__version__}")
@@ -85,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gcvit_xxtiny")
     p.add_argument("--pretrained", default=None, help="checkpoint path or URL ('true' for the official weights)")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("bench", help="speed and memory side by side with timm's GC ViT (needs timm)")
+    p.add_argument("--models", nargs="*", default=["gcvit_tiny"], help="inference comparisons")
+    p.add_argument("--train-models", nargs="*", default=["gcvit_xxtiny", "gcvit_tiny"], help="training steps")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=224, help="timm's GC ViT runs only at 224 with its default windows")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,249 @@
+"""Side-by-side speed measurement of this project's GC ViT and timm's, with identical weights and inputs.
+
+Both sides run in one process, interleaved repeat by repeat, and medians are reported, since shared machines are
+noisy. Achieved GFLOP/s are set against a matrix multiply timed in the same run. Peak memory is the CUDA allocator's
+peak on GPU; on CPU it is the peak of live tensor storage, tracked op by op with a dispatch mode (untimed runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import gcvit
+from gcvit.flops import count_macs
+from gcvit.models.weights import load_state_dict_into
+
+
+@dataclass
+class BenchConfig:
+    models: tuple[str, ...] = ("gcvit_tiny",)
+    img_size: int = 224
+    infer_batches: tuple[int, ...] = (1, 16)
+    train_batch: int = 16
+    train_models: tuple[str, ...] = ("gcvit_xxtiny", "gcvit_tiny")
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    repeats: int = 7  # timed repeats per side; medians reported
+    warmup: int = 2
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    rows: list[dict] = field(default_factory=list)
+
+
+class _PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storages created while active (CPU stand-in for the CUDA allocator's peak)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._seen or storage.nbytes() == 0:
+            return
+        self._seen.add(ptr)
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, ptr, size)
+
+    def _free(self, ptr: int, size: int) -> None:
+        self._seen.discard(ptr)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> int:
+    """Peak bytes allocated while `fn` runs (beyond what was allocated before, on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with _PeakTensorMemory() as tracker:
+        fn()
+    return tracker.peak
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin so that machine noise hits all sides alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_flops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n matrix multiply in `dtype`: the ceiling the model's GFLOP/s is set against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = interleaved({"mm": lambda: a @ b}, repeats, 2, device)["mm"]
+    return 2 * n**3 / seconds
+
+
+def model_pair(name: str, device: str) -> tuple[nn.Module, nn.Module]:
+    """(ours, timm's) with identical random weights; no stochastic depth on either side."""
+    import timm
+
+    torch.manual_seed(0)
+    theirs = timm.create_model(name, drop_path_rate=0.0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = gcvit.create_model(name, drop_path_rate=0.0)
+    load_state_dict_into(ours, theirs.state_dict(), "timm")
+    return ours.to(device), theirs.to(device)
+
+
+@contextlib.contextmanager
+def _autocast(dtype: str, device: str) -> Iterator[None]:
+    if dtype == "bf16":
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def _row(cfg: BenchConfig, what: str, batch: int, t_ours: float, t_theirs: float, flops: float, peak: float) -> dict:
+    row = {
+        "what": what,
+        "batch": batch,
+        "ours img/s": batch / t_ours,
+        "timm img/s": batch / t_theirs,
+        "ratio": t_theirs / t_ours,
+        "ours GFLOP/s": flops * batch / t_ours / 1e9,
+        "% of matmul": 100 * flops * batch / t_ours / peak,
+    }
+    cfg.rows.append(row)
+    return row
+
+
+def bench_inference(cfg: BenchConfig, name: str, peaks: dict[str, float], log: Callable[[str], None]) -> None:
+    """Inference throughput at each batch size and dtype; timm's bf16 reference is its faster of plain autocast and
+    channels-last plus autocast."""
+    dev = cfg.device
+    ours, theirs = model_pair(name, dev)
+    ours.eval()
+    theirs.eval()
+    theirs_cl = theirs.to(memory_format=torch.channels_last)
+    flops = 2 * count_macs(ours, (cfg.img_size, cfg.img_size))
+    x16 = torch.randn(max(cfg.infer_batches), 3, cfg.img_size, cfg.img_size, device=dev)
+    with torch.inference_mode():
+        diff = (ours(x16) - theirs(x16)).abs().max().item()
+        log(f"{name}: fp32 max abs difference to timm {diff:.2e}")
+        with _autocast("bf16", dev):
+            agree = (ours(x16).argmax(-1) == theirs(x16).argmax(-1)).float().mean().item()
+        log(f"{name}: bf16 top-1 agreement with timm {100 * agree:.1f}% ({len(x16)} random images)")
+        for dtype in cfg.dtypes:
+            for batch in cfg.infer_batches:
+                x = x16[:batch]
+                x_cl = x.contiguous(memory_format=torch.channels_last)
+
+                def run_ours(x: torch.Tensor = x, dtype: str = dtype) -> object:
+                    with _autocast(dtype, dev):
+                        return ours(x)
+
+                def run_theirs(x: torch.Tensor = x, dtype: str = dtype) -> object:
+                    with _autocast(dtype, dev):
+                        return theirs(x)
+
+                def run_theirs_cl(x: torch.Tensor = x_cl, dtype: str = dtype) -> object:
+                    with _autocast(dtype, dev):
+                        return theirs_cl(x)
+
+                sides = {"ours": run_ours, "timm": run_theirs}
+                if dtype == "bf16":
+                    sides["timm-cl"] = run_theirs_cl
+                t = interleaved(sides, cfg.repeats, cfg.warmup, dev)
+                t_timm = min(v for k, v in t.items() if k != "ours")
+                row = _row(cfg, f"{name} infer {dtype}", batch, t["ours"], t_timm, flops, peaks[dtype])
+                log(_fmt(row))
+
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_train(cfg: BenchConfig, name: str, peaks: dict[str, float], log: Callable[[str], None]) -> None:
+    """Training step (forward, backward, AdamW) in fp32: throughput and peak memory, with and without gradient
+    checkpointing on our side."""
+    dev = cfg.device
+    ours, theirs = model_pair(name, dev)
+    ours.train()
+    theirs.train()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5)
+    flops = 3 * 2 * count_macs(ours, (cfg.img_size, cfg.img_size))  # backward ~ 2x forward
+    x = torch.randn(cfg.train_batch, 3, cfg.img_size, cfg.img_size, device=dev)
+    y = torch.randint(0, 1000, (cfg.train_batch,), device=dev)
+    t = interleaved(
+        {"ours": lambda: _train_step(ours, opt_ours, x, y), "timm": lambda: _train_step(theirs, opt_theirs, x, y)},
+        max(3, cfg.repeats // 2),
+        1,
+        dev,
+    )
+    row = _row(cfg, f"{name} train fp32", cfg.train_batch, t["ours"], t["timm"], flops, peaks["fp32"])
+    mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x, y), dev)
+    mem_theirs = peak_memory(lambda: _train_step(theirs, opt_theirs, x, y), dev)
+    ours.set_grad_checkpointing(True)
+    mem_ckpt = peak_memory(lambda: _train_step(ours, opt_ours, x, y), dev)
+    mib = 2**20
+    row.update({"ours peak MiB": mem_ours / mib, "timm peak MiB": mem_theirs / mib, "ckpt peak MiB": mem_ckpt / mib})
+    log(_fmt(row))
+
+
+def _fmt(row: dict) -> str:
+    parts = [f"{row['what']:<24s} b{row['batch']:<3d}"]
+    for key, value in row.items():
+        if key not in ("what", "batch"):
+            parts.append(f"{key} {value:.2f}" if key == "ratio" else f"{key} {value:.1f}")
+    return "  ".join(parts)
+
+
+def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """Run every measurement of `cfg`, logging a line each; returns the rows."""
+    torch.manual_seed(0)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {k: matmul_flops(dtypes[k], cfg.device) for k in ("fp32", "bf16")}
+    log(f"device {cfg.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    log("matmul 2048^3: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    for name in cfg.models:
+        bench_inference(cfg, name, peaks, log)
+    for name in cfg.train_models:
+        bench_train(cfg, name, peaks, log)
+    return cfg.rows
