@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 import gcvit
+from gcvit.cli_train import add_subcommands as add_train_subcommands
 from gcvit.flops import count_macs, count_params
 from gcvit.models import VARIANTS, resolve_name
 
@@ -74,6 +75,21 @@ def _demo(args: argparse.Namespace) -> None:
         print("  (random weights: pass --pretrained for NVIDIA's ImageNet weights, which needs the network)")
 
 
+def _digits(args: argparse.Namespace) -> None:
+    """Write held-out (validation split) digits as PNG files named after their true label."""
+    from pathlib import Path
+
+    from gcvit.data import DigitsDataset
+
+    data = DigitsDataset("val", img_size=args.img_size, val_fraction=args.val_fraction, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(min(args.count, len(data))):
+        image, label = data[i]
+        image.save(out / f"digit_{i:03d}_true_{data.classes[label]}.png")
+    print(f"wrote {min(args.count, len(data))} held-out digits to {out}")
+
+
 def _bench(args: argparse.Namespace) -> None:
     from gcvit.bench import BenchConfig, run
 
@@ -102,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gcvit_xxtiny")
     p.add_argument("--pretrained", default=None, help="checkpoint path or URL ('true' for the official weights)")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("digits", help="write held-out digits (the validation split) as PNG files")
+    p.add_argument("--out", default="runs/digits/held_out")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="as in training")
+    p.add_argument("--seed", type=int, default=0, help="split seed, as in training")
+    p.set_defaults(func=_digits)
+    add_train_subcommands(sub)
     p = sub.add_parser("bench", help="speed and memory side by side with timm's GC ViT (needs timm)")
     p.add_argument("--models", nargs="*", default=["gcvit_tiny"], help="inference comparisons")
     p.add_argument("--train-models", nargs="*", default=["gcvit_xxtiny", "gcvit_tiny"], help="training steps")
@@ -120,9 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "pretrained", None) in ("true", "True"):
         args.pretrained = True
+    from gcvit.train.loop import NonFiniteLossError
+
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, gcvit.ChecksumError, NonFiniteLossError) as e:
         print(f"gcvit: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,172 @@
+"""`gcvit train`, `gcvit eval` and `gcvit predict`: argument parsing and printing around `gcvit.train`.
+
+Every TrainConfig field is a flag (`--batch-size`, `--ema 0.999`, `--model-override embed_dim=48`); flags given on
+the command line override the YAML file given with --config, which overrides the recipe and the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Any
+
+_NONE = ("none", "null", "off")
+
+
+def _optional(parse: Any) -> Any:
+    def parse_or_none(text: str) -> Any:
+        return None if text.lower() in _NONE else parse(text)
+
+    parse_or_none.__name__ = getattr(parse, "__name__", "value")
+    return parse_or_none
+
+
+def _pretrained(text: str) -> str | bool:
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+_PARSERS = {"int": int, "float": float, "str": str, "str | bool": _pretrained}
+_HELP = {
+    "model": "model name (gcvit models lists them)",
+    "pretrained": "'true' for the official weights, or a checkpoint path / URL",
+    "data": "'digits' (default, bundled) or 'folder' (implied by --data-dir / --train-dir)",
+    "recipe": "'default' (small data) or 'official' (the paper's ImageNet settings; lr scaled to the batch)",
+    "amp": "autocast dtype: none, bf16 (CPU or GPU), fp16 (GPU, with a GradScaler)",
+    "ema": "EMA decay per step, e.g. 0.9998 ('none': off)",
+    "layer_decay": "layer-wise lr decay factor, e.g. 0.75 ('none': off)",
+    "batch_size": "global batch per optimizer step (split over processes and --grad-accum)",
+    "time_limit": "seconds; stop with a checkpoint after the epoch that passes it",
+    "strict_data": "unreadable images are an error instead of being skipped",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from gcvit.train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag, help_ = "--" + f.name.replace("_", "-"), _HELP.get(f.name, f"(default: {f.default!r})")
+        kind = str(f.type)
+        if kind == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=help_)
+        elif f.name == "model_overrides":
+            p.add_argument(
+                "--model-override",
+                dest="model_overrides",
+                action="append",
+                metavar="KEY=VALUE",
+                help="GCViTConfig field for the model, e.g. embed_dim=48 or depths=[1,1,2,1] (repeatable)",
+            )
+        else:
+            base = kind.removesuffix(" | None")
+            parse = _PARSERS[base] if base in _PARSERS else str
+            p.add_argument(flag, type=_optional(parse) if kind.endswith("| None") else parse, default=None, help=help_)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line."""
+    import yaml
+
+    from gcvit.train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "model_overrides" in given:
+        pairs = [item.split("=", 1) for item in given["model_overrides"]]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"--model-override needs KEY=VALUE, got {given['model_overrides']}")
+        given["model_overrides"] = {k: yaml.safe_load(v) for k, v in pairs}
+    if ("data_dir" in given or "train_dir" in given) and "data" not in given:
+        given["data"] = "folder"
+    return given
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from gcvit.train import resolve_config, train
+    from gcvit.train.config import read_yaml
+
+    saved = Path(args.resume or "", "config.yaml")
+    base = read_yaml(saved) if args.resume and saved.is_file() else None  # a resumed run keeps its settings
+    cfg = resolve_config(args.config, _overrides(args), base=base)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    which = "EMA " if cfg.ema else ""
+    print(f"done: {result.epochs_done} epochs, best {which}val top-1 {result.best_top1:.2f}% -> {result.run_dir}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from gcvit.train.evaluate import evaluate
+
+    report = evaluate(
+        args.checkpoint,
+        args.data,
+        batch_size=args.batch_size,
+        device=args.device,
+        out_dir=args.out_dir,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+    )
+    print(f"{report.num_samples} images: top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%")
+    for name, acc in report.per_class.items():
+        print(f"  {name:>12s}  {acc:6.2f}%")
+    if report.confusion_png:
+        print(f"confusion matrix: {report.confusion_png}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from gcvit.train.evaluate import predict
+
+    for file, top in predict(args.inputs, args.model, topk=args.topk, device=args.device):
+        print(file + "  " + "  ".join(f"{label}:{p:.3f}" for label, p in top))
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add `train`, `eval` and `predict` to the `gcvit` command's subparsers."""
+    p = subparsers.add_parser("train", help="train or fine-tune a GC ViT (default: the bundled digits, from scratch)")
+    p.add_argument("--config", default=None, help="YAML file of training options (flags override it)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (1 is faster on a busy machine)")
+    _add_config_flags(p)
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a trained model")
+    p.add_argument("checkpoint", help="run folder, checkpoint folder (best/, last/) or .safetensors with config.json")
+    p.add_argument("--data", default="digits", help="'digits' (its val split) or an image folder of class folders")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out-dir", default=None, help="write confusion.png here")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="digits split, as in training")
+    p.add_argument("--seed", type=int, default=0, help="digits split seed, as in training")
+    p.set_defaults(func=_eval)
+
+    p = subparsers.add_parser("predict", help="classify image files or folders")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--model", required=True, help="run folder, checkpoint, .safetensors, or a model name")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_predict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (python -m gcvit.cli_train ...) until `gcvit.cli` wires the subcommands in."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(prog="gcvit")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"gcvit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Training, evaluation and prediction for GC ViT.
+
+>>> from gcvit.train import TrainConfig, train, evaluate, predict, load_run
+>>> result = train(TrainConfig(out_dir="runs/digits"))      # the bundled digits, from scratch
+>>> report = evaluate("runs/digits", data="digits")
+>>> predict(["img.png"], model="runs/digits", topk=3)
+"""
+
+from gcvit.train.config import TrainConfig, load_run_config, official_recipe, resolve_config, save_yaml
+from gcvit.train.loop import DIGITS_MODEL, NonFiniteLossError, TrainResult, train, validate
+
+__all__ = [
+    "DIGITS_MODEL",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "load_run_config",
+    "official_recipe",
+    "resolve_config",
+    "save_yaml",
+    "train",
+    "validate",
+]

@@ -1,0 +1,177 @@
+"""Crash-safe training checkpoints: RUN/last/ and RUN/best/, each swapped in whole.
+
+A checkpoint folder holds model.safetensors (official key names), config.json (how to rebuild the model and read
+its outputs), ema.safetensors (when EMA is on) and state.pt (optimizer, scheduler, scaler, EMA, counters, every RNG
+state). Each file is written to a temporary name, fsynced and renamed; the folder is first written as
+RUN/<name>.tmp-<pid>/ and then swapped in: the old folder is renamed aside to RUN/<name>.old-<pid>/, the new one
+renamed into place, and the old one deleted. A crash at any moment leaves either <name>/ or <name>.old-*/ complete;
+`find_checkpoint` picks the complete one and `clean_stale` removes the leftovers.
+
+The environment variable GCVIT_TEST_KILL_AT=<point>:<epoch> (point 'write' or 'swap') sends SIGKILL to the process
+in the middle of that checkpoint write; the tests use it to prove the writes are atomic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gcvit.models.weights import read_state_dict, save_safetensors
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "ema.safetensors", "state.pt", "config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path through a temporary file in the same folder: write, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file: write, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG state: Python, NumPy, torch CPU and (when present) CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _maybe_kill(point: str, epoch: int) -> None:
+    """Test hook: SIGKILL ourselves at `point` of the checkpoint written after `epoch` (see module docstring)."""
+    want = os.environ.get("GCVIT_TEST_KILL_AT")
+    if want and want == f"{point}:{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_checkpoint(
+    run_dir: Path,
+    name: str,
+    model_state: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    state: dict[str, Any],
+    ema_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write RUN/<name>/ atomically (see the module docstring); returns its path.
+
+    Args:
+        run_dir: the run folder.
+        name: 'last' or 'best'.
+        model_state: the model's state dict (official key names).
+        model_config: JSON-able description for `load_run` (model name, config, classes, preprocessing).
+        state: training state for resuming, saved with torch.save (plain Python, NumPy and tensors).
+        ema_state: the EMA model's state dict, or None.
+    """
+    final = run_dir / name
+    tmp = run_dir / f"{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    meta = {"format": "gcvit", "epoch": str(state.get("epoch", ""))}
+    save_safetensors(model_state, tmp / MODEL_FILE, metadata=meta)
+    if ema_state is not None:
+        save_safetensors(ema_state, tmp / EMA_FILE, metadata=meta)
+    atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
+    _maybe_kill("write", int(state.get("epoch", -1)))
+    atomic_torch_save(state, tmp / STATE_FILE)  # written last: a folder with state.pt is complete
+    _fsync_dir(tmp)
+    old = run_dir / f"{name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    _maybe_kill("swap", int(state.get("epoch", -1)))
+    os.replace(tmp, final)
+    _fsync_dir(run_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def find_checkpoint(run_dir: str | os.PathLike[str], name: str = "last") -> Path | None:
+    """The complete RUN/<name>/ folder, or a complete RUN/<name>.old-*/ left by a crash mid-swap; None if neither."""
+    run_dir = Path(run_dir)
+    if _complete(run_dir / name):
+        return run_dir / name
+    olds = sorted((p for p in run_dir.glob(f"{name}.old-*") if _complete(p)), key=lambda p: p.stat().st_mtime)
+    return olds[-1] if olds else None
+
+
+def clean_stale(run_dir: Path) -> None:
+    """After a crash: put a complete <name>.old-* back as <name>/ if <name>/ is missing, delete the rest."""
+    for name in ("last", "best"):
+        found = find_checkpoint(run_dir, name)
+        if found is not None and found.name != name:
+            os.replace(found, run_dir / name)
+            logger.info("restored %s from %s, left by an interrupted checkpoint write", run_dir / name, found.name)
+        for stale in [*run_dir.glob(f"{name}.tmp-*"), *run_dir.glob(f"{name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_training_state(folder: Path) -> dict[str, Any]:
+    """state.pt of a checkpoint folder (trusted: written by this run), loaded on the CPU."""
+    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected a checkpoint folder written by `gcvit train`")
+    return json.loads(path.read_text())
+
+
+def read_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """model.safetensors (or ema.safetensors) of a checkpoint folder."""
+    return read_state_dict(folder / (EMA_FILE if ema else MODEL_FILE))

@@ -1,0 +1,183 @@
+"""The training configuration: one dataclass, YAML files, command-line overrides and the two recipes.
+
+Precedence, lowest first: dataclass defaults, the recipe (`official` sets the paper's values), the YAML file, then
+explicit overrides (the command line). The resolved config is saved to RUN/config.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RECIPES = ("default", "official")
+AMP_DTYPES = ("none", "bf16", "fp16")
+OFFICIAL_BATCH = 4096  # the global batch the official learning rate was set for
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "gcvit_xxtiny"  # a name from gcvit.list_models()
+    pretrained: str | bool = False  # False, True (official weights) or a checkpoint path / URL
+    num_classes: int | None = None  # None: the dataset's class count
+    img_size: int = 32  # training and evaluation resolution (square)
+    model_overrides: dict[str, Any] | None = None  # GCViTConfig fields; None: the small digits model on digits
+    # data
+    data: str = "digits"  # 'digits' or 'folder'
+    data_dir: str | None = None  # one folder of class sub-folders, split by val_fraction
+    train_dir: str | None = None  # or separate train and val folders
+    val_dir: str | None = None
+    val_fraction: float = 0.2
+    strict_data: bool = False  # any unreadable image is an error instead of being skipped
+    num_workers: int = 0
+    crop_pct: float | None = None  # evaluation crop; None: 1.0 from scratch, the weights' own when pretrained
+    # optimisation
+    epochs: int = 40
+    batch_size: int = 64  # global batch (split across processes under torchrun)
+    lr: float = 2e-3  # peak learning rate for `batch_size` (the official recipe scales it)
+    min_lr: float = 1e-5
+    warmup_epochs: float = 2.0
+    warmup_lr: float = 1e-6  # learning rate at step 0
+    weight_decay: float = 0.05
+    layer_decay: float | None = None  # layer-wise lr decay factor, e.g. 0.75; None: off
+    clip_grad: float | None = 5.0  # max global grad norm; None: off
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is per step)
+    amp: str = "bf16"  # 'none', 'bf16' or 'fp16' (fp16 only on CUDA, with a GradScaler)
+    ema: float | None = 0.99  # EMA decay per optimizer step (official: 0.9998); None: off
+    # regularisation and augmentation
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # MixUp alpha; 0: off
+    cutmix: float = 0.0  # CutMix alpha; 0: off
+    randaugment: str | None = None  # e.g. 'rand-m9-mstd0.5-inc1'
+    color_jitter: float | None = None
+    random_erasing: float = 0.0
+    hflip: float = 0.0  # horizontal flip probability (0 for digits: a flipped 2 is no 2)
+    crop_scale: float = 0.75  # smallest area fraction of the random resized crop
+    drop_path: float | None = None  # stochastic depth; None: the model's own
+    # run
+    recipe: str = "default"  # 'default' (small data) or 'official' (the paper's ImageNet settings)
+    seed: int = 0
+    out_dir: str = "runs/digits"
+    time_limit: float | None = None  # seconds; stop (with a checkpoint) after the epoch that passes it
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that has an impossible value."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {AMP_DTYPES}, got {self.amp!r}")
+        if self.data not in ("digits", "folder"):
+            raise ValueError(f"data must be 'digits' or 'folder', got {self.data!r}")
+        if self.data == "folder" and not (self.data_dir or self.train_dir):
+            raise ValueError("data='folder' needs data_dir, or train_dir and val_dir")
+        if self.train_dir and not self.val_dir:
+            raise ValueError("train_dir needs val_dir (or pass one data_dir with val_fraction)")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.warmup_epochs < 0:
+            raise ValueError(
+                f"need lr > 0, min_lr >= 0, warmup_epochs >= 0; got {self.lr}, {self.min_lr}, {self.warmup_epochs}"
+            )
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema decay must be in (0, 1) or None, got {self.ema}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1] or None, got {self.layer_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def official_recipe(global_batch: int) -> dict[str, Any]:
+    """The paper's ImageNet-1K settings (GCVIT_SPEC.md), the lr scaled linearly from 5e-3 at batch 4096."""
+    return {
+        "lr": 5e-3 * global_batch / OFFICIAL_BATCH,
+        "min_lr": 5e-6,
+        "warmup_lr": 1e-6,
+        "warmup_epochs": 20.0,
+        "epochs": 310,
+        "weight_decay": 0.05,
+        "clip_grad": 5.0,
+        "ema": 0.9998,
+        "randaugment": "rand-m9-mstd0.5-inc1",
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "label_smoothing": 0.1,
+        "random_erasing": 0.25,
+        "color_jitter": 0.4,
+        "hflip": 0.5,
+        "crop_scale": 0.08,
+        "amp": "bf16",
+    }
+
+
+def _check_keys(values: Mapping[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML config file (keys are TrainConfig fields)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of training options, got {type(values).__name__}")
+    _check_keys(values, str(path))
+    return values
+
+
+def resolve_config(
+    yaml_path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Build the config: defaults < recipe < base < YAML file < overrides (e.g. command-line flags that were given).
+
+    Args:
+        yaml_path: a YAML file of TrainConfig fields, or None.
+        overrides: fields to set last; None values are ignored (a flag that was not given).
+        base: fields below the file, e.g. a resumed run's saved config.
+
+    Returns:
+        The validated TrainConfig.
+    """
+    from_file = read_yaml(yaml_path) if yaml_path else {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(given, "overrides")
+    merged = {**(base or {}), **from_file, **given}
+    values: dict[str, Any] = {}
+    if merged.get("recipe", "default") == "official":
+        batch = int(merged.get("batch_size", TrainConfig.batch_size))
+        values.update(official_recipe(batch))
+    values.update(merged)
+    return TrainConfig(**values)
+
+
+def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config (atomically) so that `resolve_config(path)` rebuilds it."""
+    import yaml
+
+    from gcvit.train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def load_run_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
+    """The TrainConfig saved in RUN/config.yaml."""
+    return TrainConfig(**read_yaml(Path(run_dir) / "config.yaml"))

@@ -1,0 +1,282 @@
+"""Loading trained runs, evaluating them and predicting with them.
+
+`load_run` accepts a run folder (uses best/, else last/), a checkpoint folder (best/ or last/) or a .safetensors
+file with a config.json next to it; `predict` also takes a model name (ImageNet weights, classes by index).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import gcvit
+from gcvit.data import IMG_EXTENSIONS, DigitsDataset, ImageFolderDataset, eval_transform
+from gcvit.train import checkpoint as ckpt
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class RunMeta:
+    """What a checkpoint says about its model's inputs and outputs."""
+
+    model: str
+    classes: list[str]  # label i -> name; class indices as strings when unknown
+    img_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+    source: str = ""  # the file the weights came from
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _weights_file(path: Path, ema: bool | None) -> tuple[Path, Path]:
+    """(weights file, folder holding config.json) for a run folder, checkpoint folder or .safetensors file."""
+    if path.is_file():
+        return path, path.parent
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist; expected a run folder, a checkpoint folder or a .safetensors")
+    if not (path / ckpt.CONFIG_FILE).is_file():
+        found = ckpt.find_checkpoint(path, "best") or ckpt.find_checkpoint(path, "last")
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no checkpoint (best/ or last/ with model.safetensors)")
+        path = found
+    use_ema = (path / ckpt.EMA_FILE).is_file() if ema is None else ema
+    return path / (ckpt.EMA_FILE if use_ema else ckpt.MODEL_FILE), path
+
+
+def load_run(
+    path: PathLike, *, ema: bool | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, RunMeta]:
+    """Rebuild a trained model from its checkpoint, in eval mode.
+
+    Args:
+        path: a run folder (its best/, else last/), a checkpoint folder, or a .safetensors file with config.json beside.
+        ema: load the EMA weights; None: the EMA weights when the checkpoint has them.
+        device: where to put the model.
+
+    Returns:
+        (model, meta): meta gives the class names and the preprocessing.
+    """
+    weights, folder = _weights_file(Path(path), ema)
+    config = ckpt.read_model_config(folder)
+    arch = dict(config["config"])
+    num_classes = arch.pop("num_classes")
+    model = gcvit.create_model(config["model"], num_classes=num_classes, **arch)
+    gcvit.load_checkpoint(model, weights)
+    classes = config.get("classes") or [str(i) for i in range(num_classes)]
+    meta = RunMeta(
+        config["model"],
+        list(classes),
+        tuple(config["img_size"]),
+        tuple(config["mean"]),
+        tuple(config["std"]),
+        config.get("interpolation", "bicubic"),
+        config.get("crop_pct", 1.0),
+        config.get("crop_mode", "center"),
+        str(weights),
+    )
+    return model.to(device).eval(), meta
+
+
+def _from_name(name: str, device: str | torch.device) -> tuple[nn.Module, RunMeta]:
+    """A registered model with its pretrained weights; class names are indices (the registry has no names)."""
+    model = gcvit.create_model(name, pretrained=True)
+    pc = model.pretrained_cfg
+    meta = RunMeta(
+        name,
+        [str(i) for i in range(pc.num_classes)],
+        tuple(pc.img_size),
+        tuple(pc.mean),
+        tuple(pc.std),
+        pc.interpolation,
+        pc.crop_pct,
+        pc.crop_mode,
+        source=name,
+    )
+    return model.to(device).eval(), meta
+
+
+def load_model(
+    model: PathLike | nn.Module, device: str | torch.device = "cpu", meta: RunMeta | None = None
+) -> tuple[nn.Module, RunMeta]:
+    """A run/checkpoint path, a registered model name, or (model, meta) already built."""
+    if isinstance(model, nn.Module):
+        if meta is None:
+            raise ValueError("pass meta= (class names and preprocessing) along with a model object")
+        return model.to(device).eval(), meta
+    if Path(model).exists():
+        return load_run(model, device=device)
+    if str(model).split(".")[0] in gcvit.list_models():
+        return _from_name(str(model), device)
+    raise FileNotFoundError(f"{model!r} is neither a run folder, a checkpoint nor a model name (gcvit.list_models())")
+
+
+def preprocess(meta: RunMeta) -> Any:
+    return eval_transform(
+        meta.img_size,
+        meta.mean,
+        meta.std,
+        interpolation=meta.interpolation,
+        crop_pct=meta.crop_pct,
+        crop_mode=meta.crop_mode,
+    )
+
+
+@dataclass
+class EvalReport:
+    top1: float  # %
+    top5: float  # %
+    per_class: dict[str, float]  # class name -> accuracy (%)
+    confusion: np.ndarray  # (K, K) counts, rows = true class, columns = predicted
+    num_samples: int
+    confusion_png: Path | None = None
+
+
+def _dataset(data: str | PathLike, meta: RunMeta, val_fraction: float, seed: int) -> Any:
+    """'digits' (its val split), or a folder of class sub-folders using the checkpoint's class names."""
+    transform = preprocess(meta)
+    if str(data) == "digits":
+        return DigitsDataset("val", meta.img_size, val_fraction, seed, transform)
+    return ImageFolderDataset(data, transform, classes=meta.classes)
+
+
+@torch.no_grad()
+def evaluate(
+    model: PathLike | nn.Module,
+    data: str | PathLike = "digits",
+    *,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    out_dir: PathLike | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    meta: RunMeta | None = None,
+) -> EvalReport:
+    """Top-1, top-5, per-class accuracy and the confusion matrix of a trained model on a dataset.
+
+    Args:
+        model: a run folder, checkpoint folder or .safetensors (see `load_run`), or a model with `meta`.
+        data: 'digits' (the validation split of `seed` / `val_fraction`, as in training) or an image folder whose
+            sub-folders are the checkpoint's class names.
+        out_dir: write confusion.png here (needs matplotlib); None: no file.
+
+    Returns:
+        An EvalReport.
+    """
+    net, meta = load_model(model, device, meta)
+    dataset = _dataset(data, meta, val_fraction, seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    k = len(meta.classes)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    top5 = 0
+    for images, labels in loader:
+        logits = net(images.to(device)).float().cpu()
+        top = logits.topk(min(5, k), dim=-1).indices
+        top5 += int((top == labels[:, None]).any(-1).sum())
+        np.add.at(confusion, (labels.numpy(), top[:, 0].numpy()), 1)
+    n = int(confusion.sum())
+    per_class = {c: 100.0 * confusion[i, i] / max(1, confusion[i].sum()) for i, c in enumerate(meta.classes)}
+    report = EvalReport(100.0 * np.trace(confusion) / n, 100.0 * top5 / n, per_class, confusion, n)
+    if out_dir is not None:
+        report.confusion_png = plot_confusion(confusion, meta.classes, Path(out_dir) / "confusion.png")
+    return report
+
+
+def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path) -> Path | None:
+    """Write the confusion matrix as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * k + 2), max(4, 0.5 * k + 2)))
+    ax.imshow(confusion, cmap="Blues")
+    if k <= 30:
+        ax.set_xticks(range(k), classes, rotation=90)
+        ax.set_yticks(range(k), classes)
+        for (i, j), v in np.ndenumerate(confusion):
+            if v:
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v > confusion.max() / 2 else "black",
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _image_files(inputs: Sequence[PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist; expected image files or folders of images")
+    return files
+
+
+@torch.no_grad()
+def predict(
+    inputs: Sequence[PathLike],
+    model: PathLike | nn.Module,
+    *,
+    topk: int = 5,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    meta: RunMeta | None = None,
+) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Classify images.
+
+    Args:
+        inputs: image files and/or folders (searched recursively for images).
+        model: a run folder, checkpoint folder, .safetensors with config.json, a model name (pretrained weights;
+            classes by index), or a model object with `meta`.
+        topk: predictions per image.
+
+    Returns:
+        [(file, [(class name, probability), ...]), ...] in file order, best first.
+    """
+    from PIL import Image
+
+    net, meta = load_model(model, device, meta)
+    transform = preprocess(meta)
+    files = _image_files(inputs)
+    k = min(topk, len(meta.classes))
+    results = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        images = []
+        for f in chunk:
+            with Image.open(f) as im:
+                images.append(transform(im.convert("RGB")))
+        probs = net(torch.stack(images).to(device)).float().softmax(-1).cpu()
+        values, indices = probs.topk(k, dim=-1)
+        for f, v, i in zip(chunk, values.tolist(), indices.tolist()):
+            results.append((str(f), [(meta.classes[c], p) for c, p in zip(i, v)]))
+    return results

@@ -1,0 +1,438 @@
+"""The training loop: `train(cfg)` builds everything from a TrainConfig, trains, validates, logs and checkpoints.
+
+A run folder RUN (cfg.out_dir) gets config.yaml, metrics.csv, plots/, tb/ (with tensorboard), last/ and best/
+(see `gcvit.train.checkpoint`). `train(cfg, resume=True)` continues from RUN/last/ with every RNG state restored,
+so that on the CPU the final weights equal those of an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import gcvit
+from gcvit.data import mixup_cutmix
+from gcvit.train import checkpoint as ckpt
+from gcvit.train import distributed as D
+from gcvit.train.config import TrainConfig, load_run_config, save_yaml
+from gcvit.train.data import build_datasets, eval_loader, train_loader
+from gcvit.train.metrics import TensorBoard, plot_history, write_csv
+from gcvit.train.optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+# The small GC ViT used to train on the digits from scratch (model_overrides=None with data='digits').
+DIGITS_MODEL = {
+    "embed_dim": 32,
+    "depths": (1, 1, 2, 1),
+    "num_heads": (1, 2, 4, 8),
+    "window_size": (4, 4, 4, 2),
+    "mlp_ratio": 2.0,
+    "global_query_pools": None,
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and RUN/last/ keeps the last good epoch."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    best_top1: float  # best val top-1 (%), of the EMA model when EMA is on
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """Everything the epoch loop touches."""
+
+    cfg: TrainConfig
+    info: D.DistInfo
+    model: nn.Module  # the bare model
+    net: nn.Module  # the model as trained (DDP-wrapped when distributed)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    mixer: Any
+    train_loader: Any
+    val_loader: Any
+    classes: list[str]
+    model_meta: dict[str, Any]
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps done
+    best: float = -1.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs CUDA; use 'bf16' or 'none' on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    overrides = dict(cfg.model_overrides) if cfg.model_overrides is not None else {}
+    if cfg.model_overrides is None and cfg.data == "digits" and not cfg.pretrained:
+        overrides = dict(DIGITS_MODEL)
+    if cfg.drop_path is not None:
+        overrides["drop_path_rate"] = cfg.drop_path
+    return overrides
+
+
+def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    return gcvit.create_model(
+        cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, img_size=cfg.img_size, **_model_overrides(cfg)
+    )
+
+
+def _model_meta(cfg: TrainConfig, model: nn.Module, classes: list[str], crop_pct: float) -> dict[str, Any]:
+    """config.json of every checkpoint: what `load_run` needs to rebuild the model and prepare its inputs."""
+    pc = model.pretrained_cfg
+    return {
+        "model": cfg.model,
+        "config": dataclasses.asdict(model.cfg),
+        "classes": classes,
+        "num_classes": len(classes),
+        "img_size": [cfg.img_size, cfg.img_size],
+        "mean": list(pc.mean),
+        "std": list(pc.std),
+        "interpolation": pc.interpolation,
+        "crop_pct": crop_pct,
+        "crop_mode": "center",
+    }
+
+
+def _micro_batch(cfg: TrainConfig, info: D.DistInfo) -> int:
+    per_step = cfg.batch_size // (info.world_size * cfg.grad_accum)
+    if per_step * info.world_size * cfg.grad_accum != cfg.batch_size:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must divide by processes x grad_accum = {info.world_size} x {cfg.grad_accum}"
+        )
+    return per_step
+
+
+def _wrap_ddp(model: nn.Module, info: D.DistInfo) -> nn.Module:
+    # A stage with a single block has no global block, so its global query generator gets no gradient.
+    unused = any(d < 2 for d in getattr(model.cfg, "depths", ()))
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+
+
+def _setup(cfg: TrainConfig, info: D.DistInfo) -> _Run:
+    """Data first (data errors surface before any model is built), then model, optimizer, schedule, EMA."""
+    with torch.device("meta"):  # only its preprocessing settings are needed
+        probe = gcvit.create_model(cfg.model, img_size=cfg.img_size, **_model_overrides(cfg)).pretrained_cfg
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (probe.crop_pct if cfg.pretrained else 1.0)
+    data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation)
+    num_classes = cfg.num_classes or len(data.classes)
+    if num_classes < len(data.classes):
+        raise ValueError(f"num_classes={num_classes} but the data has {len(data.classes)} classes")
+    micro = _micro_batch(cfg, info)
+    tl = train_loader(
+        data.train, micro, cfg.seed, cfg.num_workers, info.rank, info.world_size, pin_memory=info.device.type == "cuda"
+    )
+    vl = eval_loader(data.val, max(micro, 64), cfg.num_workers, info.distributed)
+    model = _build_model(cfg, num_classes).to(info.device)
+    net = _wrap_ddp(model, info) if info.distributed else model
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    steps_per_epoch = len(tl) // cfg.grad_accum
+    scheduler = build_scheduler(
+        optimizer,
+        cfg.epochs * steps_per_epoch,
+        round(cfg.warmup_epochs * steps_per_epoch),
+        cfg.lr,
+        cfg.min_lr,
+        cfg.warmup_lr,
+    )
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    mixer = mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing)
+    torch.manual_seed(cfg.seed + info.rank)  # drop path and mixing differ between ranks
+    return _Run(
+        cfg,
+        info,
+        model,
+        net,
+        optimizer,
+        scheduler,
+        scaler,
+        ema,
+        mixer,
+        tl,
+        vl,
+        data.classes,
+        _model_meta(cfg, model, data.classes, crop_pct),
+    )
+
+
+def _state(run: _Run) -> dict[str, Any]:
+    """state.pt: everything besides the weights that a resumed run needs, RNG states of every rank included."""
+    rngs = [ckpt.rng_state()]
+    if run.info.distributed:
+        rngs = [None] * run.info.world_size
+        torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+    return {
+        "epoch": run.epoch,
+        "step": run.step,
+        "best": run.best,
+        "history": run.history,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "rng": rngs,
+        "sampler": {"seed": run.cfg.seed, "epoch": run.epoch},
+        "loader_generator": run.train_loader.generator.get_state(),
+        "config": run.cfg.to_dict(),
+    }
+
+
+def _save(run: _Run, run_dir: Path, is_best: bool) -> None:
+    state = _state(run)  # collective under DDP: every rank takes part
+    if not run.info.is_main:
+        return
+    ema_sd = run.ema.module.state_dict() if run.ema is not None else None
+    for name in ("last", "best") if is_best else ("last",):
+        ckpt.write_checkpoint(run_dir, name, run.model.state_dict(), run.model_meta, state, ema_sd)
+
+
+def _restore(run: _Run, folder: Path) -> None:
+    state = ckpt.read_training_state(folder)
+    run.model.load_state_dict(ckpt.read_weights(folder))
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.epoch, run.step, run.best, run.history = state["epoch"], state["step"], state["best"], state["history"]
+    run.train_loader.generator.set_state(state["loader_generator"])
+    rngs = state["rng"]
+    ckpt.set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
+    logger.info("resumed from %s after epoch %d (step %d)", folder, run.epoch, run.step)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum(targets * log_softmax(logits)); targets (B, K) are soft (mixed, smoothed)."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def _check_finite(loss: torch.Tensor, run: _Run, run_dir: Path) -> None:
+    if D.any_rank(not bool(torch.isfinite(loss)), run.info):
+        raise NonFiniteLossError(
+            f"the training loss became {loss.item()} at epoch {run.epoch + 1}, step {run.step}; stopped. "
+            f"{run_dir / 'last'} keeps the last good epoch ({run.epoch}). Try a lower lr, amp='none' or clip_grad."
+        )
+
+
+def _optimizer_step(run: _Run) -> None:
+    if run.cfg.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    run.step += 1
+
+
+def _train_epoch(run: _Run, run_dir: Path, bar: Any) -> float:
+    """One epoch; returns the mean training loss over all ranks."""
+    cfg, dev = run.cfg, run.info.device
+    run.net.train()
+    run.train_loader.sampler.set_epoch(run.epoch)
+    total, count = 0.0, 0
+    steps = len(run.train_loader) // cfg.grad_accum
+    t0 = time.perf_counter()
+    for i, (images, labels) in enumerate(run.train_loader):
+        if i >= steps * cfg.grad_accum:
+            break  # an incomplete accumulation at the end of the epoch is skipped
+        images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+        images, targets = run.mixer(images, labels)
+        last_micro = (i + 1) % cfg.grad_accum == 0
+        sync = contextlib.nullcontext() if last_micro or not run.info.distributed else run.net.no_sync()
+        with sync:
+            with _autocast(cfg, dev):
+                loss = _soft_cross_entropy(run.net(images), targets)
+            _check_finite(loss, run, run_dir)
+            run.scaler.scale(loss / cfg.grad_accum).backward()
+        if last_micro:
+            _optimizer_step(run)
+        total, count = total + loss.item() * len(images), count + len(images)
+        if bar is not None:
+            rate = count * run.info.world_size / (time.perf_counter() - t0)
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}",
+                lr=f"{run.optimizer.param_groups[-1]['lr']:.2e}",
+                img_s=f"{rate:.0f}",
+                refresh=False,
+            )
+            bar.update(1)
+    total, count = D.all_reduce_sum([total, float(count)], run.info)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module, loader: Any, device: torch.device, info: D.DistInfo | None = None, amp: str = "none"
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) of `model` over `loader`, summed over ranks when distributed."""
+    info = info or D.DistInfo(device=device)
+    model.eval()
+    loss_sum, correct1, correct5, n = 0.0, 0.0, 0.0, 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+        with ctx:
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        correct1 += (top[:, 0] == labels).sum().item()
+        correct5 += (top == labels[:, None]).any(-1).sum().item()
+        n += len(labels)
+    loss_sum, correct1, correct5, n = D.all_reduce_sum([loss_sum, correct1, correct5, n], info)
+    return {"loss": loss_sum / n, "top1": 100 * correct1 / n, "top5": 100 * correct5 / n}
+
+
+def _epoch_end(run: _Run, run_dir: Path, train_loss: float, seconds: float, tb: TensorBoard | None) -> dict[str, Any]:
+    """Validate (and the EMA), checkpoint, then log: the checkpoint holds the history up to this epoch."""
+    val = validate(run.model, run.val_loader, run.info.device, run.info, run.cfg.amp)
+    ema_top1 = None
+    if run.ema is not None:
+        ema_top1 = validate(run.ema.module, run.val_loader, run.info.device, run.info, run.cfg.amp)["top1"]
+    run.epoch += 1
+    row = {
+        "epoch": run.epoch,
+        "train_loss": train_loss,
+        "val_loss": val["loss"],
+        "val_top1": val["top1"],
+        "val_top5": val["top5"],
+        "ema_top1": ema_top1,
+        "lr": run.optimizer.param_groups[-1]["lr"],
+        "epoch_time": seconds,
+    }
+    run.history.append(row)
+    metric = ema_top1 if ema_top1 is not None else val["top1"]
+    is_best = metric > run.best
+    run.best = max(run.best, metric)
+    _save(run, run_dir, is_best)
+    if run.info.is_main:
+        write_csv(run_dir / "metrics.csv", run.history)
+        plot_history(run_dir / "plots", run.history)
+        if tb is not None:
+            tb.log(row)
+    return row
+
+
+def _progress_bar(run: _Run, enabled: bool) -> Any:
+    if not (enabled and run.info.is_main):
+        return None
+    from tqdm import tqdm
+
+    steps = len(run.train_loader) // run.cfg.grad_accum * run.cfg.grad_accum
+    return tqdm(total=steps, desc=f"epoch {run.epoch + 1}/{run.cfg.epochs}", unit="it", leave=False, dynamic_ncols=True)
+
+
+def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, progress: bool = False) -> TrainResult:
+    """Train a GC ViT as `cfg` says, or continue the run in folder `resume` (its saved config is used when cfg is
+    None). Under torchrun every process calls this; rank 0 writes files.
+
+    Args:
+        cfg: the configuration; None with `resume` reads RUN/config.yaml.
+        resume: a run folder to continue from its last complete checkpoint.
+        progress: show tqdm progress bars (loss, lr, img/s, ETA) on rank 0.
+
+    Returns:
+        The run folder, epochs done, the best top-1 and the per-epoch history.
+
+    Raises:
+        DataError: unusable data (before any training). NonFiniteLossError: the loss became NaN or infinite.
+    """
+    if cfg is None:
+        if resume is None:
+            raise ValueError("train() needs a TrainConfig, or resume= a run folder")
+        cfg = load_run_config(resume)
+    run_dir = Path(resume) if resume is not None else Path(cfg.out_dir)
+    info = D.setup(cfg.device)
+    try:
+        return _train(cfg, info, run_dir, resume is not None, progress)
+    finally:
+        D.cleanup(info)
+
+
+def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, progress: bool) -> TrainResult:
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(run_dir)
+    D.barrier(info)
+    found = ckpt.find_checkpoint(run_dir) if resuming else None
+    if resuming and found is None:
+        logger.info("no complete checkpoint in %s: starting from scratch", run_dir)
+    run = _setup(cfg, info)
+    if found is not None:
+        _restore(run, found)
+    if info.is_main:
+        save_yaml(cfg, run_dir / "config.yaml")
+    tb = TensorBoard(run_dir / "tb") if info.is_main else None
+    start, first_epoch = time.perf_counter(), run.epoch
+    try:
+        while run.epoch < cfg.epochs:
+            bar = _progress_bar(run, progress)
+            t0 = time.perf_counter()
+            train_loss = _train_epoch(run, run_dir, bar)
+            if bar is not None:
+                bar.close()
+            row = _epoch_end(run, run_dir, train_loss, time.perf_counter() - t0, tb)
+            _log_epoch(row, run, start, first_epoch)
+            if cfg.time_limit is not None and time.perf_counter() - start > cfg.time_limit:
+                logger.info("time limit of %.0f s reached after epoch %d", cfg.time_limit, run.epoch)
+                break
+    finally:
+        if tb is not None:
+            tb.close()
+    return TrainResult(run_dir, run.epoch, run.best, run.history)
+
+
+def _log_epoch(row: dict[str, Any], run: _Run, start: float, first_epoch: int) -> None:
+    if not run.info.is_main:
+        return
+    eta = (time.perf_counter() - start) / max(1, run.epoch - first_epoch) * (run.cfg.epochs - run.epoch)
+    ema = f" ema_top1 {row['ema_top1']:.2f}" if row["ema_top1"] is not None else ""
+    logger.info(
+        "epoch %d/%d  train_loss %.4f  val_loss %.4f  top1 %.2f  top5 %.2f%s  lr %.2e  %.1fs  eta %s",
+        row["epoch"],
+        run.cfg.epochs,
+        row["train_loss"],
+        row["val_loss"],
+        row["val_top1"],
+        row["val_top5"],
+        ema,
+        row["lr"],
+        row["epoch_time"],
+        _fmt_time(eta) if math.isfinite(eta) else "?",
+    )
+
+
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
