@@ -97,11 +97,20 @@ def _train(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     which = "EMA " if cfg.ema else ""
-    print(f"done: {result.epochs_done} epochs, best {which}val top-1 {result.best_top1:.2f}% -> {result.run_dir}")
+    run = result.run_dir
+    print(f"done: {result.epochs_done} epochs, best {which}val top-1 {result.best_top1:.2f}% -> {run}")
+    print(f"checkpoints: {run / 'best'}, {run / 'last'}; metrics: {run / 'metrics.csv'}; plots: {run / 'plots'}")
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from gcvit.train.evaluate import evaluate
+
+    if args.out_dir is None:  # next to the run's other plots
+        base = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+        base = base.parent if base.name in ("best", "last") else base
+        args.out_dir = base / "plots" if (base / "plots").is_dir() else base
 
     report = evaluate(
         args.checkpoint,
@@ -141,7 +150,7 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--data", default="digits", help="'digits' (its val split) or an image folder of class folders")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out-dir", default=None, help="write confusion.png here")
+    p.add_argument("--out-dir", default=None, help="where confusion.png goes (default: the run's plots folder)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="digits split, as in training")
     p.add_argument("--seed", type=int, default=0, help="digits split seed, as in training")
     p.set_defaults(func=_eval)
