@@ -4,7 +4,14 @@ from gcvit.layers.attention import WindowAttention, WindowAttentionGlobal
 from gcvit.layers.conv import FeatExtract, ReduceSize, SqueezeExcite, fused_mbconv
 from gcvit.layers.mlp import Mlp
 from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
-from gcvit.layers.window import pad_to_window_multiple, padding_key_mask, window_partition, window_reverse
+from gcvit.layers.window import (
+    map_view,
+    pad_to_window_multiple,
+    padding_key_mask,
+    window_partition,
+    window_reverse,
+    window_view,
+)
 
 __all__ = [
     "FeatExtract",
@@ -14,10 +21,12 @@ __all__ = [
     "WindowAttention",
     "WindowAttentionGlobal",
     "fused_mbconv",
+    "map_view",
     "pad_to_window_multiple",
     "padding_key_mask",
     "relative_position_index",
     "resize_bias_table",
     "window_partition",
     "window_reverse",
+    "window_view",
 ]

@@ -28,6 +28,22 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     return x.reshape(B, (H // ws) * (W // ws), ws * ws, C)  # (B, nW, N, C)
 
 
+def window_view(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nH, nW_w, ws, ws, C) as a strided view, no copy. An op that writes a fresh output from it
+    (LayerNorm does) lays that output out window by window, so partitioning costs no extra pass."""
+    B, H, W, C = x.shape
+    ws = window_size
+    return x.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW_w, ws, ws, C)
+
+
+def map_view(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
+    """(B, nW, N, C) -> (B, nH, ws, nW_w, ws, C) as a strided view in map order, no copy: the inverse of
+    `window_view`, to be consumed by an elementwise op (the residual add) that writes the map."""
+    B, _, _, C = windows.shape
+    ws = window_size
+    return windows.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)  # (B, nH, ws, nW_w, ws, C)
+
+
 def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
     """(B, nW, N, C) -> (B, H, W, C); the inverse of `window_partition`."""
     B, _, _, C = windows.shape

@@ -28,10 +28,10 @@ from gcvit.layers import (
     ReduceSize,
     WindowAttention,
     WindowAttentionGlobal,
+    map_view,
     pad_to_window_multiple,
     padding_key_mask,
-    window_partition,
-    window_reverse,
+    window_view,
 )
 
 MIN_INPUT_SIZE = 32
@@ -138,18 +138,25 @@ class GCViTBlock(nn.Module):
             self.gamma2 = nn.Parameter(torch.full((dim,), float(cfg.layer_scale)))
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, H, W, C), q_global (B, heads, N, hd), pad_mask (nW, 1, 1, N) or None -> (B, H, W, C)."""
-        _, H, W, _ = x.shape
+        """x (B, H, W, C), q_global (B, heads, N, hd), pad_mask (nW, 1, 1, N) or None -> (B, H, W, C).
+
+        Padding comes before norm1 (the official code pads after it): padded tokens are masked out as keys and
+        dropped as queries, so their values never reach a real token. Partition and reverse cost no passes of
+        their own: norm1 writes its output window by window, and the residual add reads the windows in map order.
+        """
+        B, H, W, C = x.shape
         ws = self.window_size
-        y = pad_to_window_multiple(self.norm1(x), ws)  # (B, Hp, Wp, C)
-        Hp, Wp = y.shape[1:3]
-        y = self.attn(window_partition(y, ws), q_global, pad_mask)  # (B, nW, N, C)
-        y = window_reverse(y, ws, Hp, Wp)  # (B, Hp, Wp, C)
-        if (Hp, Wp) != (H, W):
-            y = y[:, :H, :W]  # (B, H, W, C)
+        xp = pad_to_window_multiple(x, ws)  # (B, Hp, Wp, C)
+        Hp, Wp = xp.shape[1:3]
+        y = self.norm1(window_view(xp, ws))  # (B, nH, nW_w, ws, ws, C), contiguous
+        y = self.attn(y.view(B, -1, ws * ws, C), q_global, pad_mask)  # (B, nW, N, C)
+        y = map_view(y, ws, Hp, Wp)  # (B, nH, ws, nW_w, ws, C) view
         if self.gamma1 is not None:
             y = y * self.gamma1
-        x = x + self.drop_path(y)
+        if (Hp, Wp) == (H, W):
+            x = (x.view(y.shape) + self.drop_path(y)).view(B, H, W, C)
+        else:
+            x = x + self.drop_path(y.reshape(B, Hp, Wp, C)[:, :H, :W])  # (B, H, W, C)
         y = self.mlp(self.norm2(x))
         if self.gamma2 is not None:
             y = y * self.gamma2
