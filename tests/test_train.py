@@ -8,9 +8,13 @@ import itertools
 import json
 import math
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -192,14 +196,43 @@ def test_digits_quick_run_reaches_95(tmp_path: Path) -> None:
     assert sum(top[0][0] == str(val.targets[i]) for i, (_, top) in enumerate(out)) >= 3
 
 
+def test_crash_between_last_and_best_writes_keeps_best_in_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after one of an epoch's two checkpoints (last/, best/) is written and before the other: the resumed run
+    still ends with best/ holding the best epoch's weights, as an uninterrupted run does."""
+    full = train(_cfg(tmp_path / "a"))
+    metric = [row["ema_top1"] for row in full.history]
+    assert metric[1] > metric[0]  # epoch 2 is the best: both checkpoints are written after it
+
+    class Crash(Exception):
+        pass
+
+    real, calls = ckpt.write_checkpoint, []
+
+    def crash_on_second_write_of_epoch_2(*args: object, **kw: object) -> Path:
+        calls.append(args[1])
+        if args[4]["epoch"] == 2 and len(calls) == 4:  # type: ignore[index]
+            raise Crash
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ckpt, "write_checkpoint", crash_on_second_write_of_epoch_2)
+    with pytest.raises(Crash):
+        train(_cfg(tmp_path / "b"))
+    assert sorted(calls[2:]) == ["best", "last"]
+    monkeypatch.setattr(ckpt, "write_checkpoint", real)
+    resumed = train(_cfg(tmp_path / "b"), resume=tmp_path / "b" / "run")
+    assert resumed.best_top1 == full.best_top1
+    _same_weights(tmp_path / "a" / "run" / "last", tmp_path / "b" / "run" / "last")
+    _same_weights(tmp_path / "a" / "run" / "best", tmp_path / "b" / "run" / "best")
+
+
 # ---------------------------------------------------------------- resume after SIGKILL
 
 
-def _cli(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    args = [
+def _cli_args(run_dir: Path, *extra: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
-        "gcvit.cli_train",
+        "gcvit.cli",
         "train",
         "--out-dir",
         str(run_dir),
@@ -230,6 +263,10 @@ def _cli(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subpr
         "1",  # robust timing on a busy machine
         *extra,
     ]
+
+
+def _cli(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    args = _cli_args(run_dir, *extra)
     return subprocess.run(args, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 
@@ -268,6 +305,209 @@ def test_resume_with_workers_is_bit_identical(tmp_path: Path) -> None:
     assert _cli(b, "--num-workers", "2", env={"GCVIT_TEST_KILL_AT": "write:1"}).returncode == -9
     assert _cli(b, "--num-workers", "2", "--resume", str(b)).returncode == 0
     _same_weights(a / "last", b / "last")
+
+
+def _kill_when(run_dir: Path, ready: Callable[[], bool], delay: float, *extra: str) -> tuple[int, str]:
+    """Start `gcvit train` on run_dir, wait until ready() holds, sleep `delay` seconds, SIGKILL it.
+
+    Returns (returncode, stderr); the caller asserts -9, i.e. that the process was still running when killed."""
+    log = run_dir.parent / f"{run_dir.name}.stderr"
+    with log.open("w") as err:
+        proc = subprocess.Popen(_cli_args(run_dir, *extra), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            deadline = time.monotonic() + 600
+            while not ready() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    return proc.returncode, log.read_text()
+
+
+def _history(run_dir: Path) -> list[tuple[str, ...]]:
+    """metrics.csv without the timing column: the same in every run that did the same steps."""
+    rows = csv.DictReader((run_dir / "metrics.csv").open())
+    return [tuple(v for k, v in row.items() if k != "epoch_time") for row in rows]
+
+
+@pytest.mark.slow
+def test_three_random_sigkills_then_resume_is_bit_identical(uninterrupted: Path, tmp_path: Path) -> None:
+    """One 3-epoch run, SIGKILLed three times and resumed with --resume RUN each time, ends on the uninterrupted
+    run's weights bit for bit: (1) at a random moment before the first checkpoint (the resume starts from scratch),
+    (2) at a random moment of epoch 2, (3) inside a checkpoint write of a random later epoch (GCVIT_TEST_KILL_AT)."""
+    rng = random.Random(1234)
+    times = [float(r["epoch_time"]) for r in csv.DictReader((uninterrupted / "metrics.csv").open())]
+    epoch_s = min(times)  # training time of one epoch (validation and checkpoint come on top)
+    run = tmp_path / "run"
+    resume = ("--resume", str(run))
+
+    # 1: the model is built once config.yaml is written; kill within the first third of epoch 1's training
+    delay = rng.uniform(0.0, 0.3) * epoch_s
+    code, err = _kill_when(run, (run / "config.yaml").is_file, delay)
+    assert code == -9, f"kill 1 (+{delay:.2f}s) found the process gone: rc {code}\n{err}"
+    assert (run / "config.yaml").is_file() and ckpt.find_checkpoint(run) is None, f"kill 1 after a checkpoint\n{err}"
+
+    # 2: resumed (no checkpoint: from scratch); kill after epoch 1's checkpoint plus a random share of epoch 2
+    delay = rng.uniform(0.1, 0.9) * epoch_s
+    code, err = _kill_when(run, (run / "last").is_dir, delay, *resume)
+    assert code == -9, f"kill 2 (+{delay:.2f}s) found the process gone: rc {code}\n{err}"
+    assert "no complete checkpoint" in err and "starting from scratch" in err, err
+    found = ckpt.find_checkpoint(run)
+    assert found is not None
+    epoch = ckpt.read_training_state(found)["epoch"]
+    assert 1 <= epoch < 3, epoch
+
+    # 3: resumed; SIGKILL inside the write of a later epoch's checkpoint
+    at = rng.randint(epoch + 1, 3)
+    killed = _cli(run, *resume, env={"GCVIT_TEST_KILL_AT": f"write:{at}"})
+    assert killed.returncode == -9, killed.stderr
+    assert f"resumed from {run / 'last'} after epoch {epoch} " in killed.stderr, killed.stderr
+    assert list(run.glob("last.tmp-*")), "the kill did not land inside the checkpoint write"
+    assert ckpt.read_training_state(run / "last")["epoch"] == at - 1
+
+    done = _cli(run, *resume)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {run / 'last'} after epoch {at - 1} " in done.stderr, done.stderr
+    _same_weights(uninterrupted / "last", run / "last")
+    _same_weights(uninterrupted / "best", run / "best")
+    assert _history(run) == _history(uninterrupted)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(("last", "best"))) == ["best", "last"]
+
+
+# ---------------------------------------------------------------- image folders, fine-tuning, predict
+
+SHAPES = ("circle", "square", "triangle")
+BAD_FILES = ("square/truncated.jpg", "triangle/notes.png", "triangle/empty.png")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes x 12 drawn 32x32 shapes (random colours, sizes, positions), plus three unreadable files: a truncated
+    JPEG, a text file named .png and an empty .png."""
+    from PIL import Image, ImageDraw
+
+    root = tmp_path_factory.mktemp("shapes")
+    rng = random.Random(0)
+    for name in SHAPES:
+        (root / name).mkdir()
+        for i in range(12):
+            bg = tuple(rng.randrange(0, 100) for _ in range(3))
+            fg = tuple(rng.randrange(150, 256) for _ in range(3))
+            image = Image.new("RGB", (32, 32), bg)
+            draw = ImageDraw.Draw(image)
+            r = rng.randint(7, 12)
+            cx, cy = rng.randint(r + 1, 31 - r), rng.randint(r + 1, 31 - r)
+            if name == "circle":
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fg)
+            elif name == "square":
+                draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fg)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+            image.save(root / name / f"{i:02d}.{'jpg' if i % 3 == 0 else 'png'}", quality=95)
+    whole = root / "whole.jpg"
+    Image.effect_noise((64, 64), 60).convert("RGB").save(whole, quality=95)
+    data = whole.read_bytes()
+    whole.unlink()
+    (root / BAD_FILES[0]).write_bytes(data[: len(data) // 2])
+    (root / BAD_FILES[1]).write_text("not an image, just text with a .png name\n")
+    (root / BAD_FILES[2]).write_bytes(b"")
+    return root
+
+
+def test_image_folder_with_bad_files_trains_and_names_them(shapes: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    done = _cli(run, "--data-dir", str(shapes), "--batch-size", "8", "--epochs", "2")
+    assert done.returncode == 0, done.stderr
+    assert "skipped 3 unreadable image files" in done.stderr, done.stderr
+    for name in BAD_FILES:
+        assert str(shapes / name) in done.stderr, name
+    assert "done: 2 epochs" in done.stdout
+    assert ckpt.read_training_state(run / "last")["epoch"] == 2
+    assert ckpt.read_model_config(run / "last")["classes"] == list(SHAPES)
+
+    strict = tmp_path / "strict"
+    stopped = _cli(strict, "--data-dir", str(shapes), "--batch-size", "8", "--epochs", "2", "--strict-data")
+    assert stopped.returncode == 2, stopped.stderr
+    assert "gcvit: error:" in stopped.stderr and "3 of 39 image files cannot be read" in stopped.stderr
+    for name in BAD_FILES:
+        assert str(shapes / name) in stopped.stderr, name
+    assert not (strict / "last").exists() and not list(strict.glob("last*"))
+    assert "epoch 1/2" not in stopped.stderr
+
+
+def _gcvit(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "gcvit.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _predictions(stdout: str) -> list[tuple[str, list[tuple[str, float]]]]:
+    """`gcvit predict` lines: FILE  label:p  label:p ..."""
+    out = []
+    for line in stdout.splitlines():
+        file, *pairs = line.split("  ")
+        out.append((file, [(label, float(p)) for label, p in (pair.rsplit(":", 1) for pair in pairs)]))
+    return out
+
+
+def test_fine_tune_digits_run_on_three_classes_then_eval_and_predict(
+    uninterrupted: Path, shapes: Path, tmp_path: Path
+) -> None:
+    """One command fine-tunes a 10-class digits checkpoint on a 3-class folder; eval and predict take the new run."""
+    pretrained = uninterrupted / "best" / "model.safetensors"
+    run = tmp_path / "finetune"
+    done = _cli(run, "--pretrained", str(pretrained), "--data-dir", str(shapes), "--batch-size", "8", "--epochs", "1")
+    assert done.returncode == 0, done.stderr
+    assert "done: 1 epochs" in done.stdout
+    config = ckpt.read_model_config(run / "best")
+    assert config["classes"] == list(SHAPES) and config["num_classes"] == 3
+    new, old = ckpt.read_weights(run / "last"), ckpt.read_weights(uninterrupted / "best")
+    assert new["head.weight"].shape[0] == 3 and old["head.weight"].shape[0] == 10
+    assert new["head.bias"].shape == (3,)
+    assert new.keys() == old.keys()
+    # the backbone starts from the digits weights: 3 small warm-up steps move it far less than digits training did
+    arch = ckpt.read_model_config(uninterrupted / "best")["config"]
+    torch.manual_seed(0)  # the digits run's initial weights (seed 0)
+    fresh = gcvit.create_model("gcvit_xxtiny", **arch).state_dict()
+    backbone = [k for k in new if not k.startswith("head.")]
+    moved = max((new[k] - old[k]).abs().max().item() for k in backbone)
+    trained = max((old[k] - fresh[k]).abs().max().item() for k in backbone)
+    assert moved < 0.01 < trained, (moved, trained)
+
+    evaluated = _gcvit("eval", str(run), "--data", str(shapes))
+    assert evaluated.returncode == 0, evaluated.stderr
+    lines = evaluated.stdout.splitlines()
+    assert re.fullmatch(r"36 images: top-1 \d+\.\d\d%  top-5 100\.00%", lines[0]), lines[0]
+    assert [line.split()[0] for line in lines[1:4]] == list(SHAPES)
+    assert "skipped 3 unreadable image files" in evaluated.stderr
+
+    predicted = _gcvit("predict", str(shapes / "circle"), "--model", str(run))
+    assert predicted.returncode == 0, predicted.stderr
+    out = _predictions(predicted.stdout)
+    assert sorted(Path(f).name for f, _ in out) == sorted(p.name for p in (shapes / "circle").iterdir())
+    for _, top in out:
+        assert sorted(label for label, _ in top) == list(SHAPES)
+        assert top[0][1] >= top[1][1] >= top[2][1] and sum(p for _, p in top) == pytest.approx(1, abs=0.01)
+
+
+def test_digits_command_then_predict_with_run(uninterrupted: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "digits"
+    wrote = _gcvit("digits", "--out", str(folder), "--count", "5")
+    assert wrote.returncode == 0, wrote.stderr
+    assert f"wrote 5 held-out digits to {folder}" in wrote.stdout
+    files = sorted(folder.iterdir())
+    assert len(files) == 5 and all(f.suffix == ".png" for f in files)
+
+    predicted = _gcvit("predict", str(folder), "--model", str(uninterrupted))
+    assert predicted.returncode == 0, predicted.stderr
+    out = _predictions(predicted.stdout)
+    assert [Path(f) for f, _ in out] == files
+    digits = [str(d) for d in range(10)]
+    for _, top in out:
+        assert len(top) == 5 and len({label for label, _ in top}) == 5 and all(label in digits for label, _ in top)
+        assert all(a[1] >= b[1] for a, b in itertools.pairwise(top))
+    correct = sum(top[0][0] == Path(f).stem.rsplit("_", 1)[1] for f, top in out)
+    assert correct >= 3, predicted.stdout
 
 
 # ---------------------------------------------------------------- distributed

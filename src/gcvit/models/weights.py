@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from gcvit.atomic import atomic_write_bytes
 from gcvit.download import download
 from gcvit.layers.rel_pos import resize_bias_table
 from gcvit.models.gcvit import convert_timm, is_timm_state_dict
@@ -167,21 +168,9 @@ def load_checkpoint(
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write tensors as safetensors atomically: a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write tensors as safetensors atomically (temporary file in the same folder, fsync, rename)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:

@@ -8,7 +8,7 @@ renamed into place, and the old one deleted. A crash at any moment leaves either
 `find_checkpoint` picks the complete one and `clean_stale` removes the leftovers.
 
 The environment variable GCVIT_TEST_KILL_AT=<point>:<epoch> (point 'write' or 'swap') sends SIGKILL to the process
-in the middle of that checkpoint write; the tests use it to prove the writes are atomic.
+in the middle of writing RUN/last/ after that epoch; the tests use it to prove the writes are atomic.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from gcvit.atomic import atomic_write, atomic_write_bytes
 from gcvit.models.weights import read_state_dict, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -41,33 +41,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path through a temporary file in the same folder: write, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save through a temporary file: write, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,10 +63,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _maybe_kill(point: str, epoch: int) -> None:
-    """Test hook: SIGKILL ourselves at `point` of the checkpoint written after `epoch` (see module docstring)."""
+def _maybe_kill(point: str, epoch: int, name: str) -> None:
+    """Test hook: SIGKILL ourselves at `point` of the last/ checkpoint written after `epoch` (see module docstring)."""
     want = os.environ.get("GCVIT_TEST_KILL_AT")
-    if want and want == f"{point}:{epoch}":
+    if want and want == f"{point}:{epoch}" and name == "last":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -122,13 +98,13 @@ def write_checkpoint(
     if ema_state is not None:
         save_safetensors(ema_state, tmp / EMA_FILE, metadata=meta)
     atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
-    _maybe_kill("write", int(state.get("epoch", -1)))
+    _maybe_kill("write", int(state.get("epoch", -1)), name)
     atomic_torch_save(state, tmp / STATE_FILE)  # written last: a folder with state.pt is complete
     _fsync_dir(tmp)
     old = run_dir / f"{name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
-    _maybe_kill("swap", int(state.get("epoch", -1)))
+    _maybe_kill("swap", int(state.get("epoch", -1)), name)
     os.replace(tmp, final)
     _fsync_dir(run_dir)
     if old.exists():

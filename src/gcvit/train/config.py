@@ -173,7 +173,7 @@ def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
     """Write the resolved config (atomically) so that `resolve_config(path)` rebuilds it."""
     import yaml
 
-    from gcvit.train.checkpoint import atomic_write_bytes
+    from gcvit.atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 

@@ -6,6 +6,7 @@ file with a config.json next to it; `predict` also takes a model name (ImageNet 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from torch import nn
 import gcvit
 from gcvit.data import IMG_EXTENSIONS, DigitsDataset, ImageFolderDataset, eval_transform
 from gcvit.train import checkpoint as ckpt
+
+logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
@@ -270,11 +273,16 @@ def predict(
     k = min(topk, len(meta.classes))
     results = []
     for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        images = []
-        for f in chunk:
-            with Image.open(f) as im:
-                images.append(transform(im.convert("RGB")))
+        chunk, images = [], []
+        for f in files[start : start + batch_size]:
+            try:
+                with Image.open(f) as im:
+                    images.append(transform(im.convert("RGB")))
+                chunk.append(f)
+            except OSError as e:  # unreadable or corrupt: skipped, as in training
+                logger.warning("skipped unreadable image %s: %s", f, e)
+        if not images:
+            continue
         probs = net(torch.stack(images).to(device)).float().softmax(-1).cpu()
         values, indices = probs.topk(k, dim=-1)
         for f, v, i in zip(chunk, values.tolist(), indices.tolist()):

@@ -210,7 +210,9 @@ def _save(run: _Run, run_dir: Path, is_best: bool) -> None:
     if not run.info.is_main:
         return
     ema_sd = run.ema.module.state_dict() if run.ema is not None else None
-    for name in ("last", "best") if is_best else ("last",):
+    # best/ first: a crash between the two leaves last/ at the previous epoch, so the resumed run redoes this epoch and
+    # writes best/ again (the other order would leave best/ behind for good, its epoch already counted in last/).
+    for name in ("best", "last") if is_best else ("last",):
         ckpt.write_checkpoint(run_dir, name, run.model.state_dict(), run.model_meta, state, ema_sd)
 
 
@@ -380,6 +382,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, p
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, progress: bool) -> TrainResult:
+    if not resuming and run_dir.is_dir() and any(p.name.startswith(("last", "best")) for p in run_dir.iterdir()):
+        raise ValueError(
+            f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
+            "or train into another --out-dir"
+        )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)

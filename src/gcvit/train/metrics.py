@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gcvit.train.checkpoint import atomic_write_bytes
+from gcvit.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
