@@ -38,6 +38,8 @@ TINY = {
     "mlp_ratio": 2.0,
     "global_query_pools": None,
 }
+# the same model as command-line flags: --model-override embed_dim=16 ...
+TINY_FLAGS = [a for k, v in TINY.items() for a in ("--model-override", f"{k}={json.dumps(v)}")]
 
 
 @pytest.fixture(autouse=True)
@@ -240,16 +242,7 @@ def _cli_args(run_dir: Path, *extra: str) -> list[str]:
         "3",
         "--batch-size",
         "64",
-        "--model-override",
-        "embed_dim=16",
-        "--model-override",
-        "depths=[1,1,1,1]",
-        "--model-override",
-        "num_heads=[1,1,2,2]",
-        "--model-override",
-        "window_size=[4,4,4,2]",
-        "--model-override",
-        "global_query_pools=null",
+        *TINY_FLAGS,
         "--ema",
         "0.9",
         "--mixup",
@@ -529,16 +522,7 @@ def _torchrun(run_dir: Path, nproc: int) -> subprocess.CompletedProcess[str]:
         "2",
         "--batch-size",
         "64",
-        "--model-override",
-        "embed_dim=16",
-        "--model-override",
-        "depths=[1,1,1,1]",
-        "--model-override",
-        "num_heads=[1,1,2,2]",
-        "--model-override",
-        "window_size=[4,4,4,2]",
-        "--model-override",
-        "global_query_pools=null",
+        *TINY_FLAGS,
         "--drop-path",
         "0",
         "--amp",
