@@ -1,6 +1,6 @@
 """Measure this project's GC ViT against timm 1.0.31's in one run; `gcvit bench` runs the same code.
 
-    python benchmarks/bench_timm.py --models gcvit_tiny --train-models gcvit_xxtiny gcvit_tiny
+python benchmarks/bench_timm.py --models gcvit_tiny --train-models gcvit_xxtiny gcvit_tiny
 """
 
 from gcvit.cli import main
