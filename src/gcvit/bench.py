@@ -35,6 +35,7 @@ class BenchConfig:
     repeats: int = 7  # timed repeats per side; medians reported
     warmup: int = 2
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    compile: bool = False  # time our model through torch.compile (inductor, frozen weights) against timm eager
     rows: list[dict] = field(default_factory=list)
 
 
@@ -159,6 +160,7 @@ def bench_inference(cfg: BenchConfig, name: str, peaks: dict[str, float], log: C
     theirs.eval()
     theirs_cl = theirs.to(memory_format=torch.channels_last)
     flops = 2 * count_macs(ours, (cfg.img_size, cfg.img_size))
+    runner = _compiled(ours) if cfg.compile else ours
     x16 = torch.randn(max(cfg.infer_batches), 3, cfg.img_size, cfg.img_size, device=dev)
     with torch.inference_mode():
         diff = (ours(x16) - theirs(x16)).abs().max().item()
@@ -173,7 +175,7 @@ def bench_inference(cfg: BenchConfig, name: str, peaks: dict[str, float], log: C
 
                 def run_ours(x: torch.Tensor = x, dtype: str = dtype) -> object:
                     with _autocast(dtype, dev):
-                        return ours(x)
+                        return runner(x)
 
                 def run_theirs(x: torch.Tensor = x, dtype: str = dtype) -> object:
                     with _autocast(dtype, dev):
@@ -188,8 +190,17 @@ def bench_inference(cfg: BenchConfig, name: str, peaks: dict[str, float], log: C
                     sides["timm-cl"] = run_theirs_cl
                 t = interleaved(sides, cfg.repeats, cfg.warmup, dev)
                 t_timm = min(v for k, v in t.items() if k != "ours")
-                row = _row(cfg, f"{name} infer {dtype}", batch, t["ours"], t_timm, flops, peaks[dtype])
+                what = f"{name} infer {dtype}" + (" compiled" if cfg.compile else "")
+                row = _row(cfg, what, batch, t["ours"], t_timm, flops, peaks[dtype])
                 log(_fmt(row))
+
+
+def _compiled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model through inductor with weights frozen as constants (inference only); compiled on first call."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model)
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -101,6 +101,7 @@ def _bench(args: argparse.Namespace) -> None:
         img_size=args.img_size,
         repeats=args.repeats,
         dtypes=tuple(args.dtypes),
+        compile=args.compile,
     )
     if args.device:
         cfg.device = args.device
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="run our inference side through torch.compile (inductor)")
     p.set_defaults(func=_bench)
     return parser
 
