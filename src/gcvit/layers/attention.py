@@ -1,10 +1,10 @@
 """Window attention of GC ViT: local (queries, keys and values from the window) and global (queries from the
 stage's global query generator, keys and values from the window).
 
-Both run through `torch.nn.functional.scaled_dot_product_attention` with the relative-position bias, plus the
-padding mask where the map was padded, as its additive float mask. Inputs are laid out as 4-D (B*nW, heads, N, hd)
-with a 4-D mask, the layout PyTorch's fused CPU and GPU kernels take (5-D inputs or a 3-D mask fall back to the
-slow unfused path).
+Both add the relative-position bias, plus the padding mask where the map was padded, to the scores. Where it pays
+(`_fused_kernel_pays`) they run through `torch.nn.functional.scaled_dot_product_attention` with that sum as its
+additive float mask, laid out as 4-D (B*nW, heads, N, hd) with a 4-D mask, the layout PyTorch's fused CPU and GPU
+kernels take (5-D inputs or a 3-D mask fall back to the slow unfused path); elsewhere through two matmuls.
 Shapes: windows (B, nW, N, C); heads split C into (heads, hd); N = ws * ws tokens per window.
 """
 
@@ -59,13 +59,44 @@ class _WindowAttentionBase(nn.Module):
         mask = self._bias(q.dtype)  # (1, heads, N, N)
         if pad_mask is not None:
             mask = mask + pad_mask.to(q.dtype)  # (nW, heads, N, N)
-            mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )  # (B*nW, heads, N, hd)
-        BnW, _, N, _ = out.shape
+        dropout = self.attn_drop if self.training else 0.0
+        if _fused_kernel_pays(q, mask):
+            if mask.shape[0] > 1:
+                mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        else:
+            out = _attention_math(q, k, v, mask, self.scale, dropout, B)
+        BnW, _, N, _ = out.shape  # (B*nW, heads, N, hd)
         out = out.transpose(1, 2).reshape(B, BnW // B, N, -1)  # (B, nW, N, C)
         return self.proj_drop(self.proj(out))
+
+
+def _fused_kernel_pays(q: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether `scaled_dot_product_attention` beats plain matmul-softmax-matmul here.
+
+    On GPUs the fused kernels always do. On the CPU, PyTorch's fused (flash) kernel cannot return a gradient for the
+    mask (the learned bias), so training would fall back to its unfused path, which is slower than the plain one; and
+    its bf16/fp16 version is slower than two bf16 matmuls for GC ViT's 49-token windows (measured: 1.5-1.9x).
+    """
+    if q.device.type != "cpu":
+        return True
+    return not (mask.requires_grad and torch.is_grad_enabled()) and q.dtype == torch.float32
+
+
+def _attention_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout: float, B: int
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v: q, k, v (B*nW, heads, N, hd), mask (1 or nW, heads, N, N) -> like q.
+
+    The softmax reads low-precision scores but accumulates in fp32 (PyTorch's CPU and GPU kernels do).
+    """
+    BnW, heads, N, _ = q.shape
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
+    attn = attn.view(B, BnW // B, heads, N, N) + mask  # mask broadcasts over images (and windows when 1)
+    attn = attn.softmax(-1).view(BnW, heads, N, N)
+    if dropout:
+        attn = F.dropout(attn, dropout, training=True)
+    return attn @ v  # (B*nW, heads, N, hd)
 
 
 class WindowAttention(_WindowAttentionBase):

@@ -1,0 +1,72 @@
+"""The two ways window attention runs: PyTorch's fused kernel and plain matmul-softmax-matmul must agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask
+from gcvit.layers.attention import _fused_kernel_pays
+
+
+def _windows(B: int, nW: int, N: int, C: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(B, nW, N, C, dtype=dtype)  # (B, nW, N, C)
+
+
+@pytest.mark.parametrize("kind", ["local", "global"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool) -> None:
+    """Training on the CPU (the bias needs a gradient) takes the plain path; it equals the fused kernel in outputs and
+    in every gradient (input, global query, bias table), with and without the padding mask."""
+    torch.manual_seed(0)
+    B, ws, heads, C = 3, 4, 4, 32
+    H, W = (6, 7) if padded else (8, 8)
+    cls = WindowAttentionGlobal if kind == "global" else WindowAttention
+    attn = cls(dim=C, num_heads=heads, window_size=ws)
+    x = _windows(B, 4, ws * ws, C).requires_grad_()
+    q_global = torch.randn(B, heads, ws * ws, C // heads, requires_grad=True)
+    pad_mask = padding_key_mask(H, W, ws, x.device, x.dtype)
+    assert (pad_mask is not None) == padded
+
+    def run(fused: bool) -> tuple[torch.Tensor, ...]:
+        attn.zero_grad()
+        x.grad = q_global.grad = None
+        table = attn.relative_position_bias_table
+        table.requires_grad_(not fused)  # a bias without gradient lets the fused CPU kernel run
+        out = attn(x, q_global, pad_mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        table.requires_grad_(True)
+        grads = [x.grad, q_global.grad if kind == "global" else torch.zeros(1)]
+        return out.detach(), *grads
+
+    table = attn.relative_position_bias_table
+    table.requires_grad_(True)
+    assert not _fused_kernel_pays(x, attn.relative_position_bias())
+    plain = run(fused=False)
+    # bias gradient of the plain path against autograd through PyTorch's reference (math) attention
+    bias_grad = table.grad.clone()
+    fused = run(fused=True)
+    for a, b in zip(plain, fused):
+        assert (a - b).abs().max().item() < 1e-5
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        attn.zero_grad()
+        out = attn(x, q_global, pad_mask)  # the math backend returns the mask's gradient
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    assert bias_grad.abs().max() > 0
+    assert (bias_grad - table.grad).abs().max().item() < 1e-6
+
+
+def test_bf16_on_cpu_takes_the_plain_path_and_stays_close() -> None:
+    """bf16 on the CPU uses two bf16 matmuls (faster than the fused kernel for 49-token windows); its output stays
+    within bf16 rounding of the fp32 result."""
+    torch.manual_seed(0)
+    attn = WindowAttention(dim=64, num_heads=2, window_size=7).eval()
+    x = _windows(2, 4, 49, 64)
+    with torch.no_grad():
+        ref = attn(x)
+        assert _fused_kernel_pays(x, attn.relative_position_bias())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = attn(x)
+            assert not _fused_kernel_pays(x.bfloat16(), attn.relative_position_bias())
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
