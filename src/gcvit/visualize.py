@@ -128,7 +128,7 @@ def window_to_map(per_window: torch.Tensor, grid: tuple[int, int], map_size: tup
     Returns:
         (B, H_i, W_i); values of padded tokens are dropped.
     """
-    B, nW, N = per_window.shape
+    B, _, N = per_window.shape
     rows, cols = grid
     ws = round(N**0.5)
     x = per_window.view(B, rows, cols, ws, ws)  # (B, nH, nW_w, ws, ws)
@@ -299,7 +299,7 @@ def local_attention(
 def to_image(stage_map: torch.Tensor, stride: int, image_size: tuple[int, int]) -> torch.Tensor:
     """A stage map (B, H_i, W_i) -> (B, H, W) on the image: token (r, c) covers pixels [r*stride, (r+1)*stride),
     bilinearly smoothed, cropped to the image."""
-    B, h, w = stage_map.shape
+    _, h, w = stage_map.shape
     up = F.interpolate(stage_map[:, None].float(), size=(h * stride, w * stride), mode="bilinear", align_corners=False)
     return up[:, 0, : image_size[0], : image_size[1]]
 
@@ -355,3 +355,147 @@ def grad_cam(
     peak = cam.amax(dim=(1, 2), keepdim=True)
     cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
     return GradCAM(cam.cpu(), idx.cpu(), logits.detach().cpu(), stage, model.feature_info[stage]["reduction"])
+
+
+# --- figures ------------------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("the figures need matplotlib: pip install 'gcvit-torch[train]'") from e
+    return plt
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised images (B, 3, H, W) -> displayable (B, H, W, 3) in [0, 1]: what the model saw."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    x = images.detach().float().cpu() * std_t + mean_t
+    return x.clamp(0, 1).permute(0, 2, 3, 1)  # NCHW -> NHWC
+
+
+def _overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor | None, title: str, **imshow: Any) -> Any:
+    ax.imshow(image.numpy())
+    im = None if heat is None else ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, **imshow)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return im
+
+
+def _window_lines(ax: Any, stage: StageAttention, image_size: tuple[int, int]) -> None:
+    """Thin white lines between the stage's windows, in image pixels."""
+    H, W = image_size
+    step = stage.window_size * stage.stride
+    for y in range(step, H, step):
+        ax.axhline(y - 0.5, color="white", lw=0.6, alpha=0.8)
+    for x in range(step, W, step):
+        ax.axvline(x - 0.5, color="white", lw=0.6, alpha=0.8)
+
+
+def plot_global_attention(image: torch.Tensor, maps: AttentionMaps, path: PathLike, index: int = 0) -> Path:
+    """One panel per stage: the global attention map (see `global_attention_map`) over the image, windows outlined.
+
+    Args:
+        image: (H, W, 3) in [0, 1], as `denormalize` gives.
+        maps: from `attention_maps`.
+        path: the PNG to write.
+        index: which image of the batch.
+    """
+    plt = _pyplot()
+    n = len(maps.stages)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.6))
+    _overlay(axes[0], image, None, f"input {maps.image_size[0]}x{maps.image_size[1]}")
+    for ax, st in zip(axes[1:], maps.stages):
+        if st.global_map is None:
+            _overlay(ax, image, None, f"stage {st.stage}: no global block")
+            continue
+        heat = to_image(st.global_map[index : index + 1], st.stride, maps.image_size)[0]
+        im = _overlay(ax, image, heat, f"stage {st.stage}: {st.grid[0]}x{st.grid[1]} windows of {st.window_size}")
+        _window_lines(ax, st, maps.image_size)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    fig.suptitle("global attention: share of each window's attention per key (global queries, heads averaged)")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: PathLike) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_local_attention(
+    image: torch.Tensor,
+    maps: AttentionMaps,
+    path: PathLike,
+    stage: int,
+    window: tuple[int, int],
+    query: tuple[int, int] | None = None,
+    index: int = 0,
+) -> Path:
+    """The local attention of one query token (marked x) over its window (outlined): on the image and zoomed in.
+
+    Args:
+        image: (H, W, 3) in [0, 1].
+        maps, stage, window, query: as for `local_attention`.
+        path: the PNG to write.
+        index: which image of the batch.
+    """
+    from matplotlib.patches import Rectangle
+
+    plt = _pyplot()
+    st = maps.stages[stage]
+    query = default_query(st, window) if query is None else query
+    heat = local_attention(maps, stage, window, query)[index]  # (ws, ws)
+    h, w = _real_extent(st, window)
+    s, ws = st.stride, st.window_size
+    y0, x0 = window[0] * ws * s, window[1] * ws * s
+    y1, x1 = min(y0 + h * s, maps.image_size[0]), min(x0 + w * s, maps.image_size[1])
+    qy, qx = y0 + (query[0] + 0.5) * s, x0 + (query[1] + 0.5) * s
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4))
+    title = f"stage {st.stage}, window {tuple(window)}, query {tuple(query)}"
+    _overlay(left, image, heat[:h, :w], title, extent=(x0 - 0.5, x1 - 0.5, y1 - 0.5, y0 - 0.5))
+    left.set_xlim(-0.5, maps.image_size[1] - 0.5)
+    left.set_ylim(maps.image_size[0] - 0.5, -0.5)
+    left.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="cyan", lw=1.5))
+    left.plot([qx - 0.5], [qy - 0.5], "wx", ms=8, mew=2)
+    right.imshow(image[y0:y1, x0:x1].numpy(), extent=(0, w, h, 0))  # the window, one unit per token
+    im = right.imshow(heat[:h, :w].numpy(), cmap="jet", alpha=0.45, extent=(0, w, h, 0))
+    right.set_title("local attention (blocks, heads averaged)", fontsize=9)
+    right.set_axis_off()
+    right.plot([query[1] + 0.5], [query[0] + 0.5], "wx", ms=10, mew=2)
+    fig.colorbar(im, ax=right, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    return _save(fig, path)
+
+
+def plot_grad_cam(
+    image: torch.Tensor, cam: GradCAM, path: PathLike, classes: Sequence[str] | None = None, index: int = 0
+) -> Path:
+    """The input and its Grad-CAM overlay, titled with the class explained and its probability.
+
+    Args:
+        image: (H, W, 3) in [0, 1].
+        cam: from `grad_cam`.
+        path: the PNG to write.
+        classes: class names by index; None: indices.
+        index: which image of the batch.
+    """
+    plt = _pyplot()
+    c = int(cam.class_idx[index])
+    p = float(cam.logits[index].softmax(-1)[c])
+    name = classes[c] if classes is not None else str(c)
+    size = (image.shape[0], image.shape[1])
+    heat = to_image(cam.cam[index : index + 1], cam.stride, size)[0]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.8))
+    _overlay(left, image, None, "input")
+    im = _overlay(right, image, heat, f"Grad-CAM, stage {cam.stage}: class {name} (p={p:.3f})", vmin=0, vmax=1)
+    fig.colorbar(im, ax=right, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
+    return _save(fig, path)
