@@ -252,6 +252,7 @@ def test_cli_writes_the_three_figures(photo_file: Path, tmp_path: Path, capsys: 
     out = capsys.readouterr().out
     assert "gcvit_xxtiny (random weights" in out and "input (150, 225)" in out
     assert "stage 1: map (19, 29), 3x5 windows of 7, 1 local + 1 global blocks" in out
+    assert "Grad-CAM of class 7 at stage 2" in out  # stage 3's map is 5 x 8: the last one of at least 7 x 7 is 2
     _check_pngs(out, [out_dir / f"chelsea_{k}.png" for k in ("global", "local", "gradcam")])
 
 
@@ -280,6 +281,7 @@ def test_cli_takes_a_run_folder(photo_file: Path, tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert f"gcvit_xxtiny from {run / 'best' / 'model.safetensors'}; input (32, 32): predicted class" in out
     assert "stage 0: map (8, 8), 2x2 windows of 4, 1 local + 0 global blocks" in out
+    assert "Grad-CAM of class owl at stage 0" in out
     _check_pngs(out, [out_dir / f"chelsea_{k}.png" for k in ("global", "local", "gradcam")])
     assert main(["visualize", str(photo_file), "--model", str(run), "--pretrained"]) == 2
     assert "--pretrained applies to model names" in capsys.readouterr().err

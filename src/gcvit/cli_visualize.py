@@ -69,6 +69,13 @@ def _class_index(text: str | None, classes: list[str]) -> int | None:
     raise ValueError(f"--class {text!r} is not a class of this model; expected a name or index of {shown}")
 
 
+def _cam_stage(maps: Any) -> int:
+    """The last stage whose map is at least 7 tokens a side (the 7 x 7 last stage of a 224 px model), else 0: a
+    1 x 1 or 2 x 2 map makes a Grad-CAM of one or four blocks."""
+    sizes = [min(st.map_size) for st in maps.stages]
+    return max((i for i, side in enumerate(sizes) if side >= 7), default=0)
+
+
 def _visualize(args: argparse.Namespace) -> None:
     from gcvit import visualize as viz
 
@@ -80,21 +87,22 @@ def _visualize(args: argparse.Namespace) -> None:
     x = _read_image(args.image, meta).to(args.device)
     n = len(net.levels)
     for flag, s in (("--stage", args.stage), ("--cam-stage", args.cam_stage)):
-        if not -n <= s < n:
+        if s is not None and not -n <= s < n:
             raise ValueError(f"{flag} {s} is out of range: {meta.model} has {n} stages (expected {-n}..{n - 1})")
     cls = _class_index(args.cls, meta.classes)
 
     maps = viz.attention_maps(net, x)
     grid = maps.stages[args.stage].grid
     window = tuple(args.window) if args.window else (grid[0] // 2, grid[1] // 2)
-    cam = viz.grad_cam(net, x, cls, stage=args.cam_stage)
+    cam_stage = _cam_stage(maps) if args.cam_stage is None else args.cam_stage
+    cam = viz.grad_cam(net, x, cls, stage=cam_stage)
     image = viz.denormalize(x, meta.mean, meta.std)[0]
-    out, stem = Path(args.out_dir), Path(args.image).stem
-    local = viz.plot_local_attention(image, maps, out / f"{stem}_local.png", args.stage, window, args.query)
+    out, stem, dpi = Path(args.out_dir), Path(args.image).stem, args.dpi
+    local = viz.plot_local_attention(image, maps, out / f"{stem}_local.png", args.stage, window, args.query, dpi=dpi)
     files = [
-        viz.plot_global_attention(image, maps, out / f"{stem}_global.png"),
+        viz.plot_global_attention(image, maps, out / f"{stem}_global.png", dpi=dpi),
         local,
-        viz.plot_grad_cam(image, cam, out / f"{stem}_gradcam.png", meta.classes),
+        viz.plot_grad_cam(image, cam, out / f"{stem}_gradcam.png", meta.classes, dpi=dpi),
     ]
     top = int(maps.logits[0].argmax())
     p = float(maps.logits[0].softmax(-1)[top])
@@ -102,6 +110,7 @@ def _visualize(args: argparse.Namespace) -> None:
     for st in maps.stages:
         kinds = f"{len(st.local_blocks)} local + {len(st.global_blocks)} global blocks"
         print(f"  stage {st.stage}: map {st.map_size}, {st.grid[0]}x{st.grid[1]} windows of {st.window_size}, {kinds}")
+    print(f"  Grad-CAM of class {meta.classes[int(cam.class_idx[0])]} at stage {cam.stage}")
     for f in files:
         print(f"wrote {f}")
 
@@ -116,8 +125,11 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--stage", type=int, default=0, help="stage of the local-attention window (default 0)")
     p.add_argument("--window", type=int, nargs=2, metavar=("ROW", "COL"), help="window of --stage (default: centre)")
     p.add_argument("--query", type=int, nargs=2, metavar=("ROW", "COL"), help="query token in the window")
-    p.add_argument("--cam-stage", type=int, default=-1, help="stage whose output Grad-CAM explains (default: last)")
+    p.add_argument(
+        "--cam-stage", type=int, default=None, help="stage Grad-CAM explains (default: the last with a map >= 7x7)"
+    )
     p.add_argument("--class", dest="cls", default=None, help="class for Grad-CAM, name or index (default: predicted)")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="run at this size, H [W] (default: native)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_visualize)

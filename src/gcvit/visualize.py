@@ -397,7 +397,9 @@ def _window_lines(ax: Any, stage: StageAttention, image_size: tuple[int, int]) -
         ax.axvline(x - 0.5, color="white", lw=0.6, alpha=0.8)
 
 
-def plot_global_attention(image: torch.Tensor, maps: AttentionMaps, path: PathLike, index: int = 0) -> Path:
+def plot_global_attention(
+    image: torch.Tensor, maps: AttentionMaps, path: PathLike, index: int = 0, dpi: int = 100
+) -> Path:
     """One panel per stage: the global attention map (see `global_attention_map`) over the image, windows outlined.
 
     Args:
@@ -405,6 +407,7 @@ def plot_global_attention(image: torch.Tensor, maps: AttentionMaps, path: PathLi
         maps: from `attention_maps`.
         path: the PNG to write.
         index: which image of the batch.
+        dpi: resolution of the PNG.
     """
     plt = _pyplot()
     n = len(maps.stages)
@@ -419,15 +422,15 @@ def plot_global_attention(image: torch.Tensor, maps: AttentionMaps, path: PathLi
         _window_lines(ax, st, maps.image_size)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     fig.suptitle("global attention: share of each window's attention per key (global queries, heads averaged)")
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
-def _save(fig: Any, path: PathLike) -> Path:
+def _save(fig: Any, path: PathLike, dpi: int) -> Path:
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -440,6 +443,7 @@ def plot_local_attention(
     window: tuple[int, int],
     query: tuple[int, int] | None = None,
     index: int = 0,
+    dpi: int = 100,
 ) -> Path:
     """The local attention of one query token (marked x) over its window (outlined): on the image and zoomed in.
 
@@ -448,6 +452,7 @@ def plot_local_attention(
         maps, stage, window, query: as for `local_attention`.
         path: the PNG to write.
         index: which image of the batch.
+        dpi: resolution of the PNG.
     """
     from matplotlib.patches import Rectangle
 
@@ -473,11 +478,16 @@ def plot_local_attention(
     right.set_axis_off()
     right.plot([query[1] + 0.5], [query[0] + 0.5], "wx", ms=10, mew=2)
     fig.colorbar(im, ax=right, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 def plot_grad_cam(
-    image: torch.Tensor, cam: GradCAM, path: PathLike, classes: Sequence[str] | None = None, index: int = 0
+    image: torch.Tensor,
+    cam: GradCAM,
+    path: PathLike,
+    classes: Sequence[str] | None = None,
+    index: int = 0,
+    dpi: int = 100,
 ) -> Path:
     """The input and its Grad-CAM overlay, titled with the class explained and its probability.
 
@@ -487,6 +497,7 @@ def plot_grad_cam(
         path: the PNG to write.
         classes: class names by index; None: indices.
         index: which image of the batch.
+        dpi: resolution of the PNG.
     """
     plt = _pyplot()
     c = int(cam.class_idx[index])
@@ -498,4 +509,4 @@ def plot_grad_cam(
     _overlay(left, image, None, "input")
     im = _overlay(right, image, heat, f"Grad-CAM, stage {cam.stage}: class {name} (p={p:.3f})", vmin=0, vmax=1)
     fig.colorbar(im, ax=right, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
