@@ -35,8 +35,8 @@ def _photo(size: tuple[int, int]) -> torch.Tensor:
     return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
-# two sizes: the native one, and one that pads every stage (stage maps 38x57, 19x29, 10x15, 5x8 vs windows 7/14)
-SIZES = {"native": (224, 224), "padded": (150, 225)}
+# two sizes: the native one, and one that pads every stage (stage maps 24x32, 12x16, 6x8, 3x4 vs windows 7, 7, 14, 7)
+SIZES = {"native": (224, 224), "padded": (96, 128)}
 
 
 @pytest.fixture(scope="module", params=list(SIZES))
@@ -75,7 +75,7 @@ def test_recomputed_attention_reproduces_every_module_output(model: gcvit.GCViT,
             worst = max(worst, float((again - out).abs().max()))
             masked += pad_mask is not None
     assert worst < 1e-5, worst
-    # at 150 x 225 every stage is padded (the mask path), at 224 none is
+    # at 96 x 128 every stage is padded (the mask path), at 224 none is
     assert masked == (sum(model.cfg.depths) if size == "padded" else 0)
 
 
@@ -181,7 +181,7 @@ def test_local_attention_rejects_bad_indices(photo_maps: tuple[torch.Tensor, viz
 def test_grad_cam_on_the_last_stage_is_the_class_activation_map(model: gcvit.GCViT) -> None:
     """With global average pooling and a linear head, d logit_c / dA = W_c / (h w) everywhere, so Grad-CAM reduces to
     ReLU(sum_k W_ck A_k) (Zhou et al.'s CAM) up to scale."""
-    x = torch.cat([_photo((96, 128)), _photo((96, 128)).flip(-1)])
+    x = torch.cat([_photo(SIZES["padded"]), _photo(SIZES["padded"]).flip(-1)])
     cam = viz.grad_cam(model, x)  # each image's predicted class
     with torch.no_grad():
         feats = model.forward_intermediates(x)[-1]  # NCHW (B, 8C, h, w)
@@ -196,7 +196,7 @@ def test_grad_cam_on_the_last_stage_is_the_class_activation_map(model: gcvit.GCV
 
 
 def test_grad_cam_responds_to_the_class_at_any_stage(model: gcvit.GCViT) -> None:
-    x = _photo((96, 128)).expand(2, -1, -1, -1)
+    x = _photo(SIZES["padded"]).expand(2, -1, -1, -1)
     for stage, size in ((0, (24, 32)), (-2, (6, 8))):
         cam = viz.grad_cam(model, x, [0, 1], stage=stage)  # the same image, explained for class 0 and class 1
         assert cam.cam.shape == (2, *size) and cam.class_idx.tolist() == [0, 1]
@@ -245,14 +245,14 @@ def test_cli_writes_the_three_figures(photo_file: Path, tmp_path: Path, capsys: 
         "--out-dir",
         str(out_dir),
         "--img-size",
-        "150",
-        "225",
+        "96",
+        "128",
     ]
-    assert main([*args, "--stage", "1", "--window", "1", "4", "--class", "7"]) == 0
+    assert main([*args, "--stage", "1", "--window", "1", "2", "--class", "7"]) == 0
     out = capsys.readouterr().out
-    assert "gcvit_xxtiny (random weights" in out and "input (150, 225)" in out
-    assert "stage 1: map (19, 29), 3x5 windows of 7, 1 local + 1 global blocks" in out
-    assert "Grad-CAM of class 7 at stage 2" in out  # stage 3's map is 5 x 8: the last one of at least 7 x 7 is 2
+    assert "gcvit_xxtiny (random weights" in out and "input (96, 128)" in out
+    assert "stage 1: map (12, 16), 2x3 windows of 7, 1 local + 1 global blocks" in out
+    assert "Grad-CAM of class 7 at stage 1" in out  # maps of stages 2 and 3 are 6 x 8 and 3 x 4: under 7 x 7
     _check_pngs(out, [out_dir / f"chelsea_{k}.png" for k in ("global", "local", "gradcam")])
 
 
