@@ -47,8 +47,9 @@ def photo_maps(request: pytest.FixtureRequest, model: gcvit.GCViT) -> tuple[torc
 
 @pytest.mark.parametrize("size", list(SIZES))
 def test_recomputed_attention_reproduces_every_module_output(model: gcvit.GCViT, size: str) -> None:
-    """proj(probs @ v) with the recomputed probabilities gives back what each attention module returned."""
-    x = _photo(SIZES[size])
+    """proj(probs @ v) with the recomputed probabilities gives back what each attention module returned, for a batch
+    of two images (each with its own global query)."""
+    x = torch.cat([_photo(SIZES[size]), _photo(SIZES[size]).flip(-1)])
     seen: dict[str, tuple[tuple, torch.Tensor]] = {}
     handles = [
         m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, (args, out)))
@@ -89,11 +90,14 @@ def test_attention_maps_hold_the_recomputed_probabilities(model: gcvit.GCViT) ->
         for i, d in enumerate(model.cfg.depths)
         for j in range(d)
     ]
+    model.train()
     try:
         maps = viz.attention_maps(model, x)
     finally:
         for h in handles:
             h.remove()
+        assert model.training  # restored
+        model.eval()
     for st in maps.stages:
         for kind, blocks, probs in (
             ("local", st.local_blocks, st.local_probs),
