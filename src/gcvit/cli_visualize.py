@@ -128,8 +128,21 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument(
         "--cam-stage", type=int, default=None, help="stage Grad-CAM explains (default: the last with a map >= 7x7)"
     )
-    p.add_argument("--class", dest="cls", default=None, help="class for Grad-CAM, name or index (default: predicted)")
-    p.add_argument("--img-size", type=int, nargs="+", default=None, help="run at this size, H [W] (default: native)")
+    p.add_argument(
+        "--class",
+        dest="cls",
+        metavar="CLASS",
+        default=None,
+        help="class for Grad-CAM, name or index (default: predicted)",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        nargs="+",
+        metavar="SIZE",
+        default=None,
+        help="run at this size, H [W] (default: native)",
+    )
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_visualize)
