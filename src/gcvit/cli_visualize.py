@@ -1,0 +1,148 @@
+"""`gcvit visualize`: argument parsing and printing around `gcvit.visualize`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+
+def _load(model: str, pretrained: bool, device: str) -> tuple[Any, Any, str]:
+    """(model, RunMeta, description) for a run folder / checkpoint, or a registered name (random weights unless
+    `pretrained`)."""
+    import torch
+
+    import gcvit
+    from gcvit.train.evaluate import RunMeta, load_model
+
+    if Path(model).exists():
+        if pretrained:
+            raise ValueError(f"--pretrained applies to model names; {model} holds its own weights")
+        net, meta = load_model(model, device)
+        return net, meta, f"{meta.model} from {meta.source}"
+    if pretrained:
+        net, meta = load_model(model, device)
+        return net, meta, f"{model} (NVIDIA's ImageNet weights)"
+    if model.split(".")[0] not in gcvit.list_models():
+        raise FileNotFoundError(f"{model!r} is neither a run folder, a checkpoint nor a model name (gcvit models)")
+    torch.manual_seed(0)
+    net = gcvit.create_model(model)
+    pc = net.pretrained_cfg
+    meta = RunMeta(
+        model,
+        [str(i) for i in range(pc.num_classes)],
+        tuple(pc.img_size),
+        tuple(pc.mean),
+        tuple(pc.std),
+        pc.interpolation,
+        pc.crop_pct,
+        pc.crop_mode,
+        source="random weights",
+    )
+    return net.to(device).eval(), meta, f"{model} (random weights: pass --pretrained for trained ones)"
+
+
+def _read_image(path: str, meta: Any) -> Any:
+    """The image as the model's preprocessing makes it: (1, 3, H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from gcvit.train.evaluate import preprocess
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected an image file")
+    try:
+        with Image.open(path) as im:
+            return preprocess(meta)(im.convert("RGB"))[None]
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from e
+
+
+def _class_index(text: str | None, classes: list[str]) -> int | None:
+    if text is None:
+        return None
+    if text in classes:
+        return classes.index(text)
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    shown = classes if len(classes) <= 20 else f"0..{len(classes) - 1}"
+    raise ValueError(f"--class {text!r} is not a class of this model; expected a name or index of {shown}")
+
+
+def _cam_stage(maps: Any) -> int:
+    """The last stage whose map is at least 7 tokens a side (the 7 x 7 last stage of a 224 px model), else 0: a
+    1 x 1 or 2 x 2 map makes a Grad-CAM of one or four blocks."""
+    sizes = [min(st.map_size) for st in maps.stages]
+    return max((i for i, side in enumerate(sizes) if side >= 7), default=0)
+
+
+def _visualize(args: argparse.Namespace) -> None:
+    from gcvit import visualize as viz
+
+    net, meta, what = _load(args.model, args.pretrained, args.device)
+    if args.img_size:
+        if len(args.img_size) > 2:
+            raise ValueError(f"--img-size takes H or H W; got {args.img_size}")
+        meta = dataclasses.replace(meta, img_size=(args.img_size[0], args.img_size[-1]))
+    x = _read_image(args.image, meta).to(args.device)
+    n = len(net.levels)
+    for flag, s in (("--stage", args.stage), ("--cam-stage", args.cam_stage)):
+        if s is not None and not -n <= s < n:
+            raise ValueError(f"{flag} {s} is out of range: {meta.model} has {n} stages (expected {-n}..{n - 1})")
+    cls = _class_index(args.cls, meta.classes)
+
+    maps = viz.attention_maps(net, x)
+    grid = maps.stages[args.stage].grid
+    window = tuple(args.window) if args.window else (grid[0] // 2, grid[1] // 2)
+    cam_stage = _cam_stage(maps) if args.cam_stage is None else args.cam_stage
+    cam = viz.grad_cam(net, x, cls, stage=cam_stage)
+    image = viz.denormalize(x, meta.mean, meta.std)[0]
+    out, stem, dpi = Path(args.out_dir), Path(args.image).stem, args.dpi
+    local = viz.plot_local_attention(image, maps, out / f"{stem}_local.png", args.stage, window, args.query, dpi=dpi)
+    files = [
+        viz.plot_global_attention(image, maps, out / f"{stem}_global.png", dpi=dpi),
+        local,
+        viz.plot_grad_cam(image, cam, out / f"{stem}_gradcam.png", meta.classes, dpi=dpi),
+    ]
+    top = int(maps.logits[0].argmax())
+    p = float(maps.logits[0].softmax(-1)[top])
+    print(f"{what}; input {tuple(x.shape[2:])}: predicted class {meta.classes[top]} (p={p:.3f})")
+    for st in maps.stages:
+        kinds = f"{len(st.local_blocks)} local + {len(st.global_blocks)} global blocks"
+        print(f"  stage {st.stage}: map {st.map_size}, {st.grid[0]}x{st.grid[1]} windows of {st.window_size}, {kinds}")
+    print(f"  Grad-CAM of class {meta.classes[int(cam.class_idx[0])]} at stage {cam.stage}")
+    for f in files:
+        print(f"wrote {f}")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add `visualize` to the `gcvit` command's subparsers."""
+    p = subparsers.add_parser("visualize", help="PNGs of what a model looks at: global and local attention, Grad-CAM")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--model", default="gcvit_xxtiny", help="model name (random weights unless --pretrained) or run")
+    p.add_argument("--pretrained", action="store_true", help="NVIDIA's ImageNet weights for a model name")
+    p.add_argument("--out-dir", default="visualize", help="folder for the PNGs (default: ./visualize)")
+    p.add_argument("--stage", type=int, default=0, help="stage of the local-attention window (default 0)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("ROW", "COL"), help="window of --stage (default: centre)")
+    p.add_argument("--query", type=int, nargs=2, metavar=("ROW", "COL"), help="query token in the window")
+    p.add_argument(
+        "--cam-stage", type=int, default=None, help="stage Grad-CAM explains (default: the last with a map >= 7x7)"
+    )
+    p.add_argument(
+        "--class",
+        dest="cls",
+        metavar="CLASS",
+        default=None,
+        help="class for Grad-CAM, name or index (default: predicted)",
+    )
+    p.add_argument(
+        "--img-size",
+        type=int,
+        nargs="+",
+        metavar="SIZE",
+        default=None,
+        help="run at this size, H [W] (default: native)",
+    )
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNGs")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_visualize)
