@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gcvit.layers.linear import linear
 from gcvit.layers.rel_pos import relative_position_index
 
 
@@ -68,7 +69,7 @@ class _WindowAttentionBase(nn.Module):
             out = _attention_math(q, k, v, mask, self.scale, dropout, B)
         BnW, _, N, _ = out.shape  # (B*nW, heads, N, hd)
         out = out.transpose(1, 2).reshape(B, BnW // B, N, -1)  # (B, nW, N, C)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(linear(out, self.proj))
 
 
 def _fused_kernel_pays(q: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -119,7 +120,7 @@ class WindowAttention(_WindowAttentionBase):
     ) -> torch.Tensor:
         """x (B, nW, N, C) -> (B, nW, N, C); `q_global` is ignored."""
         B, nW, N, _ = x.shape
-        qkv = self.qkv(x).view(B * nW, N, 3, self.num_heads, self.head_dim)  # (B*nW, N, 3, heads, hd)
+        qkv = linear(x, self.qkv).view(B * nW, N, 3, self.num_heads, self.head_dim)  # (B*nW, N, 3, heads, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
         return self._attend(q, k, v, pad_mask, B)
 
@@ -147,7 +148,7 @@ class WindowAttentionGlobal(_WindowAttentionBase):
         if q_global is None:
             raise ValueError("global window attention needs the stage's global query")
         B, nW, N, _ = x.shape
-        kv = self.qkv(x).view(B * nW, N, 2, self.num_heads, self.head_dim)  # (B*nW, N, 2, heads, hd)
+        kv = linear(x, self.qkv).view(B * nW, N, 2, self.num_heads, self.head_dim)  # (B*nW, N, 2, heads, hd)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
         # image b's query meets only image b's windows; the fused kernels need it laid out per window
         q = q_global.unsqueeze(1).expand(B, nW, *q_global.shape[1:]).flatten(0, 1)  # (B*nW, heads, N, hd)

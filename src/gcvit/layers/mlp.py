@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gcvit.layers.linear import linear
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
@@ -15,4 +17,5 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        h = self.drop(linear(x, self.fc1, gelu=True))  # (..., hidden); `act` is that exact GELU
+        return self.drop(linear(h, self.fc2))

@@ -1,4 +1,4 @@
-"""The two ways window attention runs: PyTorch's fused kernel and plain matmul-softmax-matmul must agree."""
+"""Layers with two routes (a fused kernel where it pays, plain PyTorch elsewhere) must agree on both."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 
 from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask
 from gcvit.layers.attention import _fused_kernel_pays
+from gcvit.layers.linear import _onednn_pays, linear
 
 
 def _windows(B: int, nW: int, N: int, C: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -70,3 +71,26 @@ def test_bf16_on_cpu_takes_the_plain_path_and_stays_close() -> None:
             assert not _fused_kernel_pays(x.bfloat16(), attn.relative_position_bias())
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_onednn_linear_equals_f_linear(gelu: bool) -> None:
+    """Inference takes oneDNN's fused linear(+GELU) on the CPU; training takes F.linear; the values agree."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(2, 5, 7, 64)  # any leading dims, as in (B, nW, N, C) windows
+    ref = layer(x)
+    ref = torch.nn.functional.gelu(ref) if gelu else ref
+    with torch.no_grad():
+        assert _onednn_pays(x, layer) == torch.backends.mkldnn.is_available()
+        out = linear(x, layer, gelu=gelu)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = linear(x, layer, gelu=gelu)
+    assert out.shape == ref.shape == (2, 5, 7, 96)
+    assert (out - ref).abs().max().item() < 1e-5
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+    assert not _onednn_pays(x, layer)  # grad mode with trainable weights: F.linear, which has a backward
+    out = linear(x, layer, gelu=gelu)
+    out.sum().backward()
+    assert layer.weight.grad is not None and (out - ref).abs().max().item() == 0
