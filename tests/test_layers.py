@@ -7,7 +7,7 @@ import torch
 
 from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask
 from gcvit.layers.attention import _fused_kernel_pays
-from gcvit.layers.linear import _onednn_pays, linear
+from gcvit.layers.fused import _onednn_pays, conv2d_gelu, linear
 
 
 def _windows(B: int, nW: int, N: int, C: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -94,3 +94,17 @@ def test_onednn_linear_equals_f_linear(gelu: bool) -> None:
     out = linear(x, layer, gelu=gelu)
     out.sum().backward()
     assert layer.weight.grad is not None and (out - ref).abs().max().item() == 0
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_onednn_conv_gelu_equals_conv_then_gelu(groups: int) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, 1, 1, groups=groups, bias=False)
+    x = torch.randn(2, 16, 9, 11).contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.gelu(conv(x))
+    with torch.no_grad():
+        out = conv2d_gelu(x, conv)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = conv2d_gelu(x, conv)
+    assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-5
+    assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max().item() < 0.02 * ref.abs().max().item()

@@ -1,7 +1,7 @@
 """Layers shared by every model of the package: one concept per file."""
 
 from gcvit.layers.attention import WindowAttention, WindowAttentionGlobal
-from gcvit.layers.conv import FeatExtract, ReduceSize, SqueezeExcite, fused_mbconv
+from gcvit.layers.conv import FeatExtract, FusedMBConv, ReduceSize, SqueezeExcite
 from gcvit.layers.mlp import Mlp
 from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
 from gcvit.layers.window import (
@@ -15,12 +15,12 @@ from gcvit.layers.window import (
 
 __all__ = [
     "FeatExtract",
+    "FusedMBConv",
     "Mlp",
     "ReduceSize",
     "SqueezeExcite",
     "WindowAttention",
     "WindowAttentionGlobal",
-    "fused_mbconv",
     "map_view",
     "pad_to_window_multiple",
     "padding_key_mask",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvit.layers.linear import linear
+from gcvit.layers.fused import linear
 from gcvit.layers.rel_pos import relative_position_index
 
 

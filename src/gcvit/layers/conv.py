@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gcvit.layers.fused import conv2d_gelu
+
 
 class SqueezeExcite(nn.Module):
     """Channel gating: global average pool -> Linear -> GELU -> Linear -> sigmoid -> scale (Hu et al. 2018)."""
@@ -26,14 +28,23 @@ class SqueezeExcite(nn.Module):
         return x * gate[:, :, None, None]  # NCHW
 
 
-def fused_mbconv(dim: int) -> nn.Sequential:
-    """Depthwise 3x3 -> GELU -> SE -> pointwise 1x1, no biases; callers add the residual."""
-    return nn.Sequential(
-        nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False),
-        nn.GELU(),
-        SqueezeExcite(dim),
-        nn.Conv2d(dim, dim, 1, 1, 0, bias=False),
-    )
+class FusedMBConv(nn.Sequential):
+    """Depthwise 3x3 -> GELU -> SE -> pointwise 1x1, no biases; callers add the residual. A Sequential, so its
+    state-dict keys are NVIDIA's (`conv.0`, `conv.2.fc.0`, ...); the convolution and its GELU run as one kernel in
+    CPU inference."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(
+            nn.Conv2d(dim, dim, 3, 1, 1, groups=dim, bias=False),
+            nn.GELU(),
+            SqueezeExcite(dim),
+            nn.Conv2d(dim, dim, 1, 1, 0, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW -> NCHW."""
+        dw, _, se, pw = self
+        return pw(se(conv2d_gelu(x, dw)))
 
 
 class ReduceSize(nn.Module):
@@ -46,7 +57,7 @@ class ReduceSize(nn.Module):
         super().__init__()
         dim_out = dim if keep_dim else 2 * dim
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.conv = fused_mbconv(dim)
+        self.conv = FusedMBConv(dim)
         self.reduction = nn.Conv2d(dim, dim_out, 3, 2, 1, bias=False)
         self.norm2 = nn.LayerNorm(dim_out, eps=eps)
 
@@ -62,7 +73,7 @@ class FeatExtract(nn.Module):
 
     def __init__(self, dim: int, keep_dim: bool = False) -> None:
         super().__init__()
-        self.conv = fused_mbconv(dim)
+        self.conv = FusedMBConv(dim)
         self.pool = nn.Identity() if keep_dim else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

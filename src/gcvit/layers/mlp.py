@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gcvit.layers.linear import linear
+from gcvit.layers.fused import linear
 
 
 class Mlp(nn.Module):
