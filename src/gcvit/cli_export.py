@@ -19,7 +19,9 @@ def _pretrained(text: str | None) -> bool | str:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def load_for_export(model: str, pretrained: str | None = None, ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def load_for_export(
+    model: str, pretrained: str | None = None, ema: bool | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """A registered name (weights with --pretrained), or a folder / URL / hub repo id that `gcvit.from_pretrained`
     reads (save_pretrained folders, checkpoint and run folders), or a .safetensors file with config.json beside it.
     Returns (model, its config.json contents)."""
@@ -91,7 +93,12 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
     p.add_argument("--out", default=None, help="output file (default: ./<model>.<format>)")
     p.add_argument("--pretrained", default=None, help="with a model name: 'true' (official weights) or a checkpoint")
-    p.add_argument("--ema", action="store_true", help="with a training checkpoint: its EMA weights")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a training checkpoint's EMA weights (default: when it has them, as gcvit eval does)",
+    )
     p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX", help="fixed H [W] (default: native)")
     p.add_argument("--batch", type=int, default=7, help="check at batch 1 and this batch (the batch axis is dynamic)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest max abs logit difference that passes")

@@ -188,7 +188,10 @@ def resolve_pretrained(
     if _REPO_ID.match(text):
         endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
         cache = root / "repos" / text.replace("/", "--") / revision
-        return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download)
+        try:
+            return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download)
+        except OSError as e:  # a mistyped local path looks like a repo id too
+            raise OSError(f"{text!r} is no local folder, and as a hub repo id: {e}") from e
     raise FileNotFoundError(f"{text!r} is neither an existing folder, an http(s):// URL nor a hub repo id 'user/name'")
 
 
@@ -198,7 +201,7 @@ def from_pretrained(
     revision: str = "main",
     cache_dir: str | os.PathLike[str] | None = None,
     force_download: bool = False,
-    ema: bool = False,
+    ema: bool | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load a model saved with `save_pretrained` (or a `gcvit train` checkpoint), in eval mode.
@@ -210,7 +213,8 @@ def from_pretrained(
         revision: branch, tag or commit of a hub repo.
         cache_dir: where downloads go (default: <gcvit cache>/hub); downloaded folders are reused.
         force_download: download again even when cached.
-        ema: load ema.safetensors of a local training checkpoint instead of model.safetensors.
+        ema: load ema.safetensors (a training checkpoint's EMA weights) instead of model.safetensors; None: when
+            the folder has it, as `gcvit eval` does.
         device: where to put the model.
     Returns:
         The model, with `model.classes` (class names) and `model.pretrained_cfg` (preprocessing) from config.json.
@@ -225,7 +229,8 @@ def from_pretrained(
         pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download
     )
     model = build_from_config(_read_config(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
-    weights = folder / (EMA_FILE if ema else MODEL_FILE)
+    use_ema = (folder / EMA_FILE).is_file() if ema is None else ema
+    weights = folder / (EMA_FILE if use_ema else MODEL_FILE)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; expected the weights next to {CONFIG_FILE}")
     load_checkpoint(model, weights, strict=True)
