@@ -43,6 +43,8 @@ def default_classes(model: nn.Module) -> list[str]:
 def model_config(model: nn.Module, classes: Sequence[str] | None = None, name: str | None = None) -> dict[str, Any]:
     """The config.json of a model built by `gcvit.create_model` (see the module docstring); `name` replaces the
     model's `model_name` (the registered name it was built from)."""
+    from gcvit.models.pretrained import PretrainedCfg
+
     name = name or getattr(model, "model_name", None)
     if name is None:
         raise ValueError(
@@ -50,8 +52,6 @@ def model_config(model: nn.Module, classes: Sequence[str] | None = None, name: s
             "pass config={'model': 'gcvit_tiny'} or the architecture it was built from"
         )
     classes = list(classes) if classes is not None else getattr(model, "classes", None) or default_classes(model)
-    from gcvit.models.pretrained import PretrainedCfg
-
     pc = getattr(model, "pretrained_cfg", None) or PretrainedCfg(url="", img_size=tuple(model.cfg.img_size))
     return {
         "model": name,
