@@ -6,6 +6,7 @@
 """
 
 from gcvit.download import ChecksumError
+from gcvit.hub import from_pretrained
 from gcvit.models import (
     CheckpointError,
     GCViT,
@@ -29,6 +30,7 @@ __all__ = [
     "PretrainedCfg",
     "__version__",
     "create_model",
+    "from_pretrained",
     "list_models",
     "load_checkpoint",
     "save_checkpoint",

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 import gcvit
+from gcvit.cli_export import add_subcommands as add_export_subcommands
 from gcvit.cli_train import add_subcommands as add_train_subcommands
 from gcvit.cli_visualize import add_subcommands as add_visualize_subcommands
 from gcvit.flops import count_macs, count_params
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_digits)
     add_train_subcommands(sub)
     add_visualize_subcommands(sub)
+    add_export_subcommands(sub)
     p = sub.add_parser("bench", help="speed and memory side by side with timm's GC ViT (needs timm)")
     p.add_argument("--models", nargs="*", default=["gcvit_tiny"], help="inference comparisons")
     p.add_argument("--train-models", nargs="*", default=["gcvit_xxtiny", "gcvit_tiny"], help="training steps")

@@ -41,13 +41,14 @@ def _check_digest(expected: str) -> str:
     return expected
 
 
-def download(url: str, sha256: str | None = None, *, progress: bool = True) -> Path:
+def download(url: str, sha256: str | None = None, *, progress: bool = True, folder: Path | None = None) -> Path:
     """Return a local path for `url`, downloading it into the cache if needed.
 
     Args:
         url: http(s):// or file:// address.
         sha256: expected hex digest (or a prefix of at least 8 digits); checked on download and on cached files.
         progress: show a progress bar while downloading.
+        folder: cache into this folder instead of the cache's root (files of the same name from different places).
     Raises:
         ChecksumError: the file's digest differs; nothing is left in the cache.
         OSError: the download failed (the message names the URL).
@@ -56,7 +57,7 @@ def download(url: str, sha256: str | None = None, *, progress: bool = True) -> P
     name = Path(urlparse(url).path).name
     if not name:
         raise ValueError(f"expected a URL that ends in a file name; got {url!r}")
-    dst = cache_dir() / name
+    dst = (folder if folder is not None else cache_dir()) / name
     if dst.exists():
         if expected is None or sha256_of(dst).startswith(expected):
             return dst

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
+from gcvit.hub import HubMixin
 from gcvit.layers import (
     FeatExtract,
     Mlp,
@@ -194,8 +195,9 @@ class GCViTLayer(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class GCViT(nn.Module):
-    """GC ViT classifier and backbone. Input NCHW float images; see `forward` and `forward_intermediates`."""
+class GCViT(HubMixin, nn.Module):
+    """GC ViT classifier and backbone. Input NCHW float images; see `forward` and `forward_intermediates`;
+    `save_pretrained(dir)` writes a folder that `gcvit.from_pretrained(dir)` loads."""
 
     def __init__(self, cfg: GCViTConfig) -> None:
         super().__init__()

@@ -92,7 +92,8 @@ def create_model(
             variant unless `window_size` is overridden too (bias tables are then resized while loading).
         overrides: any other GCViTConfig field (drop_path_rate, window_size, layer_scale, ...).
     Returns:
-        The model in train mode, with `model.pretrained_cfg` set (input size, crop, mean/std of its weights).
+        The model in train mode, with `model.pretrained_cfg` set (input size, crop, mean/std of its weights) and
+        `model.model_name` (`name`).
     """
     spec = resolve_name(name)
     if num_classes is not None:
@@ -110,6 +111,7 @@ def create_model(
         state_dict = read_state_dict(resolve(source, sha))
         _load_pretrained(model, state_dict, source)
     model.pretrained_cfg = dataclasses.replace(meta, img_size=config.img_size, num_classes=config.num_classes)
+    model.model_name = name  # what save_pretrained records in config.json
     return model
 
 

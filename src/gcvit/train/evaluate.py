@@ -1,7 +1,7 @@
 """Loading trained runs, evaluating them and predicting with them.
 
 `load_run` accepts a run folder (uses best/, else last/), a checkpoint folder (best/ or last/) or a .safetensors
-file with a config.json next to it; `predict` also takes a model name (ImageNet weights, classes by index).
+file with a config.json next to it; `predict` also takes a model name (ImageNet weights and class names).
 """
 
 from __future__ import annotations
@@ -92,12 +92,14 @@ def load_run(
 
 
 def _from_name(name: str, device: str | torch.device) -> tuple[nn.Module, RunMeta]:
-    """A registered model with its pretrained weights; class names are indices (the registry has no names)."""
+    """A registered model with its pretrained weights; ImageNet-1K heads get the class names, others indices."""
+    from gcvit.hub import default_classes
+
     model = gcvit.create_model(name, pretrained=True)
     pc = model.pretrained_cfg
     meta = RunMeta(
         name,
-        [str(i) for i in range(pc.num_classes)],
+        default_classes(model),
         tuple(pc.img_size),
         tuple(pc.mean),
         tuple(pc.std),
@@ -259,7 +261,7 @@ def predict(
     Args:
         inputs: image files and/or folders (searched recursively for images).
         model: a run folder, checkpoint folder, .safetensors with config.json, a model name (pretrained weights;
-            classes by index), or a model object with `meta`.
+            ImageNet-1K class names), or a model object with `meta`.
         topk: predictions per image.
 
     Returns:

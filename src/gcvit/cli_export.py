@@ -1,0 +1,106 @@
+"""`gcvit export`: ONNX or torch.export (.pt2) files, checked against PyTorch in the same command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def _pretrained(text: str | None) -> bool | str:
+    if text is None:
+        return False
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def load_for_export(
+    model: str, pretrained: str | None = None, ema: bool | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A registered name (weights with --pretrained), or a folder / URL / hub repo id that `gcvit.from_pretrained`
+    reads (save_pretrained folders, checkpoint and run folders), or a .safetensors file with config.json beside it.
+    Returns (model, its config.json contents)."""
+    import gcvit
+    from gcvit.hub import model_config
+
+    path = Path(model)
+    if not path.exists() and model.split(".")[0] in gcvit.list_models():
+        net = gcvit.create_model(model, pretrained=_pretrained(pretrained))
+    else:
+        if pretrained is not None:
+            raise ValueError(f"--pretrained goes with a model name; {model!r} is a folder or URL with its own weights")
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"expected a folder, or a .safetensors file with config.json beside it; got {path}")
+            ema, path = path.name == "ema.safetensors", path.parent
+        net = gcvit.from_pretrained(path if path.exists() else model, ema=ema)
+    config = model_config(net)
+    pc = net.pretrained_cfg
+    config["img_size"] = list(pc.img_size)  # the preprocessing's size (a run's config.json may differ from cfg's)
+    return net.eval(), config
+
+
+def _default_out(model: str, fmt: str) -> Path:
+    stem = Path(model.rstrip("/")).name if Path(model).exists() else re.sub(r"[^\w.-]+", "_", model)
+    return Path(f"{stem}.{fmt}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from gcvit.export import ExportMismatchError, export
+    from gcvit.flops import count_params
+
+    for noisy in ("onnxscript", "onnx_ir"):  # their graph optimisers log every rewrite at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    net, config = load_for_export(args.model, args.pretrained, args.ema)
+    out = Path(args.out) if args.out else _default_out(args.model, args.format)
+    size = args.img_size or config["img_size"]
+    if len(size) > 2:
+        raise ValueError(f"expected --img-size H or H W; got {size}")
+    size = (size[0], size[-1])
+    batches = sorted({1, args.batch})
+    print(f"{args.model}: {count_params(net) / 1e6:.2f} M parameters -> {out} ({args.format})")
+    t0 = time.perf_counter()
+    try:
+        result = export(
+            net, out, args.format, img_size=size, batches=batches, atol=args.atol, opset=args.opset, config=config
+        )
+    except ExportMismatchError as e:
+        print(f"gcvit: export check FAILED: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    h, w = result.img_size
+    shape = f"(batch, {net.cfg.in_chans}, {h}, {w})"
+    print(f"exported and checked in {time.perf_counter() - t0:.1f} s: input images {shape}, dynamic batch")
+    print(f"  H, W fixed at {h}x{w}: the model pads and resizes depending on the size (--img-size picks another)")
+    checker = "onnxruntime" if args.format == "onnx" else "torch.export.load"
+    for c in result.checks:
+        print(f"  check {checker} vs PyTorch, input {c.shape}: max abs diff {c.max_abs_diff:.2e} (atol {args.atol:g})")
+    print(f"ok: {result.path}")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add `export` to the `gcvit` command's subparsers."""
+    p = subparsers.add_parser("export", help="export to ONNX or torch.export (.pt2), checked against PyTorch")
+    p.add_argument(
+        "model",
+        help="model name (gcvit_tiny, gcvit_tiny.in1k with --pretrained true), a folder from save_pretrained or "
+        "training (run folder, best/, last/), a .safetensors with config.json beside it, a URL or a hub repo id",
+    )
+    p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    p.add_argument("--out", default=None, help="output file (default: ./<model>.<format>)")
+    p.add_argument("--pretrained", default=None, help="with a model name: 'true' (official weights) or a checkpoint")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a training checkpoint's EMA weights (default: when it has them, as gcvit eval does)",
+    )
+    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX", help="fixed H [W] (default: native)")
+    p.add_argument("--batch", type=int, default=7, help="check at batch 1 and this batch (the batch axis is dynamic)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest max abs logit difference that passes")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    p.set_defaults(func=_export)

@@ -1,0 +1,214 @@
+"""Export to ONNX and to `torch.export` programs (.pt2), each checked against the PyTorch model.
+
+Both formats have a dynamic batch axis and a fixed input size (H, W). The size stays fixed because the model branches
+on it: feature maps are padded to window multiples only when H, W are not multiples already, the padding mask and the
+global query's bicubic resize exist only at non-native sizes, and the padded sizes are Python integers. Tracing
+therefore specialises on the example's H, W (torch.onnx's exporter does so silently; torch.export with symbolic H, W
+does not finish). Export at the size you will run (`img_size`), or once per size.
+
+The checks run the exported file (ONNX through onnxruntime, .pt2 through `torch.export.load`) and the PyTorch model
+on the same seeded random images, at the batch sizes asked for, and compare the outputs.
+
+Tracing does not touch the attention's cached relative-position bias: torch.export and torch.onnx (dynamo) trace with
+`torch.compiler.is_compiling()` true, where the bias is gathered from its table in the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "pt2")
+DEFAULT_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+_EXAMPLE_BATCH = 2  # traced batch; 0 and 1 would be specialised by torch.export
+_MAX_BATCH = 4096
+_ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights above which ONNX needs an external data file (2 GB)
+
+
+class ExportMismatchError(ValueError):
+    """An exported model's outputs differ from the PyTorch model's by more than the tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    shape: tuple[int, int, int, int]  # input (B, C, H, W)
+    max_abs_diff: float  # max |exported - PyTorch| over the logits
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: str  # "onnx" or "pt2"
+    img_size: tuple[int, int]  # the fixed (H, W)
+    checks: list[ExportCheck]
+    atol: float
+
+
+def _example(model: nn.Module, batch: int, img_size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Seeded random images (B, C, H, W), roughly normalised-image statistics."""
+    g = torch.Generator().manual_seed(seed)
+    p = next(model.parameters())
+    return torch.randn(batch, model.cfg.in_chans, *img_size, generator=g).to(p.device, p.dtype)
+
+
+def _batch_dim() -> Any:
+    return torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    img_size: tuple[int, int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write an ONNX graph (input `images` (batch, C, H, W), output `logits` (batch, classes)) with torch.onnx's
+    dynamo exporter; `metadata` goes into the model's metadata_props."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.no_grad():
+        program = torch.onnx.export(
+            model.eval(),
+            (_example(model, _EXAMPLE_BATCH, img_size),),
+            dynamo=True,
+            dynamic_shapes=({0: _batch_dim()},),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            verbose=False,
+        )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, dict(metadata or {}))
+    if size > _ONNX_SINGLE_FILE_LIMIT:
+        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(proto, str(path))
+    return path
+
+
+def export_pt2(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    img_size: tuple[int, int],
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a `torch.export` program with a dynamic batch; `metadata` entries become extra files in the archive."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.export.export(
+            model.eval(), (_example(model, _EXAMPLE_BATCH, img_size),), dynamic_shapes=({0: _batch_dim()},)
+        )
+    torch.export.save(program, path, extra_files=dict(metadata or {}))
+    return path
+
+
+def _onnx_runner(path: Path) -> Any:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0])
+
+
+def _pt2_runner(path: Path) -> Any:
+    module = torch.export.load(path).module()
+    return lambda x: module(x)
+
+
+def verify(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    img_size: tuple[int, int],
+    batches: Sequence[int] = (1, 7),
+    *,
+    atol: float = 1e-4,
+) -> list[ExportCheck]:
+    """Run an exported file (.onnx or .pt2) and `model` on the same random images at each batch size.
+
+    Returns:
+        One ExportCheck per batch size.
+    Raises:
+        ExportMismatchError: some max abs difference exceeds `atol` (the message lists all of them).
+    """
+    path = Path(path)
+    runner = _onnx_runner(path) if path.suffix == ".onnx" else _pt2_runner(path)
+    checks = []
+    model.eval()
+    for i, batch in enumerate(batches):
+        x = _example(model, batch, img_size, seed=i + 1)
+        with torch.no_grad():
+            want = model(x).float().cpu()
+            got = runner(x).float().cpu()
+        if got.shape != want.shape:
+            raise ExportMismatchError(
+                f"{path}: output {tuple(got.shape)} for input {tuple(x.shape)}; expected {tuple(want.shape)}"
+            )
+        checks.append(ExportCheck(tuple(x.shape), float((got - want).abs().max())))
+    bad = [c for c in checks if not c.max_abs_diff <= atol]
+    if bad:
+        shown = ", ".join(f"batch {c.shape[0]}: {c.max_abs_diff:.2e}" for c in checks)
+        raise ExportMismatchError(f"{path} differs from the PyTorch model by more than atol={atol:g} ({shown})")
+    return checks
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    format: str = "onnx",
+    *,
+    img_size: int | tuple[int, int] | None = None,
+    batches: Sequence[int] = (1, 7),
+    atol: float = 1e-4,
+    opset: int = DEFAULT_OPSET,
+    config: Mapping[str, Any] | None = None,
+) -> ExportResult:
+    """Export `model` (CPU, eval mode) and check it at each batch size of `batches`.
+
+    Args:
+        model: a model built by gcvit (`create_model`, `from_pretrained`, `load_run`).
+        path: the output file (.onnx or .pt2).
+        format: "onnx" or "pt2".
+        img_size: the fixed input (H, W); default: the model's native size.
+        batches: batch sizes to check at (the batch axis is dynamic).
+        atol: largest max abs difference of the logits that passes.
+        opset: ONNX opset.
+        config: stored with the export as "gcvit_config" (JSON): class names and preprocessing for deployment.
+    Returns:
+        An ExportResult with the max abs difference of each check.
+    Raises:
+        ExportMismatchError: a check exceeds `atol`; the file stays on disk for inspection.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"expected format one of {FORMATS}; got {format!r}")
+    if not batches or min(batches) < 1:
+        raise ValueError(f"expected batch sizes of at least 1 to check at; got {list(batches)}")
+    size = model.cfg.img_size if img_size is None else img_size
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(size) < 32:
+        raise ValueError(f"expected an input size of at least 32 px; got {size}")
+    metadata = {"gcvit_config": json.dumps(dict(config))} if config is not None else {}
+    model = model.cpu().eval()
+    if format == "onnx":
+        out = export_onnx(model, path, size, opset=opset, metadata=metadata)
+    else:
+        out = export_pt2(model, path, size, metadata=metadata)
+    logger.info("exported %s; checking it against PyTorch", out)
+    return ExportResult(out, format, size, verify(out, model, size, batches, atol=atol), atol)

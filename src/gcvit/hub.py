@@ -1,0 +1,237 @@
+"""Hub-style model folders: `model.save_pretrained(dir)` and `gcvit.from_pretrained(dir_or_url_or_repo_id)`.
+
+A folder holds `config.json` and `model.safetensors` at its root, the layout of huggingface_hub's ModelHubMixin, so a
+folder pushed to the Hugging Face Hub loads back with one call. `config.json` is the one `gcvit train` writes into its
+checkpoint folders ("model", "config" with every config field, "classes", "img_size", "mean", "std", "interpolation",
+"crop_pct", "crop_mode"), so training checkpoints, run folders and saved folders are interchangeable:
+`gcvit eval/predict/export` take any of them and `from_pretrained` loads any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
+HF_ENDPOINT = "https://huggingface.co"  # overridden by $HF_ENDPOINT, as huggingface_hub does
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def default_classes(model: nn.Module) -> list[str]:
+    """ImageNet-1K names for a 1000-class head of an ImageNet label set; otherwise the indices as strings."""
+    from gcvit.imagenet import IMAGENET_1K_LABEL_SETS, NUM_CLASSES, imagenet1k_classes
+
+    pc = getattr(model, "pretrained_cfg", None)
+    num_classes = int(getattr(model, "num_classes", 0))
+    if num_classes == NUM_CLASSES and getattr(pc, "label_set", None) in IMAGENET_1K_LABEL_SETS:
+        return imagenet1k_classes()
+    return [str(i) for i in range(num_classes)]
+
+
+def model_config(model: nn.Module, classes: Sequence[str] | None = None, name: str | None = None) -> dict[str, Any]:
+    """The config.json of a model built by `gcvit.create_model` (see the module docstring); `name` replaces the
+    model's `model_name` (the registered name it was built from)."""
+    from gcvit.models.pretrained import PretrainedCfg
+
+    name = name or getattr(model, "model_name", None)
+    if name is None:
+        raise ValueError(
+            f"{type(model).__name__} has no model_name (gcvit.create_model sets it); "
+            "pass config={'model': 'gcvit_tiny'} or the architecture it was built from"
+        )
+    classes = list(classes) if classes is not None else getattr(model, "classes", None) or default_classes(model)
+    pc = getattr(model, "pretrained_cfg", None) or PretrainedCfg(url="", img_size=tuple(model.cfg.img_size))
+    return {
+        "model": name,
+        "config": dataclasses.asdict(model.cfg),
+        "classes": classes,
+        "num_classes": len(classes),
+        "img_size": list(model.cfg.img_size),
+        "mean": list(pc.mean),
+        "std": list(pc.std),
+        "interpolation": pc.interpolation,
+        "crop_pct": pc.crop_pct,
+        "crop_mode": pc.crop_mode,
+    }
+
+
+class HubMixin:
+    """Gives a model `save_pretrained`; models built by `gcvit.create_model` carry what it needs (`model_name`,
+    `cfg`, `pretrained_cfg`)."""
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        *,
+        config: Mapping[str, Any] | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> Path:
+        """Write `config.json` and `model.safetensors` into `save_directory` (created if needed; files written
+        atomically), in the layout `gcvit.from_pretrained` and `gcvit eval/predict/export` read.
+
+        Args:
+            save_directory: the folder.
+            config: entries that replace or add to the generated config.json (e.g. {"crop_pct": 0.9}).
+            classes: class names of the head's outputs; default: the model's `classes` attribute (set by
+                `from_pretrained`), else the ImageNet-1K names for a 1000-class ImageNet head, else "0", "1", ...
+        Returns:
+            The folder.
+        """
+        from gcvit.atomic import atomic_write_bytes
+        from gcvit.models.weights import save_safetensors
+
+        assert isinstance(self, nn.Module)
+        values = {**model_config(self, classes, (config or {}).get("model")), **(config or {})}
+        if len(values["classes"]) != self.num_classes:
+            got = len(values["classes"])
+            raise ValueError(f"expected {self.num_classes} class names (the head's outputs); got {got}")
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_safetensors(self.state_dict(), folder / MODEL_FILE, metadata={"format": "gcvit"})
+        atomic_write_bytes(folder / CONFIG_FILE, json.dumps(values, indent=2).encode())
+        logger.info("saved %s to %s", values["model"], folder)
+        return folder
+
+
+def build_from_config(config: Mapping[str, Any], source: str = "config.json") -> nn.Module:
+    """An untrained model with the architecture a config.json describes (in train mode, weights not loaded).
+
+    `model.classes` holds the class names and `model.pretrained_cfg` the preprocessing of the config.
+    """
+    import gcvit
+    from gcvit.models.pretrained import PretrainedCfg
+
+    missing = [k for k in ("model", "config") if k not in config]
+    if missing or not isinstance(config.get("config"), Mapping):
+        raise ValueError(f"{source}: expected 'model' (a name) and 'config' (its fields) entries; missing {missing}")
+    fields = dict(config["config"])
+    num_classes = fields.pop("num_classes", config.get("num_classes"))
+    try:
+        model = gcvit.create_model(str(config["model"]), num_classes=num_classes, **fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: does not describe a model gcvit can build: {e}") from None
+    classes = list(config.get("classes") or [str(i) for i in range(model.num_classes)])
+    if len(classes) != model.num_classes:
+        raise ValueError(f"{source}: {len(classes)} class names for a head of {model.num_classes} outputs")
+    model.classes = classes
+    keys = ("mean", "std", "interpolation", "crop_pct", "crop_mode", "img_size")
+    pc = {k: tuple(config[k]) if isinstance(config[k], list) else config[k] for k in keys if k in config}
+    model.pretrained_cfg = dataclasses.replace(
+        getattr(model, "pretrained_cfg", PretrainedCfg(url="")), **pc, num_classes=model.num_classes
+    )
+    return model
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object; got {type(values).__name__}")
+    return values
+
+
+def _local_folder(path: Path) -> Path:
+    """The checkpoint folder inside a run folder (best/, else last/), or the folder itself."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    for sub in ("best", "last"):
+        if (path / sub / CONFIG_FILE).is_file():
+            return path / sub
+    raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; expected a folder written by save_pretrained or gcvit train")
+
+
+def _fetch_folder(base_url: str, cache: Path, force_download: bool) -> Path:
+    """Download config.json and model.safetensors under `base_url` into `cache` (kept for later calls)."""
+    from gcvit.download import download
+
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if force_download and (cache / name).exists():
+            (cache / name).unlink()
+        download(f"{base_url.rstrip('/')}/{name}", folder=cache)
+    return cache
+
+
+def resolve_pretrained(
+    source: str | os.PathLike[str],
+    *,
+    revision: str = "main",
+    cache_dir: str | os.PathLike[str] | None = None,
+    force_download: bool = False,
+) -> Path:
+    """A local folder holding config.json for a folder path, an http(s) URL of a folder, or a hub repo id."""
+    from gcvit.download import cache_dir as default_cache
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; expected a folder holding {CONFIG_FILE} and {MODEL_FILE}")
+        return _local_folder(path)
+    root = Path(cache_dir) if cache_dir is not None else default_cache() / "hub"
+    if text.startswith(("http://", "https://")):
+        digest = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
+        return _fetch_folder(text, root / "urls" / digest, force_download)
+    if _REPO_ID.match(text):
+        endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
+        cache = root / "repos" / text.replace("/", "--") / revision
+        try:
+            return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download)
+        except OSError as e:  # a mistyped local path looks like a repo id too
+            raise OSError(f"{text!r} is no local folder, and as a hub repo id: {e}") from e
+    raise FileNotFoundError(f"{text!r} is neither an existing folder, an http(s):// URL nor a hub repo id 'user/name'")
+
+
+def from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike[str],
+    *,
+    revision: str = "main",
+    cache_dir: str | os.PathLike[str] | None = None,
+    force_download: bool = False,
+    ema: bool | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a model saved with `save_pretrained` (or a `gcvit train` checkpoint), in eval mode.
+
+    Args:
+        pretrained_model_name_or_path: a local folder (a saved folder, a checkpoint folder, or a run folder: its
+            best/, else last/); an http(s):// URL of such a folder; or a Hugging Face Hub repo id "user/name",
+            fetched from $HF_ENDPOINT (default https://huggingface.co)/user/name/resolve/<revision>/.
+        revision: branch, tag or commit of a hub repo.
+        cache_dir: where downloads go (default: <gcvit cache>/hub); downloaded folders are reused.
+        force_download: download again even when cached.
+        ema: load ema.safetensors (a training checkpoint's EMA weights) instead of model.safetensors; None: when
+            the folder has it, as `gcvit eval` does.
+        device: where to put the model.
+    Returns:
+        The model, with `model.classes` (class names) and `model.pretrained_cfg` (preprocessing) from config.json.
+    Raises:
+        FileNotFoundError: no such folder, or a file is missing from it (named).
+        ValueError: config.json is not valid or does not describe a model.
+        gcvit.CheckpointError: the weights do not fit the architecture (keys named).
+    """
+    from gcvit.models.weights import load_checkpoint
+
+    folder = resolve_pretrained(
+        pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download
+    )
+    model = build_from_config(_read_config(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+    use_ema = (folder / EMA_FILE).is_file() if ema is None else ema
+    weights = folder / (EMA_FILE if use_ema else MODEL_FILE)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist; expected the weights next to {CONFIG_FILE}")
+    load_checkpoint(model, weights, strict=True)
+    return model.to(device).eval()

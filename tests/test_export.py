@@ -1,0 +1,113 @@
+"""gcvit export: ONNX (through onnxruntime) and torch.export .pt2 files match the PyTorch model."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import gcvit
+from gcvit.cli import main
+from gcvit.export import ExportMismatchError, export, verify
+from tests.conftest import randomize_
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+# a small GC ViT at 64 px: every stage pads its map to a window multiple and resizes the global query, so the
+# export covers the non-native code paths as well as the plain ones
+SMALL = {"depths": (1, 1, 1, 1), "img_size": 64, "num_classes": 5}
+
+
+def _small() -> gcvit.GCViT:
+    torch.manual_seed(0)
+    return randomize_(gcvit.create_model("gcvit_xxtiny", **SMALL)).eval()
+
+
+@pytest.fixture(scope="module")
+def saved_and_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[gcvit.GCViT, Path, Path, str]:
+    """A saved small model, and its ONNX export written by `gcvit export FOLDER` (with the command's output)."""
+    root = tmp_path_factory.mktemp("export")
+    model = _small()
+    with torch.inference_mode():  # fills the attention's bias cache, which tracing must not pick up
+        model(torch.randn(1, 3, 64, 64))
+    model.save_pretrained(root / "saved", classes=["a", "b", "c", "d", "e"])
+    out = root / "small.onnx"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["export", str(root / "saved"), "--format", "onnx", "--out", str(out), "--batch", "3"])
+    assert rc == 0
+    return model, root / "saved", out, buf.getvalue()
+
+
+def test_cli_onnx_export_checks_batches_and_prints_differences(saved_and_onnx) -> None:
+    _, _, out, printed = saved_and_onnx
+    lines = [line for line in printed.splitlines() if "max abs diff" in line]
+    assert [line.split("input ")[1].split(":")[0] for line in lines] == ["(1, 3, 64, 64)", "(3, 3, 64, 64)"]
+    for line in lines:
+        assert 0 <= float(line.split("max abs diff ")[1].split()[0]) <= 1e-4
+    assert "H, W fixed at 64x64" in printed and f"ok: {out}" in printed
+
+
+def test_onnx_file_has_dynamic_batch_fixed_size_and_metadata(saved_and_onnx) -> None:
+    model, _, out, _ = saved_and_onnx
+    proto = onnx.load(str(out))
+    (inp,) = proto.graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert inp.name == "images" and isinstance(dims[0], str) and dims[1:] == [3, 64, 64]
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["gcvit_config"])
+    assert meta["classes"] == ["a", "b", "c", "d", "e"] and meta["model"] == "gcvit_xxtiny"
+    assert meta["config"]["depths"] == [1, 1, 1, 1]
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert (got - want).abs().max() <= 1e-4
+    with pytest.raises(Exception, match="Expected: 64"):  # H, W are fixed: another size is refused, not mis-run
+        session.run(None, {"images": torch.randn(1, 3, 96, 96).numpy()})
+
+
+def test_check_fails_above_tolerance(saved_and_onnx) -> None:
+    model, _, out, _ = saved_and_onnx
+    other = randomize_(copy.deepcopy(model), scale=0.01)  # the exported file no longer matches this model
+    with pytest.raises(ExportMismatchError, match=r"more than atol=0.0001 \(batch 1: .*, batch 2: "):
+        verify(out, other, (64, 64), (1, 2), atol=1e-4)
+
+
+def test_pt2_export_reloads_and_matches(tmp_path: Path) -> None:
+    model = _small()
+    result = export(model, tmp_path / "small.pt2", "pt2", batches=(1, 4), config={"classes": list("abcde")})
+    assert [c.shape[0] for c in result.checks] == [1, 4] and all(c.max_abs_diff <= 1e-5 for c in result.checks)
+    extra = {"gcvit_config": ""}
+    program = torch.export.load(tmp_path / "small.pt2", extra_files=extra)
+    assert json.loads(extra["gcvit_config"])["classes"] == list("abcde")
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_export_rejects_bad_arguments(tmp_path: Path) -> None:
+    model = _small()
+    with pytest.raises(ValueError, match="format one of"):
+        export(model, tmp_path / "x.tflite", "tflite")
+    with pytest.raises(ValueError, match="at least 32 px"):
+        export(model, tmp_path / "x.onnx", img_size=16)
+    assert main(["export", "gcvit_nope"]) == 2  # unknown names and missing folders are clear errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gcvit_xxtiny", "gcvit_tiny"])
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_official_variants_export_at_batch_1_and_7(name: str, fmt: str, tmp_path: Path) -> None:
+    model = randomize_(gcvit.create_model(name)).eval()
+    result = export(model, tmp_path / f"{name}.{fmt}", fmt, batches=(1, 7), atol=1e-4)
+    assert [c.shape for c in result.checks] == [(1, 3, 224, 224), (7, 3, 224, 224)]
+    assert all(c.max_abs_diff <= 1e-4 for c in result.checks)

@@ -1,0 +1,183 @@
+"""save_pretrained / from_pretrained folders (local, URL, hub repo id), hubconf.py entry points, ImageNet names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gcvit
+from gcvit.imagenet import imagenet1k_classes
+from gcvit.models.pretrained import PRETRAINED
+from gcvit.models.weights import save_checkpoint
+from tests.conftest import randomize_
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture(scope="module")
+def small() -> gcvit.GCViT:
+    """A randomised 3-class gcvit_xxtiny at 64 px with a few config overrides that config.json must carry."""
+    torch.manual_seed(0)
+    model = gcvit.create_model("gcvit_xxtiny", num_classes=3, img_size=64, depths=(1, 1, 2, 1), layer_scale=1e-5)
+    return randomize_(model).eval()
+
+
+def _logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(3, 3, 64, 80, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(x)
+
+
+def test_round_trip_gives_bit_identical_logits(small, tmp_path: Path) -> None:
+    small.save_pretrained(tmp_path / "saved", classes=CLASSES)
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = gcvit.from_pretrained(tmp_path / "saved")
+    assert not loaded.training and loaded.cfg == small.cfg and loaded.classes == CLASSES
+    assert torch.equal(_logits(loaded), _logits(small))
+    loaded.save_pretrained(tmp_path / "again")  # classes travel with the model
+    assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads(
+        (tmp_path / "saved" / "config.json").read_text()
+    )
+
+
+def test_config_json_is_the_training_checkpoint_format(small, tmp_path: Path) -> None:
+    """Same keys as `gcvit train`'s config.json, so `gcvit eval/predict` read saved folders and `from_pretrained`
+    reads training checkpoints and run folders (best/, else last/)."""
+    from gcvit.train.evaluate import load_run
+    from gcvit.train.loop import _model_meta
+
+    small.save_pretrained(tmp_path / "run" / "best", classes=CLASSES)
+    saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    trained = _model_meta(types.SimpleNamespace(model="gcvit_xxtiny", img_size=64), small, CLASSES, 1.0)
+    assert saved.keys() == trained.keys() and saved["config"] == json.loads(json.dumps(trained["config"]))
+    model, meta = load_run(tmp_path / "run" / "best")  # as `gcvit eval/predict` read it
+    assert meta.classes == CLASSES and meta.img_size == (64, 64)
+    assert torch.equal(_logits(model), _logits(small))
+    assert torch.equal(_logits(gcvit.from_pretrained(tmp_path / "run")), _logits(small))
+    ema = randomize_(gcvit.from_pretrained(tmp_path / "run"), scale=0.01)
+    save_checkpoint(ema, tmp_path / "run" / "best" / "ema.safetensors")
+    assert torch.equal(_logits(gcvit.from_pretrained(tmp_path / "run")), _logits(ema))  # EMA first, as gcvit eval
+    assert torch.equal(_logits(gcvit.from_pretrained(tmp_path / "run", ema=False)), _logits(small))
+
+
+def test_imagenet_heads_save_imagenet_names(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        model = gcvit.create_model("gcvit_xxtiny")
+        other = gcvit.create_model("gcvit_xxtiny", num_classes=10)
+    from gcvit.hub import model_config
+
+    assert model_config(model)["classes"] == imagenet1k_classes()
+    assert model_config(other)["classes"] == [str(i) for i in range(10)]
+
+
+def test_from_url_and_hub_repo_id(small, http_root, cache, monkeypatch, tmp_path: Path) -> None:
+    root, base = http_root
+    small.save_pretrained(root / "models" / "small", classes=CLASSES)
+    small.save_pretrained(root / "user" / "small-gcvit" / "resolve" / "v1", classes=CLASSES)
+    want = _logits(small)
+    assert torch.equal(_logits(gcvit.from_pretrained(f"{base}/models/small/")), want)
+    monkeypatch.setenv("HF_ENDPOINT", base)
+    assert torch.equal(_logits(gcvit.from_pretrained("user/small-gcvit", revision="v1")), want)
+    shutil.rmtree(root / "models")  # a second call uses the cache
+    assert gcvit.from_pretrained(f"{base}/models/small").classes == CLASSES
+    with pytest.raises(OSError, match=r"could not download .*/models/small/config.json"):
+        gcvit.from_pretrained(f"{base}/models/small", force_download=True)
+    with pytest.raises(OSError, match="is no local folder, and as a hub repo id: could not download .*/user/small"):
+        gcvit.from_pretrained("user/small-gcvit")  # no such revision
+
+
+def test_clear_errors(small, tmp_path: Path) -> None:
+    folder = small.save_pretrained(tmp_path / "saved", classes=CLASSES)
+    config = json.loads((folder / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
+        gcvit.from_pretrained(tmp_path / "nothing_here")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        gcvit.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is a file"):
+        gcvit.from_pretrained(folder / "model.safetensors")
+
+    def broken(name: str, values: object) -> Path:
+        shutil.copytree(folder, tmp_path / name)
+        text = values if isinstance(values, str) else json.dumps(values)
+        (tmp_path / name / "config.json").write_text(text)
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match="not valid JSON"):
+        gcvit.from_pretrained(broken("not_json", "{model: "))
+    with pytest.raises(ValueError, match=r"expected 'model' .* missing \['config'\]"):
+        gcvit.from_pretrained(broken("no_config", {"model": "gcvit_xxtiny"}))
+    with pytest.raises(ValueError, match="unknown override.*'depth'"):
+        gcvit.from_pretrained(broken("bad_field", {**config, "config": {**config["config"], "depth": 3}}))
+    with pytest.raises(ValueError, match="unknown model 'gcvit_tinyy'"):
+        gcvit.from_pretrained(broken("bad_name", {**config, "model": "gcvit_tinyy"}))
+    with pytest.raises(ValueError, match="2 class names for a head of 3 outputs"):
+        gcvit.from_pretrained(broken("bad_classes", {**config, "classes": ["a", "b"]}))
+    with pytest.raises(gcvit.CheckpointError, match="mis-shaped.*head.weight"):
+        other = {**config, "classes": list("abcd"), "config": {**config["config"], "num_classes": 4}}
+        gcvit.from_pretrained(broken("other_head", other))
+    (tmp_path / "no_weights").mkdir()
+    shutil.copy(folder / "config.json", tmp_path / "no_weights")
+    with pytest.raises(FileNotFoundError, match="no_weights/model.safetensors does not exist"):
+        gcvit.from_pretrained(tmp_path / "no_weights")
+    with pytest.raises(ValueError, match="expected 3 class names"):
+        small.save_pretrained(tmp_path / "x", classes=["a"])
+
+
+def test_hubconf_builds_every_architecture(xxtiny_official) -> None:
+    reference, checkpoint = xxtiny_official
+    archs = [n for n in gcvit.list_models() if "." not in n]
+    for arch in archs:
+        with torch.device("meta"):  # structure only: fast for the large variants
+            model = torch.hub.load(str(REPO), arch, source="local", num_classes=7, img_size=96)
+            want = gcvit.create_model(arch, num_classes=7, img_size=96)
+        assert model.model_name == arch and model.num_classes == 7 and model.cfg.img_size == (96, 96)
+        assert model.cfg == want.cfg and model.state_dict().keys() == want.state_dict().keys()
+    model = torch.hub.load(str(REPO), "gcvit_xxtiny", source="local", pretrained=str(checkpoint)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    with pytest.raises(TypeError):
+        torch.hub.load(str(REPO), "gcvit_xxtiny", "positional", source="local")  # keyword-only
+
+
+def test_imagenet_class_names() -> None:
+    names = imagenet1k_classes()
+    assert len(names) == 1000 == len(set(names))
+    assert (names[0], names[1], names[207], names[409], names[999]) == (
+        "tench",
+        "goldfish",
+        "golden retriever",
+        "analog clock",
+        "toilet tissue",
+    )
+
+
+def test_predict_with_a_model_name_prints_imagenet_names(xxtiny_official, http_root, cache, monkeypatch, capsys):
+    """`gcvit predict --model gcvit_xxtiny` (ImageNet weights; here a random checkpoint served over HTTP)."""
+    from gcvit.cli import main
+    from gcvit.train.evaluate import predict
+
+    _, checkpoint = xxtiny_official
+    root, base = http_root
+    shutil.copy(checkpoint, root / checkpoint.name)
+    tag = PRETRAINED["gcvit_xxtiny"]["in1k"]
+    monkeypatch.setitem(PRETRAINED["gcvit_xxtiny"], "in1k", dataclasses.replace(tag, url=f"{base}/{checkpoint.name}"))
+    rng = np.random.default_rng(0)
+    image = root / "photo.png"
+    Image.fromarray(rng.integers(0, 255, (240, 260, 3), dtype=np.uint8)).save(image)
+
+    ((_, top),) = predict([image], "gcvit_xxtiny", topk=3)
+    names = imagenet1k_classes()
+    assert len(top) == 3 and all(label in names for label, _ in top)
+    assert main(["predict", str(image), "--model", "gcvit_xxtiny.in1k", "--topk", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{image}  {top[0][0]}:") and f"  {top[1][0]}:" in printed
