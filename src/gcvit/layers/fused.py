@@ -18,9 +18,9 @@ from torch import nn
 
 
 def _onednn_pays(x: torch.Tensor, layer: nn.Linear | nn.Conv2d) -> bool:
-    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False  # checked first: tracing must not step into the checks below
+    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
         return False
