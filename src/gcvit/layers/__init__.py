@@ -1,6 +1,7 @@
 """Layers shared by every model of the package: one concept per file."""
 
 from gcvit.layers.attention import WindowAttention, WindowAttentionGlobal
+from gcvit.layers.attention_global import GlobalAttention
 from gcvit.layers.conv import FeatExtract, ReduceSize, SqueezeExcite, fused_mbconv
 from gcvit.layers.mlp import Mlp
 from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
@@ -15,6 +16,7 @@ from gcvit.layers.window import (
 
 __all__ = [
     "FeatExtract",
+    "GlobalAttention",
     "Mlp",
     "ReduceSize",
     "SqueezeExcite",
