@@ -283,9 +283,9 @@ VARIANTS: dict[str, ViTConfig] = {
 
 # A ViT sized for 32 px inputs (the bundled digits): 4x4 patches, an 8x8 grid (64 tokens + the class token).
 DIGITS: dict[str, object] = {
-    "embed_dim": 64,
+    "embed_dim": 96,
     "depth": 6,
-    "num_heads": 2,
+    "num_heads": 3,
     "patch_size": 4,
     "mlp_ratio": 2.0,
 }
