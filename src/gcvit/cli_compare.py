@@ -25,6 +25,7 @@ def _compare(args: argparse.Namespace) -> None:
         seed=args.seed,
         out_dir=args.out_dir,
         device=args.device,
+        size=args.size,
     )
     results = run(cfg, log=print)
     print()
@@ -51,5 +52,11 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--out-dir", default=defaults.out_dir)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--size",
+        default=defaults.size,
+        choices=["auto", "digits", "native"],
+        help="digits: each family's 32 px model; native: the variants as named; auto: digits on the digits data",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=_compare)

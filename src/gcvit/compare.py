@@ -28,7 +28,7 @@ from torch import nn
 
 from gcvit.bench import interleaved, peak_memory
 from gcvit.flops import count_macs, count_params
-from gcvit.models.registry import family_of
+from gcvit.models.registry import digits_overrides, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class CompareConfig:
     seed: int = 0
     out_dir: str = "runs/compare"
     device: str | None = None  # None: cuda when available, else cpu
+    size: str = "auto"  # 'digits': each family's 32 px model; 'native': the variant as named; 'auto': digits on digits
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig field, the same for all
 
 
@@ -115,6 +116,7 @@ def built_as(model: nn.Module) -> str:
 
 def _train_config(cfg: CompareConfig, name: str) -> Any:
     from gcvit.train import TrainConfig
+    from gcvit.train.loop import DIGITS_MODEL
 
     values = {
         "model": name,
@@ -131,6 +133,13 @@ def _train_config(cfg: CompareConfig, name: str) -> Any:
         values["data"] = "digits"
     else:
         values.update(data="folder", data_dir=cfg.data)
+    if cfg.size not in ("auto", "digits", "native"):
+        raise ValueError(f"size must be 'auto', 'digits' or 'native'; got {cfg.size!r}")
+    small = cfg.size == "digits" or (cfg.size == "auto" and cfg.data == "digits")
+    if small and "model_overrides" not in cfg.train_overrides:
+        values["model_overrides"] = digits_overrides(name) or dict(DIGITS_MODEL)
+    elif not small:
+        values.setdefault("model_overrides", {})  # the variant as named, also on the digits
     return TrainConfig(**values)
 
 
@@ -159,22 +168,22 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 def _measure(cfg: CompareConfig, models: dict[str, nn.Module], device: str) -> dict[str, dict[str, float]]:
     """Throughput of inference and of a training step (AdamW, fp32), round-robin over the models; peak memory."""
     x = torch.randn(cfg.bench_batch, 3, cfg.img_size, cfg.img_size, device=device)
-    y = torch.randint(0, 10, (cfg.bench_batch,), device=device)
     infer, steps, trainees = {}, {}, {}
     for name, model in models.items():
         model.eval()
         infer[name] = lambda m=model: m(x)
         trainee = copy.deepcopy(model).train()
         opt = torch.optim.AdamW(trainee.parameters(), lr=1e-6)
-        trainees[name] = (trainee, opt)
-        steps[name] = lambda m=trainee, o=opt: _train_step(m, o, x, y)
+        y = torch.randint(0, model.num_classes, (cfg.bench_batch,), device=device)
+        trainees[name] = (trainee, opt, y)
+        steps[name] = lambda m=trainee, o=opt, y=y: _train_step(m, o, x, y)
     with torch.inference_mode():
         t_infer = interleaved(infer, cfg.repeats, 2, device)
     t_train = interleaved(steps, max(3, cfg.repeats // 2 + 1), 1, device)
     out = {}
     for name in models:
-        trainee, opt = trainees[name]
-        peak = peak_memory(lambda m=trainee, o=opt: _train_step(m, o, x, y), device)
+        trainee, opt, y = trainees[name]
+        peak = peak_memory(lambda m=trainee, o=opt, y=y: _train_step(m, o, x, y), device)
         out[name] = {
             "infer_img_s": cfg.bench_batch / t_infer[name],
             "train_img_s": cfg.bench_batch / t_train[name],
