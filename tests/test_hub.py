@@ -49,6 +49,18 @@ def test_round_trip_gives_bit_identical_logits(small, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["swin_tiny", "vit_tiny"])
+def test_round_trip_of_swin_and_vit(name: str, tmp_path: Path) -> None:
+    """The other families share the interface: save_pretrained then from_pretrained gives bit-identical logits."""
+    torch.manual_seed(0)
+    model = randomize_(gcvit.create_model(name, num_classes=3, img_size=64)).eval()
+    model.save_pretrained(tmp_path / "saved", classes=CLASSES)
+    loaded = gcvit.from_pretrained(tmp_path / "saved")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert type(loaded) is type(model) and torch.equal(loaded(x), model(x))
+
+
 def test_config_json_is_the_training_checkpoint_format(small, tmp_path: Path) -> None:
     """Same keys as `gcvit train`'s config.json, so `gcvit eval/predict` read saved folders and `from_pretrained`
     reads training checkpoints and run folders (best/, else last/)."""

@@ -11,16 +11,17 @@ from collections.abc import Sequence
 import torch
 
 import gcvit
+from gcvit.cli_compare import add_subcommands as add_compare_subcommands
 from gcvit.cli_export import add_subcommands as add_export_subcommands
 from gcvit.cli_train import add_subcommands as add_train_subcommands
 from gcvit.cli_visualize import add_subcommands as add_visualize_subcommands
 from gcvit.flops import count_macs, count_params
-from gcvit.models import VARIANTS, resolve_name
+from gcvit.models import FAMILIES, resolve_name
 
 
 def _models(args: argparse.Namespace) -> None:
     rows = []
-    order = {arch: i for i, arch in enumerate(VARIANTS)}
+    order = {arch: i for i, arch in enumerate(a for f in FAMILIES.values() for a in f.variants)}
     for name in sorted(gcvit.list_models(args.pattern), key=lambda n: (order[n.split(".")[0]], n)):
         spec = resolve_name(name)
         if "." not in name and spec.pretrained is not None and name + "." + str(spec.tag) in gcvit.list_models():
@@ -35,7 +36,7 @@ def _models(args: argparse.Namespace) -> None:
                 f"{count_params(model) / 1e6:.2f}",
                 f"{count_macs(model, cfg.img_size) / 1e9:.2f}",
                 "x".join(map(str, cfg.img_size)),
-                ",".join(map(str, cfg.window_size)),
+                ",".join(map(str, cfg.window_size)) if hasattr(cfg, "window_size") else "global",
                 "-" if top1 is None else f"{top1:.1f}",
             )
         )
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_subcommands(sub)
     add_visualize_subcommands(sub)
     add_export_subcommands(sub)
+    add_compare_subcommands(sub)
     p = sub.add_parser("bench", help="speed and memory side by side with timm's GC ViT (needs timm)")
     p.add_argument("--models", nargs="*", default=["gcvit_tiny"], help="inference comparisons")
     p.add_argument("--train-models", nargs="*", default=["gcvit_xxtiny", "gcvit_tiny"], help="training steps")

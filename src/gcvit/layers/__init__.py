@@ -1,6 +1,7 @@
 """Layers shared by every model of the package: one concept per file."""
 
 from gcvit.layers.attention import WindowAttention, WindowAttentionGlobal
+from gcvit.layers.attention_global import GlobalAttention
 from gcvit.layers.conv import FeatExtract, FusedMBConv, ReduceSize, SqueezeExcite
 from gcvit.layers.mlp import Mlp
 from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
@@ -16,6 +17,7 @@ from gcvit.layers.window import (
 __all__ = [
     "FeatExtract",
     "FusedMBConv",
+    "GlobalAttention",
     "Mlp",
     "ReduceSize",
     "SqueezeExcite",

@@ -2,10 +2,13 @@
 
 from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig, convert_timm
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
-from gcvit.models.registry import create_model, list_models, resolve_name
+from gcvit.models.registry import FAMILIES, create_model, list_models, resolve_name
+from gcvit.models.swin import SwinConfig, SwinTransformer
+from gcvit.models.vit import VisionTransformer, ViTConfig
 from gcvit.models.weights import CheckpointError, LoadReport, load_checkpoint, save_checkpoint
 
 __all__ = [
+    "FAMILIES",
     "PRETRAINED",
     "VARIANTS",
     "CheckpointError",
@@ -13,6 +16,10 @@ __all__ = [
     "GCViTConfig",
     "LoadReport",
     "PretrainedCfg",
+    "SwinConfig",
+    "SwinTransformer",
+    "ViTConfig",
+    "VisionTransformer",
     "convert_timm",
     "create_model",
     "list_models",

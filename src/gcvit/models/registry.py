@@ -1,7 +1,9 @@
 """Model names, tags and `create_model`.
 
-A name is an architecture (`gcvit_tiny`) or an architecture with a pretrained tag (`gcvit_tiny.in1k`). A tag may
-change the architecture (the 384 and 512 px large models have larger windows).
+A name is an architecture (`gcvit_tiny`, `swin_tiny`, `vit_small`) or an architecture with a pretrained tag
+(`gcvit_tiny.in1k`). A tag may change the architecture (the 384 and 512 px large models have larger windows). Each
+family (GC ViT, Swin Transformer, ViT) brings its config class, model class, variants, pretrained tags and timm
+converter; every model has the same interface.
 """
 
 from __future__ import annotations
@@ -10,14 +12,52 @@ import dataclasses
 import difflib
 import fnmatch
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig
+from gcvit.models import swin, vit
+from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig, convert_timm
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
 from gcvit.models.weights import load_state_dict_into, read_state_dict, resolve, to_official
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family: what `create_model` needs to build and load any of its variants."""
+
+    name: str
+    config_cls: type  # the frozen config dataclass
+    model_cls: type[nn.Module]  # built as model_cls(config)
+    variants: dict[str, Any]  # arch name -> config
+    pretrained: dict[str, dict[str, PretrainedCfg]]  # arch name -> tag -> weights metadata
+    convert_timm: Callable[[dict], dict]  # timm state dict -> this family's keys
+    digits: dict[str, Any] | None = None  # config fields of the family's 32 px model for the bundled digits
+
+
+FAMILIES: dict[str, Family] = {
+    "gcvit": Family("gcvit", GCViTConfig, GCViT, VARIANTS, PRETRAINED, convert_timm),
+    "swin": Family("swin", swin.SwinConfig, swin.SwinTransformer, swin.VARIANTS, {}, swin.convert_timm, swin.DIGITS),
+    "vit": Family("vit", vit.ViTConfig, vit.VisionTransformer, vit.VARIANTS, {}, vit.convert_timm, vit.DIGITS),
+}
+
+
+def family_of(name: str) -> Family:
+    """The family of `arch` or `arch.tag`; ValueError with close matches for unknown names."""
+    arch = name.partition(".")[0]
+    for family in FAMILIES.values():
+        if arch in family.variants:
+            return family
+    raise _unknown(name)
+
+
+def digits_overrides(name: str) -> dict[str, Any] | None:
+    """Config fields of the family's small 32 px model for the bundled digits (None for GC ViT, whose digits model
+    lives with the training recipe)."""
+    digits = family_of(name).digits
+    return dict(digits) if digits is not None else None
 
 
 @dataclass(frozen=True)
@@ -26,13 +66,16 @@ class ModelSpec:
 
     arch: str
     tag: str | None
-    config: GCViTConfig
+    config: Any  # the family's config dataclass (GCViTConfig, SwinConfig, ViTConfig)
     pretrained: PretrainedCfg | None
+    family: str = "gcvit"
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Architectures and `arch.tag` names matching a shell-style pattern, sorted."""
-    names = list(VARIANTS) + [f"{arch}.{tag}" for arch, tags in PRETRAINED.items() for tag in tags]
+    """Architectures and `arch.tag` names of every family matching a shell-style pattern, sorted."""
+    names = []
+    for family in FAMILIES.values():
+        names += list(family.variants) + [f"{a}.{t}" for a, tags in family.pretrained.items() for t in tags]
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
 
 
@@ -45,27 +88,28 @@ def _unknown(name: str) -> ValueError:
 def resolve_name(name: str) -> ModelSpec:
     """Split `arch[.tag]` and find its config and pretrained metadata (default tag: the first one)."""
     arch, _, tag = name.partition(".")
-    if arch not in VARIANTS or (tag and tag not in PRETRAINED.get(arch, {})):
+    family = family_of(arch)
+    if tag and tag not in family.pretrained.get(arch, {}):
         raise _unknown(name)
-    tags = PRETRAINED.get(arch, {})
+    tags = family.pretrained.get(arch, {})
     tag = tag or next(iter(tags), None)
     pretrained = tags.get(tag) if tag else None
-    config = VARIANTS[arch]
+    config = family.variants[arch]
     if pretrained is not None and pretrained.arch:
         config = dataclasses.replace(config, **pretrained.arch)
-    return ModelSpec(arch, tag, config, pretrained)
+    return ModelSpec(arch, tag, config, pretrained, family.name)
 
 
-def _apply_overrides(
-    config: GCViTConfig, img_size: int | tuple[int, int] | None, overrides: dict[str, Any]
-) -> GCViTConfig:
-    fields = {f.name for f in dataclasses.fields(GCViTConfig)}
+def _apply_overrides(config: Any, img_size: int | tuple[int, int] | None, overrides: dict[str, Any]) -> Any:
+    config_cls = type(config)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     bad = sorted(set(overrides) - fields)
     if bad:
-        raise TypeError(f"unknown override(s) {bad}; expected fields of GCViTConfig: {sorted(fields)}")
+        raise TypeError(f"unknown override(s) {bad}; expected fields of {config_cls.__name__}: {sorted(fields)}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    # the global query generator's structure (state-dict keys) stays that of the native size
-    overrides.setdefault("global_query_pools", config.pools)
+    if isinstance(config, GCViTConfig):
+        # the global query generator's structure (state-dict keys) stays that of the native size
+        overrides.setdefault("global_query_pools", config.pools)
     if img_size is not None:
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(size) != 2 or min(size) < 32:
@@ -81,7 +125,7 @@ def create_model(
     img_size: int | tuple[int, int] | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a GC ViT by name, optionally with pretrained weights.
+    """Build a model (GC ViT, Swin Transformer or ViT) by name, optionally with pretrained weights.
 
     Args:
         name: `arch` or `arch.tag`, as listed by `list_models()`.
@@ -90,7 +134,7 @@ def create_model(
         num_classes: classes of the head; one other than the checkpoint's gives a fresh head for fine-tuning.
         img_size: native input size, int or (H, W). Any size from 32 px runs; the window sizes stay those of the
             variant unless `window_size` is overridden too (bias tables are then resized while loading).
-        overrides: any other GCViTConfig field (drop_path_rate, window_size, layer_scale, ...).
+        overrides: any other field of the family's config (GCViTConfig, SwinConfig, ViTConfig).
     Returns:
         The model in train mode, with `model.pretrained_cfg` set (input size, crop, mean/std of its weights) and
         `model.model_name` (`name`).
@@ -99,7 +143,7 @@ def create_model(
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     config = _apply_overrides(spec.config, img_size, overrides)
-    model = GCViT(config)
+    model = FAMILIES[spec.family].model_cls(config)
     meta = spec.pretrained or PretrainedCfg(url="", license="", top1=None)
     if pretrained is not False and pretrained is not None:
         if pretrained is True:
@@ -115,9 +159,9 @@ def create_model(
     return model
 
 
-def _load_pretrained(model: GCViT, state_dict: dict, source: str) -> None:
+def _load_pretrained(model: nn.Module, state_dict: dict, source: str) -> None:
     """Load strictly, except for a head whose class count differs, which stays freshly initialised."""
-    state_dict, _ = to_official(state_dict)
+    state_dict, _ = to_official(state_dict, model)
     head = state_dict.get("head.weight")
     if head is not None and head.shape[0] != model.num_classes:
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}

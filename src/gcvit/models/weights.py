@@ -85,8 +85,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def to_official(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Convert any recognised format to official key names; returns (state_dict, format name)."""
+def to_official(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Convert any recognised format to official key names; returns (state_dict, format name). A model class with a
+    `convert_checkpoint` function (Swin, ViT) converts for itself; GC ViT's formats are the default."""
+    convert = getattr(model, "convert_checkpoint", None)
+    if convert is not None:
+        return convert(state_dict)
     if is_timm_state_dict(state_dict):
         return convert_timm(dict(state_dict)), "timm"
     return dict(state_dict), "official"
@@ -138,7 +144,7 @@ def load_state_dict_into(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, strict: bool = True
 ) -> LoadReport:
     """Convert, adapt and load a state dict; with strict, any missing, unexpected or mis-shaped key is an error."""
-    sd, fmt = to_official(state_dict)
+    sd, fmt = to_official(state_dict, model)
     sd, resized = adapt_to_model(sd, model)
     report = LoadReport(source, fmt, *_compare(sd, model), resized=resized)
     if strict and (report.missing or report.unexpected or report.mismatched):

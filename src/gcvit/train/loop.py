@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import gcvit
 from gcvit.data import mixup_cutmix
+from gcvit.models.registry import digits_overrides
 from gcvit.train import checkpoint as ckpt
 from gcvit.train import distributed as D
 from gcvit.train.config import TrainConfig, load_run_config, save_yaml
@@ -90,7 +91,7 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
     overrides = dict(cfg.model_overrides) if cfg.model_overrides is not None else {}
     if cfg.model_overrides is None and cfg.data == "digits" and not cfg.pretrained:
-        overrides = dict(DIGITS_MODEL)
+        overrides = digits_overrides(cfg.model) or dict(DIGITS_MODEL)  # Swin and ViT bring their own
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
     return overrides

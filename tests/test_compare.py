@@ -1,0 +1,64 @@
+"""`gcvit compare` end to end on a tiny image folder: one row per model, every cell filled, chart and runs written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import gcvit
+from gcvit.cli import main
+from gcvit.compare import attention_summary
+
+
+def _image_folder(root: Path, per_class: int = 4) -> Path:
+    g = torch.Generator().manual_seed(0)
+    for label, base in (("dark", 40), ("light", 200)):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (base + torch.randint(-30, 30, (32, 32, 3), generator=g)).clamp(0, 255).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(root / label / f"{i}.png")
+    return root
+
+
+def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "cmp"
+    models = ["gcvit_xxtiny", "swin_tiny", "vit_tiny"]
+    argv = ["compare", "--models", *models, "--data", str(data), "--epochs", "1", "--batch-size", "4"]
+    argv += ["--bench-batch", "2", "--repeats", "1", "--size", "digits", "--out-dir", str(out)]
+    assert main(argv) == 0
+    table = (out / "compare.md").read_text().split("\n")
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:3] == ["model", "built as", "params (M)"] and "coverage" in header
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:] if line.startswith("|")]
+    assert [r[0] for r in rows] == models
+    assert all(len(r) == len(header) and all(r) for r in rows), rows
+    assert (out / "compare.png").stat().st_size > 10_000
+    results = json.loads((out / "compare.json").read_text())["results"]
+    assert [r["epochs"] for r in results] == [1, 1, 1]
+    assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["peak_train_mib"] > 0 for r in results)
+    assert results[1]["built_as"] == "C=32, depths 2-2-2-2, windows 4-4-2-1, mlp x2"  # the digits-size Swin
+    assert (out / "runs" / "swin_tiny" / "best").is_dir()
+    assert "| vit_tiny |" in capsys.readouterr().out
+
+
+def test_unknown_model_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--models", "swin_tiny", "vit_smal", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "unknown model 'vit_smal'; did you mean vit_small" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_attention_columns_follow_the_built_model() -> None:
+    with torch.device("meta"):
+        vit = gcvit.create_model("vit_small", img_size=32, patch_size=4)
+        swin = gcvit.create_model("swin_tiny", img_size=32, window_size=(4, 4, 2, 1))
+        swin224 = gcvit.create_model("swin_tiny")
+        gc = gcvit.create_model("gcvit_xxtiny")
+    assert attention_summary(vit, 32) == ("image: 65 (8x8 + class)",) * 2 + ("self-attention", "global")
+    assert attention_summary(swin, 32)[1] == "window: 16 (4x4) shifted every 2nd block"
+    assert attention_summary(swin224, 224)[1] == "window: 49 (7x7) shifted every 2nd block"
+    assert attention_summary(gc, 224)[0] == "resized image: 49 (56x56 map -> 7x7); local blocks: window"

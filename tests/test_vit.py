@@ -1,0 +1,147 @@
+"""ViT: timm equivalence, other sizes, the BatchNorm variant, random token masking, the model interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import gcvit
+from gcvit.models.vit import TokenBatchNorm, random_token_subset
+from tests.conftest import randomize_
+
+timm = pytest.importorskip("timm")
+
+# a ViT for 32 px inputs: 4x4 patches, an 8x8 grid
+SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["vit_tiny", pytest.param("vit_small", marks=pytest.mark.slow), pytest.param("vit_base", marks=pytest.mark.slow)],
+)
+def test_timm_checkpoint_gives_timm_logits(name: str, tmp_path: Path) -> None:
+    reference = randomize_(timm.create_model(f"{name}_patch16_224")).eval()
+    path = tmp_path / f"{name}_timm.pth"
+    torch.save(reference.state_dict(), path)
+    model = gcvit.create_model(name).eval()
+    report = gcvit.load_checkpoint(model, path)
+    assert report.format == "timm"
+    assert not (report.missing or report.unexpected or report.mismatched)
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        for batch in (x[:1], x):
+            expected, got = reference(batch), model(batch)
+            assert got.shape == (len(batch), 1000)
+            assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_timm_vit_with_other_parts_is_refused() -> None:
+    sd = timm.create_model("vit_tiny_patch16_224", global_pool="avg", num_classes=0).state_dict()
+    model = gcvit.create_model("vit_tiny")
+    with pytest.raises(ValueError, match=r"expected a plain timm ViT .* \['fc_norm\.bias', 'fc_norm\.weight'\]"):
+        gcvit.models.weights.load_state_dict_into(model, sd, "avg-pooled")
+
+
+def test_other_sizes_resize_the_position_embedding() -> None:
+    model = randomize_(gcvit.create_model("vit_tiny", img_size=64, **SMALL)).eval()
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 32)
+    x = torch.randn(2, 3, 96, 32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        (feat,) = model.forward_intermediates(x)
+        logits = model(x)
+        single = torch.cat([model(x[i : i + 1]) for i in range(2)])
+    assert tokens.shape == (2, 1 + 24 * 8, 32)
+    assert feat.shape == (2, 32, 24, 8)  # NCHW at stride 4 (the patch size)
+    assert torch.equal(feat.flatten(2).transpose(1, 2), tokens[:, 1:])
+    assert model.feature_info == [{"num_chs": 32, "reduction": 4, "module": "blocks.1"}]
+    assert (single - logits).abs().max().item() < 1e-5
+    assert torch.equal(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
+    with pytest.raises(ValueError, match=r"multiples of the patch size 4; got \(34, 32\)"):
+        model(torch.randn(1, 3, 34, 32))
+
+
+def test_batchnorm_variant() -> None:
+    model = randomize_(gcvit.create_model("vit_tiny", img_size=32, norm_layer="bn", **SMALL))
+    norms = [m for m in model.modules() if isinstance(m, (TokenBatchNorm, torch.nn.LayerNorm))]
+    assert len(norms) == 2 * 2 + 1 and all(isinstance(m, TokenBatchNorm) for m in norms)
+    assert "blocks.0.norm1.running_mean" in model.state_dict()
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    with torch.no_grad():
+        batch = model(x)
+        alone = model(x[:1])
+    assert (batch[:1] - alone).abs().max().item() > 1e-3  # training: statistics of the batch
+    assert model.norm.num_batches_tracked.item() == 2
+    model.eval()
+    with torch.no_grad():
+        batch = model(x)
+        alone = model(x[:1])
+    assert (batch[:1] - alone).abs().max().item() < 1e-5  # eval: running statistics
+    with pytest.raises(ValueError, match=r"norm_layer must be one of \('ln', 'bn'\); got 'rms'"):
+        gcvit.create_model("vit_tiny", norm_layer="rms")
+
+
+def test_token_masking_in_training_only() -> None:
+    model = randomize_(gcvit.create_model("vit_tiny", img_size=32, mask_ratio=0.25, **SMALL))
+    plain = gcvit.create_model("vit_tiny", img_size=32, **SMALL)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    plain.train()
+    with torch.no_grad():
+        first, second = model.forward_features(x), model.forward_features(x)
+        unmasked = plain.forward_features(x)
+    assert first.shape == (3, 1 + 48, 32)  # 64 patch tokens, 16 dropped, plus the class token
+    assert unmasked.shape == (3, 1 + 64, 32)
+    assert (first - second).abs().max().item() > 1e-3  # a new random subset every call
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        a, b, ref = model(x), model(x), plain(x)
+    assert torch.equal(a, b) and torch.equal(a, ref)  # eval: every token, deterministic
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\); got 1.0"):
+        gcvit.create_model("vit_tiny", mask_ratio=1.0)
+
+
+def test_random_token_subset_keeps_distinct_tokens_in_order() -> None:
+    x = torch.arange(2 * 10, dtype=torch.float32).view(2, 10, 1).expand(2, 10, 3)  # token i holds its index
+    kept = random_token_subset(x, 6)
+    assert kept.shape == (2, 6, 3)
+    for b in range(2):
+        ids = kept[b, :, 0] - 10 * b
+        assert ids.unique().numel() == 6 and torch.all(ids[1:] > ids[:-1])
+        assert torch.equal(kept[b, :, 0], kept[b, :, 2])
+    torch.manual_seed(1)
+    picks = {tuple((random_token_subset(x, 6)[0, :, 0]).tolist()) for _ in range(5)}
+    assert len(picks) > 1
+
+
+def test_training_step_and_gradient_checkpointing() -> None:
+    model = randomize_(gcvit.create_model("vit_tiny", img_size=32, drop_path_rate=0.0, **SMALL))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in plain.values())
+    model.set_grad_checkpointing(True)
+    ckpt = grads()
+    assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    model.reset_classifier(0)
+    assert isinstance(model.head, torch.nn.Identity) and model(x).shape == (2, 32)
+
+
+def test_registry_names() -> None:
+    assert gcvit.list_models("vit_*") == ["vit_base", "vit_small", "vit_tiny"]
+    with pytest.raises(ValueError, match=r"unknown model 'vit_smal'; did you mean vit_small"):
+        gcvit.create_model("vit_smal")
+    with torch.device("meta"):
+        model = gcvit.create_model("vit_small")
+    assert isinstance(model, gcvit.VisionTransformer) and model.cfg.embed_dim == 384 and model.cfg.num_heads == 6
