@@ -108,3 +108,16 @@ def test_onednn_conv_gelu_equals_conv_then_gelu(groups: int) -> None:
             low = conv2d_gelu(x, conv)
     assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-5
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+
+
+def test_cast_weights_follow_in_place_updates() -> None:
+    """The bf16 copy of a weight kept for autocast is refreshed when the weight changes in place (EMA, loading)."""
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = linear(x, layer)
+        layer.weight.mul_(2)
+        layer.bias.zero_()
+        after = linear(x, layer)
+        assert torch.equal(after, layer(x))
+    assert not torch.equal(before, after)

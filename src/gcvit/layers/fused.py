@@ -72,8 +72,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def _params(layer: nn.Linear | nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight and bias in `dtype`; a cast copy is kept and reused while the parameters are unchanged
+    (autocast would cast them again on every call)."""
     weight, bias = layer.weight, layer.bias
-    if weight.dtype != dtype:
-        weight = weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return weight, bias
+    if weight.dtype == dtype:
+        return weight, bias
+    key = (dtype, weight._version, weight.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
+    cached = layer.__dict__.get("_cast_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, weight.to(dtype), None if bias is None else bias.to(dtype))
+        layer.__dict__["_cast_cache"] = cached
+    return cached[1], cached[2]
