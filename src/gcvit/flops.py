@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -13,7 +15,11 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, img_size: tuple[int, int], batch: int = 1) -> float:
     """Multiply-accumulates of one forward pass per image (torch's FLOP counter / 2, the convention papers call
-    FLOPs). Runs on whatever device the model is on; build it under `torch.device("meta")` to count for free."""
+    FLOPs). Counts on the meta device, on a copy when the model is elsewhere: there every op is a standard one the
+    counter knows (the fused CPU kernels for attention and linear layers are not); build the model under
+    `torch.device("meta")` to skip the copy."""
+    if next(model.parameters()).device.type != "meta":
+        model = copy.deepcopy(model).to("meta")
     p = next(model.parameters())
     x = torch.zeros(batch, 3, *img_size, device=p.device, dtype=p.dtype)
     was_training = model.training

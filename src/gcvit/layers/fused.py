@@ -15,11 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def _onednn_pays(x: torch.Tensor, layer: nn.Linear | nn.Conv2d) -> bool:
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return False  # checked first: tracing must not step into the checks below
+    if _get_current_dispatch_mode() is not None:
+        return False  # FLOP counters, fake tensors and other dispatch modes must see the standard ops
     if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad):
