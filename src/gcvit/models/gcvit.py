@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from gcvit.hub import HubMixin
 from gcvit.layers import (
     FeatExtract,
     Mlp,
@@ -34,6 +33,7 @@ from gcvit.layers import (
     padding_key_mask,
     window_view,
 )
+from gcvit.models.common import PyramidClassifier, check_images, init_weights
 
 MIN_INPUT_SIZE = 32
 
@@ -195,7 +195,7 @@ class GCViTLayer(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class GCViT(HubMixin, nn.Module):
+class GCViT(PyramidClassifier):
     """GC ViT classifier and backbone. Input NCHW float images; see `forward` and `forward_intermediates`;
     `save_pretrained(dir)` writes a folder that `gcvit.from_pretrained(dir)` loads."""
 
@@ -217,14 +217,10 @@ class GCViT(HubMixin, nn.Module):
             {"num_chs": cfg.embed_dim * 2**i, "reduction": 2 ** (i + 2), "module": f"levels.{i}"}
             for i in range(len(cfg.depths))
         ]
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected a 4-D float tensor (B, {self.cfg.in_chans}, H, W); got {got}")
-        if x.shape[1] != self.cfg.in_chans:
-            raise ValueError(f"expected {self.cfg.in_chans} channels in dim 1 (NCHW); got shape {tuple(x.shape)}")
+        check_images(x, self.cfg.in_chans)
         if min(x.shape[2:]) < MIN_INPUT_SIZE:
             raise ValueError(f"expected H and W of at least {MIN_INPUT_SIZE} px; got {tuple(x.shape[2:])}")
 
@@ -257,43 +253,10 @@ class GCViT(HubMixin, nn.Module):
             x = level(x)
         return self.norm(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Last-stage map NCHW (B, 8C, h, w) -> logits (B, num_classes), or pooled features (B, 8C) if pre_logits."""
-        x = x.mean((2, 3))  # (B, 8C)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W), any H, W >= 32 -> logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh Linear(8C, num_classes); 0 removes it."""
-        p = self.norm.weight
-        self.num_classes = num_classes
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
-        )
-        self.head.apply(_init_weights)
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass, trading compute for memory."""
         for level in self.levels:
             level.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of parameters that should get no weight decay beyond norms and biases: the bias tables."""
-        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Official initialisation: Linear weights truncated normal (std 0.02) with zero bias, LayerNorm 1 and 0."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # --- checkpoint conversion -------------------------------------------------------------------------------------

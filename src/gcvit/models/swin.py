@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from gcvit.hub import HubMixin
 from gcvit.layers import Mlp, WindowAttention, pad_to_window_multiple, window_partition, window_reverse
+from gcvit.models.common import PyramidClassifier, check_images, init_weights
 
 MIN_INPUT_SIZE = 32
 
@@ -202,7 +202,7 @@ class SwinStage(nn.Module):
 # --- model -----------------------------------------------------------------------------------------------------
 
 
-class SwinTransformer(HubMixin, nn.Module):
+class SwinTransformer(PyramidClassifier):
     """Swin Transformer classifier and backbone, with the model interface of `GCViT`. Input NCHW float images."""
 
     def __init__(self, cfg: SwinConfig) -> None:
@@ -223,7 +223,7 @@ class SwinTransformer(HubMixin, nn.Module):
             {"num_chs": cfg.embed_dim * 2**i, "reduction": cfg.patch_size * 2**i, "module": f"layers.{i}"}
             for i in range(len(cfg.depths))
         ]
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @staticmethod
     def convert_checkpoint(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -232,11 +232,7 @@ class SwinTransformer(HubMixin, nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         p = self.cfg.patch_size
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected a 4-D float tensor (B, {self.cfg.in_chans}, H, W); got {got}")
-        if x.shape[1] != self.cfg.in_chans:
-            raise ValueError(f"expected {self.cfg.in_chans} channels in dim 1 (NCHW); got shape {tuple(x.shape)}")
+        check_images(x, self.cfg.in_chans)
         H, W = x.shape[2:]
         if min(H, W) < MIN_INPUT_SIZE or H % p or W % p:
             raise ValueError(
@@ -270,43 +266,10 @@ class SwinTransformer(HubMixin, nn.Module):
             x = stage(x)
         return self.norm(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Last-stage map NCHW (B, 8C, h, w) -> logits (B, num_classes), or pooled features (B, 8C) if pre_logits."""
-        x = x.mean((2, 3))  # (B, 8C)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W), sides multiples of the patch size -> logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a fresh Linear(8C, num_classes); 0 removes it."""
-        p = self.norm.weight
-        self.num_classes = num_classes
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
-        )
-        self.head.apply(_init_weights)
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass, trading compute for memory."""
         for stage in self.layers:
             stage.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of parameters that should get no weight decay beyond norms and biases: the bias tables."""
-        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
-
-
-def _init_weights(module: nn.Module) -> None:
-    """timm's initialisation: Linear weights truncated normal (std 0.02) with zero bias, LayerNorm 1 and 0."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # --- checkpoint conversion -------------------------------------------------------------------------------------

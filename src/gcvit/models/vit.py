@@ -28,6 +28,7 @@ from torchvision.ops import StochasticDepth
 
 from gcvit.hub import HubMixin
 from gcvit.layers import GlobalAttention, Mlp
+from gcvit.models.common import check_images, init_weights
 
 NORM_LAYERS = ("ln", "bn")
 
@@ -168,7 +169,7 @@ class VisionTransformer(HubMixin, nn.Module):
         self.grad_checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     @staticmethod
     def convert_checkpoint(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -177,11 +178,7 @@ class VisionTransformer(HubMixin, nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         p = self.cfg.patch_size
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected a 4-D float tensor (B, {self.cfg.in_chans}, H, W); got {got}")
-        if x.shape[1] != self.cfg.in_chans:
-            raise ValueError(f"expected {self.cfg.in_chans} channels in dim 1 (NCHW); got shape {tuple(x.shape)}")
+        check_images(x, self.cfg.in_chans)
         if x.shape[2] % p or x.shape[3] % p or min(x.shape[2:]) < p:
             raise ValueError(
                 f"expected H and W to be positive multiples of the patch size {p}; got {tuple(x.shape[2:])}"
@@ -234,7 +231,7 @@ class VisionTransformer(HubMixin, nn.Module):
         self.head = (
             nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
         )
-        self.head.apply(_init_weights)
+        self.head.apply(init_weights)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass, trading compute for memory."""
@@ -243,17 +240,6 @@ class VisionTransformer(HubMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters that get no weight decay beyond norms and biases: the position embedding and class token."""
         return {"pos_embed", "cls_token"}
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Linear weights truncated normal (std 0.02) with zero bias; norms 1 and 0."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 # --- checkpoint conversion -------------------------------------------------------------------------------------

@@ -1,0 +1,65 @@
+"""What the package's models share: the input check, the initialisation, and the classifier end of a four-stage
+pyramid (GC ViT, Swin)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gcvit.hub import HubMixin
+
+
+def check_images(x: torch.Tensor, in_chans: int) -> None:
+    """Raise a ValueError naming what was expected unless x is a 4-D float tensor with `in_chans` channels (NCHW)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected a 4-D float tensor (B, {in_chans}, H, W); got {got}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} channels in dim 1 (NCHW); got shape {tuple(x.shape)}")
+
+
+def init_weights(module: nn.Module) -> None:
+    """Linear weights truncated normal (std 0.02) with zero bias; LayerNorm and BatchNorm 1 and 0 (official GC ViT,
+    Swin and timm ViT initialisation)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm1d)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class PyramidClassifier(HubMixin, nn.Module):
+    """Average-pool head of a hierarchical model. Subclasses set `norm` (the final norm), `head`, `num_features`
+    (8C), `num_classes`, and define `forward_features` -> normalised last map NCHW (B, 8C, h, w)."""
+
+    norm: nn.Module
+    head: nn.Module
+    num_features: int
+    num_classes: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Last-stage map NCHW (B, 8C, h, w) -> logits (B, num_classes), or pooled features (B, 8C) if pre_logits."""
+        x = x.mean((2, 3))  # (B, 8C)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a fresh Linear(8C, num_classes); 0 removes it."""
+        p = self.norm.weight
+        self.num_classes = num_classes
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
+        )
+        self.head.apply(init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that should get no weight decay beyond norms and biases: the bias tables."""
+        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
