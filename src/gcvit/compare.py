@@ -261,7 +261,7 @@ def write_table(results: list[ModelResult], cfg: CompareConfig, device: str, pat
         f"\nData: {data}. Same recipe for every model: up to {cfg.epochs} epochs, at most {cfg.time_budget:g} min "
         f"of training each (stopping at the end of the epoch that passes it), batch {cfg.batch_size}, seed "
         f"{cfg.seed}. top-1: best validation accuracy of the EMA weights (the recipe's choice) and of the trained "
-        "weights themselves (the EMA lags behind on short runs). Throughput: batch {cfg.bench_batch} at "
+        f"weights themselves (the EMA lags behind on short runs). Throughput: batch {cfg.bench_batch} at "
         f"{cfg.img_size} px on {device} ({torch.get_num_threads()} threads), fp32, medians of {cfg.repeats} "
         "repeats timed round-robin over the models; a training step is forward, backward and AdamW. Peak MiB: "
         "tensor memory of one training step. GFLOPs: multiply-adds per image. Attention columns: the first "
