@@ -39,8 +39,8 @@ def _assert_same_logits(model: torch.nn.Module, reference: torch.nn.Module, size
     "name",
     [
         "swin_tiny",
-        pytest.param("swin_small", marks=pytest.mark.slow),
-        pytest.param("swin_base", marks=pytest.mark.slow),
+        "swin_small",
+        "swin_base",
     ],
 )
 def test_timm_checkpoint_gives_timm_logits(name: str, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "num_clas
 
 @pytest.mark.parametrize(
     "name",
-    ["vit_tiny", pytest.param("vit_small", marks=pytest.mark.slow), pytest.param("vit_base", marks=pytest.mark.slow)],
+    ["vit_tiny", "vit_small", "vit_base"],
 )
 def test_timm_checkpoint_gives_timm_logits(name: str, tmp_path: Path) -> None:
     reference = randomize_(timm.create_model(f"{name}_patch16_224")).eval()
