@@ -93,8 +93,8 @@ def _attention_math(
     """
     BnW, heads, N, _ = q.shape
     attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
-    attn = attn.view(B, BnW // B, heads, N, N) + mask  # mask broadcasts over images (and windows when 1)
-    attn = attn.softmax(-1).view(BnW, heads, N, N)
+    attn.view(B, BnW // B, heads, N, N).add_(mask)  # in place; mask broadcasts over images (and windows when 1)
+    attn = attn.softmax(-1)
     if dropout:
         attn = F.dropout(attn, dropout, training=True)
     return attn @ v  # (B*nW, heads, N, hd)
