@@ -28,18 +28,8 @@ def _load(model: str, pretrained: bool, device: str) -> tuple[Any, Any, str]:
         raise FileNotFoundError(f"{model!r} is neither a run folder, a checkpoint nor a model name (gcvit models)")
     torch.manual_seed(0)
     net = gcvit.create_model(model)
-    pc = net.pretrained_cfg
-    meta = RunMeta(
-        model,
-        [str(i) for i in range(pc.num_classes)],
-        tuple(pc.img_size),
-        tuple(pc.mean),
-        tuple(pc.std),
-        pc.interpolation,
-        pc.crop_pct,
-        pc.crop_mode,
-        source="random weights",
-    )
+    classes = [str(i) for i in range(net.pretrained_cfg.num_classes)]
+    meta = RunMeta.from_model(model, net, classes, source="random weights")
     return net.to(device).eval(), meta, f"{model} (random weights: pass --pretrained for trained ones)"
 
 

@@ -41,6 +41,13 @@ class RunMeta:
     source: str = ""  # the file the weights came from
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_model(cls, name: str, model: nn.Module, classes: list[str], source: str) -> RunMeta:
+        """The preprocessing recorded in a registry-built model's `pretrained_cfg`."""
+        pc = model.pretrained_cfg
+        size, mean, std = tuple(pc.img_size), tuple(pc.mean), tuple(pc.std)
+        return cls(name, classes, size, mean, std, pc.interpolation, pc.crop_pct, pc.crop_mode, source=source)
+
 
 def _weights_file(path: Path, ema: bool | None) -> tuple[Path, Path]:
     """(weights file, folder holding config.json) for a run folder, checkpoint folder or .safetensors file."""
@@ -96,19 +103,7 @@ def _from_name(name: str, device: str | torch.device) -> tuple[nn.Module, RunMet
     from gcvit.hub import default_classes
 
     model = gcvit.create_model(name, pretrained=True)
-    pc = model.pretrained_cfg
-    meta = RunMeta(
-        name,
-        default_classes(model),
-        tuple(pc.img_size),
-        tuple(pc.mean),
-        tuple(pc.std),
-        pc.interpolation,
-        pc.crop_pct,
-        pc.crop_mode,
-        source=name,
-    )
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), RunMeta.from_model(name, model, default_classes(model), source=name)
 
 
 def load_model(
