@@ -66,3 +66,43 @@ def xxtiny_official(tmp_path_factory: pytest.TempPathFactory) -> tuple[gcvit.GCV
     torch.manual_seed(0)
     model = randomize_(gcvit.create_model("gcvit_xxtiny")).eval()
     return model, save_official(model, tmp_path_factory.mktemp("ckpt") / "gcvit_1k_xxtiny.pth.tar")
+
+
+def assert_same_logits(model: torch.nn.Module, reference: torch.nn.Module, size: int = 224) -> None:
+    """Logits within 1e-4 of the reference's at batch 1 and 4."""
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        for batch in (x[:1], x):
+            expected, got = reference(batch), model(batch)
+            assert got.shape == expected.shape
+            assert (got - expected).abs().max().item() < 1e-4
+
+
+def assert_loads_timm_checkpoint(name: str, timm_name: str, tmp_path: Path) -> None:
+    """A randomised timm model saved to a file loads into `name` strictly as 'timm' and gives timm's logits."""
+    import timm
+
+    reference = randomize_(timm.create_model(timm_name)).eval()
+    path = tmp_path / f"{name}_timm.pth"
+    torch.save(reference.state_dict(), path)
+    model = gcvit.create_model(name).eval()
+    report = gcvit.load_checkpoint(model, path)
+    assert report.format == "timm"
+    assert not (report.missing or report.unexpected or report.mismatched)
+    assert_same_logits(model, reference)
+
+
+def assert_checkpointing_keeps_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Every gradient is finite and non-zero, and gradient checkpointing leaves them unchanged (1e-6)."""
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in plain.values())
+    model.set_grad_checkpointing(True)
+    ckpt = grads()
+    model.set_grad_checkpointing(False)
+    assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6

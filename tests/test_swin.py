@@ -10,7 +10,12 @@ import torch
 
 import gcvit
 from gcvit.models.swin import SwinBlock, SwinConfig, shifted_window_mask, window_shift
-from tests.conftest import randomize_
+from tests.conftest import (
+    assert_checkpointing_keeps_gradients,
+    assert_loads_timm_checkpoint,
+    assert_same_logits,
+    randomize_,
+)
 
 timm = pytest.importorskip("timm")
 
@@ -26,15 +31,6 @@ def _timm_small() -> torch.nn.Module:
     )
 
 
-def _assert_same_logits(model: torch.nn.Module, reference: torch.nn.Module, size: int) -> None:
-    x = torch.randn(4, 3, size, size)
-    with torch.no_grad():
-        for batch in (x[:1], x):
-            expected, got = reference(batch), model(batch)
-            assert got.shape == expected.shape
-            assert (got - expected).abs().max().item() < 1e-4
-
-
 @pytest.mark.parametrize(
     "name",
     [
@@ -44,21 +40,14 @@ def _assert_same_logits(model: torch.nn.Module, reference: torch.nn.Module, size
     ],
 )
 def test_timm_checkpoint_gives_timm_logits(name: str, tmp_path: Path) -> None:
-    reference = randomize_(timm.create_model(f"{name}_patch4_window7_224")).eval()
-    path = tmp_path / f"{name}_timm.pth"
-    torch.save(reference.state_dict(), path)
-    model = gcvit.create_model(name).eval()
-    report = gcvit.load_checkpoint(model, path)
-    assert report.format == "timm"
-    assert not (report.missing or report.unexpected or report.mismatched)
-    _assert_same_logits(model, reference, 224)
+    assert_loads_timm_checkpoint(name, f"{name}_patch4_window7_224", tmp_path)
 
 
 def test_small_swin_with_shifts_in_every_stage_matches_timm() -> None:
     reference = randomize_(_timm_small()).eval()
     model = gcvit.create_model("swin_tiny", img_size=64, **SMALL).eval()
     gcvit.models.weights.load_state_dict_into(model, reference.state_dict(), "timm")
-    _assert_same_logits(model, reference, 64)
+    assert_same_logits(model, reference, 64)
 
 
 def test_microsoft_checkpoint_layout_converts() -> None:
@@ -73,7 +62,7 @@ def test_microsoft_checkpoint_layout_converts() -> None:
     model = gcvit.create_model("swin_tiny", img_size=64, **SMALL).eval()
     report = gcvit.models.weights.load_state_dict_into(model, ms, "microsoft")
     assert report.format == "microsoft"
-    _assert_same_logits(model, reference, 64)
+    assert_same_logits(model, reference, 64)
 
 
 def test_mismatched_checkpoint_names_the_keys() -> None:
@@ -184,17 +173,7 @@ def test_other_sizes_pyramid_and_interface() -> None:
 def test_training_step_and_gradient_checkpointing() -> None:
     model = randomize_(gcvit.create_model("swin_tiny", img_size=64, **SMALL | {"drop_path_rate": 0.0}))
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
-
-    def grads() -> dict[str, torch.Tensor]:
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = grads()
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in plain.values())
-    model.set_grad_checkpointing(True)
-    ckpt = grads()
-    assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
+    assert_checkpointing_keeps_gradients(model, x, y)
 
 
 def test_registry_names_and_errors() -> None:

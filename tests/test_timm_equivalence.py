@@ -8,28 +8,14 @@ import pytest
 import torch
 
 import gcvit
-from tests.conftest import randomize_
+from tests.conftest import assert_loads_timm_checkpoint, randomize_
 
 timm = pytest.importorskip("timm")
 
 
 @pytest.mark.parametrize("name", ["gcvit_xxtiny", "gcvit_xtiny", "gcvit_tiny", "gcvit_small", "gcvit_base"])
 def test_timm_checkpoint_gives_timm_logits(name: str, tmp_path: Path) -> None:
-    reference = randomize_(timm.create_model(name)).eval()
-    path = tmp_path / f"{name}_timm.pth"
-    torch.save(reference.state_dict(), path)
-
-    model = gcvit.create_model(name).eval()
-    report = gcvit.load_checkpoint(model, path)
-    assert report.format == "timm"
-    assert not (report.missing or report.unexpected or report.mismatched)
-
-    x = torch.randn(4, 3, 224, 224)
-    with torch.no_grad():
-        for batch in (x[:1], x):
-            expected, got = reference(batch), model(batch)
-            assert got.shape == (len(batch), 1000)
-            assert (got - expected).abs().max().item() < 1e-4
+    assert_loads_timm_checkpoint(name, name, tmp_path)
 
 
 def test_timm_pretrained_path_in_create_model(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 
 import gcvit
 from gcvit.models.vit import TokenBatchNorm, random_token_subset
-from tests.conftest import randomize_
+from tests.conftest import assert_checkpointing_keeps_gradients, assert_loads_timm_checkpoint, randomize_
 
 timm = pytest.importorskip("timm")
 
@@ -22,19 +22,7 @@ SMALL = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 4, "num_clas
     ["vit_tiny", "vit_small", "vit_base"],
 )
 def test_timm_checkpoint_gives_timm_logits(name: str, tmp_path: Path) -> None:
-    reference = randomize_(timm.create_model(f"{name}_patch16_224")).eval()
-    path = tmp_path / f"{name}_timm.pth"
-    torch.save(reference.state_dict(), path)
-    model = gcvit.create_model(name).eval()
-    report = gcvit.load_checkpoint(model, path)
-    assert report.format == "timm"
-    assert not (report.missing or report.unexpected or report.mismatched)
-    x = torch.randn(4, 3, 224, 224)
-    with torch.no_grad():
-        for batch in (x[:1], x):
-            expected, got = reference(batch), model(batch)
-            assert got.shape == (len(batch), 1000)
-            assert (got - expected).abs().max().item() < 1e-4
+    assert_loads_timm_checkpoint(name, f"{name}_patch16_224", tmp_path)
 
 
 def test_timm_vit_with_other_parts_is_refused() -> None:
@@ -122,17 +110,7 @@ def test_random_token_subset_keeps_distinct_tokens_in_order() -> None:
 def test_training_step_and_gradient_checkpointing() -> None:
     model = randomize_(gcvit.create_model("vit_tiny", img_size=32, drop_path_rate=0.0, **SMALL))
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
-
-    def grads() -> dict[str, torch.Tensor]:
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = grads()
-    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in plain.values())
-    model.set_grad_checkpointing(True)
-    ckpt = grads()
-    assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
+    assert_checkpointing_keeps_gradients(model, x, y)
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
     model.reset_classifier(0)
     assert isinstance(model.head, torch.nn.Identity) and model(x).shape == (2, 32)

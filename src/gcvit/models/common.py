@@ -31,16 +31,37 @@ def init_weights(module: nn.Module) -> None:
 
 
 class PyramidClassifier(HubMixin, nn.Module):
-    """Average-pool head of a hierarchical model. Subclasses set `norm` (the final norm), `head`, `num_features`
-    (8C), `num_classes`, and define `forward_features` -> normalised last map NCHW (B, 8C, h, w)."""
+    """Features and average-pool head of a four-stage hierarchical model. Subclasses set `patch_embed` (NCHW images
+    -> NHWC stride-4 map), `pos_drop`, `norm` (the final norm), `head`, `num_features` (8C), `num_classes`, and define
+    `stages` and `_check_input`."""
 
+    patch_embed: nn.Module
+    pos_drop: nn.Module
     norm: nn.Module
     head: nn.Module
     num_features: int
     num_classes: int
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The four stages, each NHWC (B, H, W, C) -> NHWC, downsampling included."""
         raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> normalised last-stage map NCHW (B, 8C, H/32, W/32)."""
+        self._check_input(x)
+        x = self.pos_drop(self.patch_embed(x))  # NHWC (B, H/4, W/4, C)
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass, trading compute for memory."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Last-stage map NCHW (B, 8C, h, w) -> logits (B, num_classes), or pooled features (B, 8C) if pre_logits."""

@@ -219,6 +219,10 @@ class GCViT(PyramidClassifier):
         ]
         self.apply(init_weights)
 
+    @property
+    def stages(self) -> nn.ModuleList:
+        return self.levels
+
     def _check_input(self, x: torch.Tensor) -> None:
         check_images(x, self.cfg.in_chans)
         if min(x.shape[2:]) < MIN_INPUT_SIZE:
@@ -244,19 +248,6 @@ class GCViT(PyramidClassifier):
             if level.downsample is not None:
                 x = level.downsample(x)
         return feats
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> normalised last-stage map NCHW (B, 8C, H/32, W/32)."""
-        self._check_input(x)
-        x = self.pos_drop(self.patch_embed(x))  # NHWC
-        for level in self.levels:
-            x = level(x)
-        return self.norm(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass, trading compute for memory."""
-        for level in self.levels:
-            level.grad_checkpointing = enable
 
 
 # --- checkpoint conversion -------------------------------------------------------------------------------------

@@ -230,6 +230,10 @@ class SwinTransformer(PyramidClassifier):
         """Foreign state dict -> (this model's keys, format name); `load_checkpoint` calls it."""
         return convert_checkpoint(state_dict)
 
+    @property
+    def stages(self) -> nn.ModuleList:
+        return self.layers
+
     def _check_input(self, x: torch.Tensor) -> None:
         p = self.cfg.patch_size
         check_images(x, self.cfg.in_chans)
@@ -257,19 +261,6 @@ class SwinTransformer(PyramidClassifier):
             out = self.norm(x) if i == len(self.layers) - 1 else x
             feats.append(out.permute(0, 3, 1, 2))  # NHWC -> NCHW (a channels-last view)
         return feats
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> normalised last-stage map NCHW (B, 8C, H/32, W/32)."""
-        self._check_input(x)
-        x = self.pos_drop(self.patch_embed(x))  # NHWC
-        for stage in self.layers:
-            x = stage(x)
-        return self.norm(x).permute(0, 3, 1, 2)  # NHWC -> NCHW
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass, trading compute for memory."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
 
 
 # --- checkpoint conversion -------------------------------------------------------------------------------------
