@@ -93,7 +93,11 @@ def _attention_math(
     """
     BnW, heads, N, _ = q.shape
     attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
-    attn.view(B, BnW // B, heads, N, N).add_(mask)  # in place; mask broadcasts over images (and windows when 1)
+    scores = attn.view(B, BnW // B, heads, N, N)  # the mask broadcasts over images (and windows when 1)
+    if attn.requires_grad or mask.requires_grad:
+        attn = (scores + mask).view(BnW, heads, N, N)  # autograd turns an in-place add on a view into copies
+    else:
+        scores.add_(mask)
     attn = attn.softmax(-1)
     if dropout:
         attn = F.dropout(attn, dropout, training=True)
