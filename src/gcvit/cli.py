@@ -105,6 +105,7 @@ def _bench(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         dtypes=tuple(args.dtypes),
         compile=args.compile,
+        agreement_images=args.agreement_images,
     )
     if args.device:
         cfg.device = args.device
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="run our inference side through torch.compile (inductor)")
+    p.add_argument("--agreement-images", type=int, default=256, help="random images for the bf16 top-1 check")
     p.set_defaults(func=_bench)
     return parser
 

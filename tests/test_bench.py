@@ -1,0 +1,23 @@
+"""`gcvit bench` end to end on the smallest variant: both sides run, agree, and every row is reported."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from gcvit.cli import main
+
+
+def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--models", "gcvit_xxtiny", "--train-models", "gcvit_xxtiny", "--batches", "1"]
+    argv += ["--train-batch", "2", "--repeats", "1", "--agreement-images", "16", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    diff = float(out.split("fp32 max abs difference to timm ")[1].split()[0])
+    assert diff < 1e-4
+    agreement = float(out.split("bf16 top-1 agreement with timm in bf16 ")[1].split("%")[0])
+    assert agreement >= 75.0  # 16 images with random weights: a gross bf16 error would show as chance (0.1%)
+    for row in (r"infer fp32\s+b1\s", r"infer bf16\s+b1\s", r"train fp32\s+b2\s"):
+        assert re.search(rf"gcvit_xxtiny {row}\s*ours img/s [\d.]+\s+timm img/s [\d.]+\s+ratio [\d.]+", out), row
+    assert "ckpt peak MiB" in out
