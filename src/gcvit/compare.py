@@ -2,8 +2,8 @@
 
 Every model is trained by `gcvit.train.train` with the same TrainConfig (epochs, batch, lr schedule, augmentation,
 EMA, seed) and the same wall-clock budget, stopping at the end of the epoch that passes it. On the bundled digits
-(32 px) each model is built at its family's digits size (`gcvit.models.registry.digits_overrides`; GC ViT: the
-training recipe's digits model); the table states the width and depth each was built with. Then, with the best
+(32 px) each model is built at its family's digits size (`gcvit.models.registry.digits_overrides`, the
+model `gcvit train` uses on the digits); the table states the width and depth each was built with. Then, with the best
 (EMA) weights: parameters, GFLOPs (torch's FLOP counter), inference and training-step throughput (all models timed
 round-robin, medians), peak memory of a training step, and the attention each model computes.
 
@@ -118,7 +118,6 @@ def built_as(model: nn.Module) -> str:
 
 def _train_config(cfg: CompareConfig, name: str) -> Any:
     from gcvit.train import TrainConfig
-    from gcvit.train.loop import DIGITS_MODEL
 
     values = {
         "model": name,
@@ -139,7 +138,7 @@ def _train_config(cfg: CompareConfig, name: str) -> Any:
         raise ValueError(f"size must be 'auto', 'digits' or 'native'; got {cfg.size!r}")
     small = cfg.size == "digits" or (cfg.size == "auto" and cfg.data == "digits")
     if small and "model_overrides" not in cfg.train_overrides:
-        values["model_overrides"] = digits_overrides(name) or dict(DIGITS_MODEL)
+        values["model_overrides"] = digits_overrides(name)
     elif not small:
         values.setdefault("model_overrides", {})  # the variant as named, also on the digits
     return TrainConfig(**values)

@@ -35,10 +35,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 
     Under CPU autocast the computation runs in the autocast dtype, as `F.linear` would.
     """
-    if not _onednn_pays(x, layer):
-        y = layer(x)
-        return F.gelu(y) if gelu else y
-    dtype = _compute_dtype(x)
+    dtype = _compute_dtype(x) if _onednn_pays(x, layer) else None
     if dtype is None:
         y = layer(x)
         return F.gelu(y) if gelu else y

@@ -12,14 +12,13 @@ import dataclasses
 import difflib
 import fnmatch
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from gcvit.models import swin, vit
-from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig, convert_timm
+from gcvit.models.gcvit import DIGITS, VARIANTS, GCViT, GCViTConfig
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
 from gcvit.models.weights import load_state_dict_into, read_state_dict, resolve, to_official
 
@@ -29,18 +28,16 @@ class Family:
     """One architecture family: what `create_model` needs to build and load any of its variants."""
 
     name: str
-    config_cls: type  # the frozen config dataclass
-    model_cls: type[nn.Module]  # built as model_cls(config)
-    variants: dict[str, Any]  # arch name -> config
+    model_cls: type[nn.Module]  # built as model_cls(config); converts foreign checkpoints while loading
+    variants: dict[str, Any]  # arch name -> config (the family's frozen config dataclass)
     pretrained: dict[str, dict[str, PretrainedCfg]]  # arch name -> tag -> weights metadata
-    convert_timm: Callable[[dict], dict]  # timm state dict -> this family's keys
-    digits: dict[str, Any] | None = None  # config fields of the family's 32 px model for the bundled digits
+    digits: dict[str, Any]  # config fields of the family's 32 px model for the bundled digits
 
 
 FAMILIES: dict[str, Family] = {
-    "gcvit": Family("gcvit", GCViTConfig, GCViT, VARIANTS, PRETRAINED, convert_timm),
-    "swin": Family("swin", swin.SwinConfig, swin.SwinTransformer, swin.VARIANTS, {}, swin.convert_timm, swin.DIGITS),
-    "vit": Family("vit", vit.ViTConfig, vit.VisionTransformer, vit.VARIANTS, {}, vit.convert_timm, vit.DIGITS),
+    "gcvit": Family("gcvit", GCViT, VARIANTS, PRETRAINED, DIGITS),
+    "swin": Family("swin", swin.SwinTransformer, swin.VARIANTS, {}, swin.DIGITS),
+    "vit": Family("vit", vit.VisionTransformer, vit.VARIANTS, {}, vit.DIGITS),
 }
 
 
@@ -53,11 +50,9 @@ def family_of(name: str) -> Family:
     raise _unknown(name)
 
 
-def digits_overrides(name: str) -> dict[str, Any] | None:
-    """Config fields of the family's small 32 px model for the bundled digits (None for GC ViT, whose digits model
-    lives with the training recipe)."""
-    digits = family_of(name).digits
-    return dict(digits) if digits is not None else None
+def digits_overrides(name: str) -> dict[str, Any]:
+    """Config fields of the family's small 32 px model for the bundled digits."""
+    return dict(family_of(name).digits)
 
 
 @dataclass(frozen=True)

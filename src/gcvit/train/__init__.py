@@ -6,8 +6,9 @@
 >>> predict(["img.png"], model="runs/digits", topk=3)
 """
 
+from gcvit.models.gcvit import DIGITS as DIGITS_MODEL
 from gcvit.train.config import TrainConfig, load_run_config, official_recipe, resolve_config, save_yaml
-from gcvit.train.loop import DIGITS_MODEL, NonFiniteLossError, TrainResult, train, validate
+from gcvit.train.loop import NonFiniteLossError, TrainResult, train, validate
 
 __all__ = [
     "DIGITS_MODEL",

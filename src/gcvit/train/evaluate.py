@@ -19,6 +19,7 @@ from torch import nn
 
 import gcvit
 from gcvit.data import IMG_EXTENSIONS, DigitsDataset, ImageFolderDataset, eval_transform
+from gcvit.hub import build_from_config
 from gcvit.train import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)
@@ -79,22 +80,9 @@ def load_run(
     """
     weights, folder = _weights_file(Path(path), ema)
     config = ckpt.read_model_config(folder)
-    arch = dict(config["config"])
-    num_classes = arch.pop("num_classes")
-    model = gcvit.create_model(config["model"], num_classes=num_classes, **arch)
+    model = build_from_config(config, str(folder / ckpt.CONFIG_FILE))  # also reads the classes and preprocessing
     gcvit.load_checkpoint(model, weights)
-    classes = config.get("classes") or [str(i) for i in range(num_classes)]
-    meta = RunMeta(
-        config["model"],
-        list(classes),
-        tuple(config["img_size"]),
-        tuple(config["mean"]),
-        tuple(config["std"]),
-        config.get("interpolation", "bicubic"),
-        config.get("crop_pct", 1.0),
-        config.get("crop_mode", "center"),
-        str(weights),
-    )
+    meta = RunMeta.from_model(config["model"], model, model.classes, source=str(weights))
     return model.to(device).eval(), meta
 
 

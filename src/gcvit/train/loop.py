@@ -34,17 +34,8 @@ from gcvit.train.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
+
 # The small GC ViT used to train on the digits from scratch (model_overrides=None with data='digits').
-DIGITS_MODEL = {
-    "embed_dim": 32,
-    "depths": (1, 1, 2, 1),
-    "num_heads": (1, 2, 4, 8),
-    "window_size": (4, 4, 4, 2),
-    "mlp_ratio": 2.0,
-    "global_query_pools": None,
-}
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and RUN/last/ keeps the last good epoch."""
 
@@ -91,7 +82,7 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
     overrides = dict(cfg.model_overrides) if cfg.model_overrides is not None else {}
     if cfg.model_overrides is None and cfg.data == "digits" and not cfg.pretrained:
-        overrides = digits_overrides(cfg.model) or dict(DIGITS_MODEL)  # Swin and ViT bring their own
+        overrides = digits_overrides(cfg.model)  # each family's small 32 px model
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
     return overrides
