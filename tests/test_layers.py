@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask
+from gcvit.layers import attention as attention_module
 from gcvit.layers.attention import _fused_kernel_pays
 from gcvit.layers.fused import _onednn_pays, conv2d_gelu, linear
 
@@ -14,11 +15,19 @@ def _windows(B: int, nW: int, N: int, C: int, dtype: torch.dtype = torch.float32
     return torch.randn(B, nW, N, C, dtype=dtype)  # (B, nW, N, C)
 
 
+@pytest.fixture(params=["per_head", "batched"])
+def plain_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Sends the plain (unfused) path head by head, or all heads batched, whatever the size."""
+    monkeypatch.setattr(attention_module, "_PER_HEAD_MIN_SCORES", 0 if request.param == "per_head" else 2**62)
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["local", "global"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool) -> None:
-    """Training on the CPU (the bias needs a gradient) takes the plain path; it equals the fused kernel in outputs and
-    in every gradient (input, global query, bias table), with and without the padding mask."""
+def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, plain_route: str) -> None:
+    """Training on the CPU (the bias needs a gradient) takes the plain path, head by head or batched; it equals the
+    fused kernel in outputs and in every gradient (input, global query, bias table), with and without the padding
+    mask."""
     torch.manual_seed(0)
     B, ws, heads, C = 3, 4, 4, 32
     H, W = (6, 7) if padded else (8, 8)
@@ -57,7 +66,7 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool) 
     assert (bias_grad - table.grad).abs().max().item() < 1e-6
 
 
-def test_bf16_on_cpu_takes_the_plain_path_and_stays_close() -> None:
+def test_bf16_on_cpu_takes_the_plain_path_and_stays_close(plain_route: str) -> None:
     """bf16 on the CPU uses two bf16 matmuls (faster than the fused kernel for 49-token windows); its output stays
     within bf16 rounding of the fp32 result."""
     torch.manual_seed(0)

@@ -4,11 +4,15 @@ stage's global query generator, keys and values from the window).
 Both add the relative-position bias, plus the padding mask where the map was padded, to the scores. Where it pays
 (`_fused_kernel_pays`) they run through `torch.nn.functional.scaled_dot_product_attention` with that sum as its
 additive float mask, laid out as 4-D (B*nW, heads, N, hd) with a 4-D mask, the layout PyTorch's fused CPU and GPU
-kernels take (5-D inputs or a 3-D mask fall back to the slow unfused path); elsewhere through two matmuls.
+kernels take (5-D inputs or a 3-D mask fall back to the slow unfused path). Elsewhere (CPU training, CPU bf16) they
+run through two matmuls: head by head on views of the projection when the windows are many, all heads batched when
+they are few (`_attention_per_head`, `_attention_batched`).
 Shapes: windows (B, nW, N, C); heads split C into (heads, hd); N = ws * ws tokens per window.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,23 +57,38 @@ class _WindowAttentionBase(nn.Module):
             self._bias_cache = (key, self.relative_position_bias().to(dtype).contiguous())
         return self._bias_cache[1]
 
-    def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor | None, B: int
-    ) -> torch.Tensor:
-        """q, k, v (B*nW, heads, N, hd) -> (B, nW, N, C)."""
-        mask = self._bias(q.dtype)  # (1, heads, N, N)
+    def _attend(self, heads: torch.Tensor, q_global: torch.Tensor | None, pad_mask: torch.Tensor | None, B: int):
+        """heads (B*nW, N, P*heads, hd), the qkv (P = 3) or kv (P = 2, with `q_global` (B, heads, N, hd)) projection
+        viewed per head -> (B, nW, N, C)."""
+        BnW, N = heads.shape[:2]
+        h = self.num_heads
+        mask = self._bias(heads.dtype)  # (1, heads, N, N)
         if pad_mask is not None:
-            mask = mask + pad_mask.to(q.dtype)  # (nW, heads, N, N)
+            mask = mask + pad_mask.to(heads.dtype)  # (nW, heads, N, N)
         dropout = self.attn_drop if self.training else 0.0
-        if _fused_kernel_pays(q, mask):
-            if mask.shape[0] > 1:
-                mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+        nW = BnW // B
+        fused = _fused_kernel_pays(heads, mask)
+        if not fused and BnW * N * N >= _PER_HEAD_MIN_SCORES:
+            parts = heads.unbind(2)  # P*heads views (B*nW, N, hd); their gradients are stacked back in one copy
+            if q_global is None:
+                q, kv = parts[:h], parts[h:]
+            else:  # image b's query for each of its windows (image-major order), one head at a time
+                q_windows = q_global.unsqueeze(1).expand(B, nW, *q_global.shape[1:])  # (B, nW, heads, N, hd)
+                q, kv = [q_windows[:, :, i].flatten(0, 1) for i in range(h)], parts
+            out = _attention_per_head(q, kv[:h], kv[h:], mask, self.scale, dropout, B)  # (B*nW, N, C)
         else:
-            out = _attention_math(q, k, v, mask, self.scale, dropout, B)
-        BnW, _, N, _ = out.shape  # (B*nW, heads, N, hd)
-        out = out.transpose(1, 2).reshape(B, BnW // B, N, -1)  # (B, nW, N, C)
-        return self.proj_drop(linear(out, self.proj))
+            parts = heads.view(BnW, N, -1, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
+            if q_global is not None:
+                parts = (q_global.unsqueeze(1).expand(B, nW, *q_global.shape[1:]).flatten(0, 1), *parts)
+            q, k, v = parts
+            if fused:
+                if mask.shape[0] > 1:
+                    mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
+            else:
+                out = _attention_batched(q, k, v, mask, self.scale, dropout, B)
+            out = out.transpose(1, 2).reshape(BnW, N, -1)  # (B*nW, N, C)
+        return self.proj_drop(linear(out.view(B, nW, N, -1), self.proj))
 
 
 def _fused_kernel_pays(q: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -84,13 +103,17 @@ def _fused_kernel_pays(q: torch.Tensor, mask: torch.Tensor) -> bool:
     return not (mask.requires_grad and torch.is_grad_enabled()) and q.dtype == torch.float32
 
 
-def _attention_math(
+# Below this many scores per head (B*nW*N*N) the per-head loop's extra calls cost more than the copies it saves
+# (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training).
+_PER_HEAD_MIN_SCORES = 2**18
+
+
+def _attention_batched(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout: float, B: int
 ) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v: q, k, v (B*nW, heads, N, hd), mask (1 or nW, heads, N, N) -> like q.
-
-    The softmax reads low-precision scores but accumulates in fp32 (PyTorch's CPU and GPU kernels do).
-    """
+    """softmax(q k^T * scale + mask) v with all heads in one batched matmul: q, k, v (B*nW, heads, N, hd), mask
+    (1 or nW, heads, N, N) -> like q. The matmuls copy q, k and v into a batched layout first; for small batches
+    that costs less than a call per head. The softmax reads low-precision scores but accumulates in fp32."""
     BnW, heads, N, _ = q.shape
     attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
     scores = attn.view(B, BnW // B, heads, N, N)  # the mask broadcasts over images (and windows when 1)
@@ -102,6 +125,36 @@ def _attention_math(
     if dropout:
         attn = F.dropout(attn, dropout, training=True)
     return attn @ v  # (B*nW, heads, N, hd)
+
+
+def _attention_per_head(
+    q: Sequence[torch.Tensor],
+    k: Sequence[torch.Tensor],
+    v: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    scale: float,
+    dropout: float,
+    B: int,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, one head at a time: q, k, v one (B*nW, N, hd) per head, strided views into
+    the projection are fine; mask (1 or nW, heads, N, N) -> (B*nW, N, C), heads side by side.
+
+    Head by head, the matmuls read q, k and v where the projection wrote them: batching the heads copies them into
+    (B*nW, heads, N, hd) and the result back (1.3-1.5x slower on GC ViT's stages at batch 16 in training and bf16). The
+    scale and the mask ride on the first matmul (baddbmm); the softmax reads low-precision scores but accumulates in
+    fp32 (PyTorch's CPU and GPU kernels do).
+    """
+    BnW, N, _ = k[0].shape
+    outs = []
+    for i, (q_i, k_i, v_i) in enumerate(zip(q, k, v)):
+        mask_i = mask[:, i]  # (1 or nW, N, N)
+        if mask_i.shape[0] > 1 and B > 1:
+            mask_i = mask_i.expand(B, *mask_i.shape).reshape(BnW, N, N)  # every image's windows
+        attn = torch.baddbmm(mask_i, q_i, k_i.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nW, N, N)
+        if dropout:
+            attn = F.dropout(attn, dropout, training=True)
+        outs.append(torch.bmm(attn, v_i))  # (B*nW, N, hd)
+    return torch.cat(outs, -1)  # (B*nW, N, C)
 
 
 class WindowAttention(_WindowAttentionBase):
@@ -124,9 +177,8 @@ class WindowAttention(_WindowAttentionBase):
     ) -> torch.Tensor:
         """x (B, nW, N, C) -> (B, nW, N, C); `q_global` is ignored."""
         B, nW, N, _ = x.shape
-        qkv = linear(x, self.qkv).view(B * nW, N, 3, self.num_heads, self.head_dim)  # (B*nW, N, 3, heads, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
-        return self._attend(q, k, v, pad_mask, B)
+        qkv = linear(x, self.qkv).view(B * nW, N, 3 * self.num_heads, self.head_dim)  # (B*nW, N, 3*heads, hd)
+        return self._attend(qkv, None, pad_mask, B)
 
 
 class WindowAttentionGlobal(_WindowAttentionBase):
@@ -152,8 +204,5 @@ class WindowAttentionGlobal(_WindowAttentionBase):
         if q_global is None:
             raise ValueError("global window attention needs the stage's global query")
         B, nW, N, _ = x.shape
-        kv = linear(x, self.qkv).view(B * nW, N, 2, self.num_heads, self.head_dim)  # (B*nW, N, 2, heads, hd)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, hd)
-        # image b's query meets only image b's windows; the fused kernels need it laid out per window
-        q = q_global.unsqueeze(1).expand(B, nW, *q_global.shape[1:]).flatten(0, 1)  # (B*nW, heads, N, hd)
-        return self._attend(q, k, v, pad_mask, B)
+        kv = linear(x, self.qkv).view(B * nW, N, 2 * self.num_heads, self.head_dim)  # (B*nW, N, 2*heads, hd)
+        return self._attend(kv, q_global, pad_mask, B)

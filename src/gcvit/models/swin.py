@@ -116,7 +116,8 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # NCHW -> NHWC
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # channels-last: NHWC below is contiguous
+        return self.norm(x.permute(0, 2, 3, 1))  # NCHW -> NHWC
 
 
 class PatchMerging(nn.Module):
