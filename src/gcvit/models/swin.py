@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from gcvit.layers import Mlp, WindowAttention, pad_to_window_multiple, window_partition, window_reverse
-from gcvit.models.common import PyramidClassifier, check_images, init_weights
+from gcvit.models.common import PyramidClassifier, check_images, init_weights, stem_conv
 
 MIN_INPUT_SIZE = 32
 
@@ -116,8 +116,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))  # channels-last: NHWC below is contiguous
-        return self.norm(x.permute(0, 2, 3, 1))  # NCHW -> NHWC
+        return self.norm(stem_conv(x, self.proj).permute(0, 2, 3, 1))  # NCHW -> NHWC
 
 
 class PatchMerging(nn.Module):
