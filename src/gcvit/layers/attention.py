@@ -68,7 +68,7 @@ class _WindowAttentionBase(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         nW = BnW // B
         fused = _fused_kernel_pays(heads, mask)
-        if not fused and BnW * N * N >= _PER_HEAD_MIN_SCORES:
+        if not fused and BnW * N * N >= _PER_HEAD_MIN_SCORES and not torch.compiler.is_compiling():
             parts = heads.unbind(2)  # P*heads views (B*nW, N, hd); their gradients are stacked back in one copy
             if q_global is None:
                 q, kv = parts[:h], parts[h:]
@@ -104,7 +104,8 @@ def _fused_kernel_pays(q: torch.Tensor, mask: torch.Tensor) -> bool:
 
 
 # Below this many scores per head (B*nW*N*N) the per-head loop's extra calls cost more than the copies it saves
-# (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training).
+# (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training). torch.compile always takes
+# the batched route: a size test would specialise the graph on the batch size, and inductor fuses the copies itself.
 _PER_HEAD_MIN_SCORES = 2**18
 
 

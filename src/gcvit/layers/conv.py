@@ -23,15 +23,26 @@ class SqueezeExcite(nn.Module):
             nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False), nn.Sigmoid()
         )
 
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW -> the per-channel gate (B, C)."""
+        return self.fc(_spatial_mean(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.fc(x.mean((2, 3)))  # (B, C)
-        return x * gate[:, :, None, None]  # NCHW
+        return x * self.gate(x)[:, :, None, None]  # NCHW
+
+
+def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """NCHW -> (B, C) mean over H and W. For a bf16 or fp16 map PyTorch's `mean` first copies the whole map to fp32;
+    `sum` accumulates in fp32 without that copy (20x faster on the CPU for the stem's 112x112 map)."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return x.sum((2, 3)) / (x.shape[2] * x.shape[3])
+    return x.mean((2, 3))
 
 
 class FusedMBConv(nn.Sequential):
-    """Depthwise 3x3 -> GELU -> SE -> pointwise 1x1, no biases; callers add the residual. A Sequential, so its
-    state-dict keys are NVIDIA's (`conv.0`, `conv.2.fc.0`, ...); the convolution and its GELU run as one kernel in
-    CPU inference."""
+    """x + (depthwise 3x3 -> GELU -> SE -> pointwise 1x1)(x), no biases. A Sequential, so its state-dict keys are
+    NVIDIA's (`conv.0`, `conv.2.fc.0`, ...). The depthwise convolution and its GELU run as one kernel in CPU
+    inference; the SE gating, the pointwise convolution and the residual add run as one batched matmul."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(
@@ -42,13 +53,24 @@ class FusedMBConv(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """NCHW -> NCHW."""
+        """NCHW (best channels-last) -> NCHW, channels-last."""
         dw, _, se, pw = self
-        return pw(se(conv2d_gelu(x, dw)))
+        y = conv2d_gelu(x, dw)  # (B, C, H, W)
+        B, C, H, W = y.shape
+        # pw(y * gate) = y @ (gate * pw's weight), one weight per image: the gate scales the small weight instead of
+        # the map (no pass over it, and in training no gated copy kept for the backward); baddbmm adds the residual
+        weight = se.gate(y)[:, :, None] * pw.weight.view(-1, C).t()  # (B, C, C)
+        out = torch.baddbmm(_nhwc(x), _nhwc(y), weight)  # (B, H*W, C)
+        return out.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """NCHW (B, C, H, W) -> (B, H*W, C): a view of a channels-last map, a copy otherwise."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
 class ReduceSize(nn.Module):
-    """LayerNorm -> x + FusedMBConv(x) -> strided 3x3 conv (C -> 2C, or C -> C with keep_dim) -> LayerNorm.
+    """LayerNorm -> FusedMBConv (residual inside) -> strided 3x3 conv (C -> 2C, or C -> C with keep_dim) -> LayerNorm.
 
     Halves H and W (ceil). Input and output NHWC.
     """
@@ -63,13 +85,13 @@ class ReduceSize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x).permute(0, 3, 1, 2)  # NHWC -> NCHW (a channels-last view)
-        x = x + self.conv(x)
+        x = self.conv(x)  # x + block(x)
         x = self.reduction(x).permute(0, 2, 3, 1)  # NCHW -> NHWC
         return self.norm2(x)
 
 
 class FeatExtract(nn.Module):
-    """x + FusedMBConv(x), then 3x3 max-pool with stride 2 unless keep_dim. NCHW in and out."""
+    """FusedMBConv (x + block(x)), then 3x3 max-pool with stride 2 unless keep_dim. NCHW in and out."""
 
     def __init__(self, dim: int, keep_dim: bool = False) -> None:
         super().__init__()
@@ -77,4 +99,4 @@ class FeatExtract(nn.Module):
         self.pool = nn.Identity() if keep_dim else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(x + self.conv(x))
+        return self.pool(self.conv(x))  # x + block(x), pooled
