@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask
+from gcvit.layers import FusedMBConv, WindowAttention, WindowAttentionGlobal, padding_key_mask
 from gcvit.layers import attention as attention_module
 from gcvit.layers.attention import _fused_kernel_pays
 from gcvit.layers.fused import _onednn_pays, conv2d_gelu, linear
@@ -130,3 +130,29 @@ def test_cast_weights_follow_in_place_updates() -> None:
         after = linear(x, layer)
         assert torch.equal(after, layer(x))
     assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_mbconv_equals_its_modules_in_sequence(channels_last: bool) -> None:
+    """x + pw(se(gelu(dw(x)))), the block as NVIDIA's modules define it, in outputs and in every gradient: the SE
+    gate folded into per-image pointwise weights and the residual inside baddbmm change nothing but rounding."""
+    torch.manual_seed(0)
+    block = FusedMBConv(16)
+    x = torch.randn(3, 16, 9, 11)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dw, gelu, se, pw = block
+
+    def grads(out: torch.Tensor) -> list[torch.Tensor]:
+        weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+        return torch.autograd.grad((out * weights).sum(), [x, *block.parameters()])
+
+    x.requires_grad_()
+    ref = x + pw(se(gelu(dw(x))))
+    out = block(x)
+    assert out.shape == ref.shape == (3, 16, 9, 11)
+    assert (out - ref).abs().max().item() < 1e-5
+    for a, b in zip(grads(out), grads(ref)):
+        assert b.abs().max() > 0 and (a - b).abs().max().item() < 1e-5
+    with torch.no_grad():  # inference: the fused depthwise kernel
+        assert (block(x) - ref).abs().max().item() < 1e-5
