@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -119,17 +121,22 @@ def test_onednn_conv_gelu_equals_conv_then_gelu(groups: int) -> None:
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max().item() < 0.02 * ref.abs().max().item()
 
 
-def test_cast_weights_follow_in_place_updates() -> None:
-    """The bf16 copy of a weight kept for autocast is refreshed when the weight changes in place (EMA, loading)."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_prepared_weights_follow_in_place_updates(autocast: bool) -> None:
+    """The packed (and, under autocast, bf16) copy of a weight kept for the fused kernel is refreshed when the weight
+    changes in place (EMA, loading), and stays out of deepcopy and the state dict."""
     layer = torch.nn.Linear(8, 4)
     x = torch.randn(3, 8)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         before = linear(x, layer)
         layer.weight.mul_(2)
         layer.bias.zero_()
         after = linear(x, layer)
         assert torch.equal(after, layer(x))
+        twin = copy.deepcopy(layer)  # an opaque oneDNN tensor in the module would make this raise
+        assert torch.equal(linear(x, twin), after)
     assert not torch.equal(before, after)
+    assert set(layer.state_dict()) == {"weight", "bias"}
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
