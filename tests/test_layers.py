@@ -132,7 +132,7 @@ def test_prepared_weights_follow_in_place_updates(autocast: bool) -> None:
         layer.weight.mul_(2)
         layer.bias.zero_()
         after = linear(x, layer)
-        assert torch.equal(after, layer(x))
+        assert (after.float() - layer(x).float()).abs().max().item() < 1e-5  # MKL and oneDNN round differently
         twin = copy.deepcopy(layer)  # an opaque oneDNN tensor in the module would make this raise
         assert torch.equal(linear(x, twin), after)
     assert not torch.equal(before, after)
