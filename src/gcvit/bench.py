@@ -1,8 +1,10 @@
 """Side-by-side speed measurement of this project's GC ViT and timm's, with identical weights and inputs.
 
 Both sides run in one process, interleaved repeat by repeat, and medians are reported, since shared machines are
-noisy. Achieved GFLOP/s are set against a matrix multiply timed in the same run. Peak memory is the CUDA allocator's
-peak on GPU; on CPU it is the peak of live tensor storage, tracked op by op with a dispatch mode (untimed runs).
+noisy. Achieved GFLOP/s are set against a matrix multiply timed among each row's interleaved calls, so that a row and
+its ceiling see the same machine (on a shared VM the matmul rate itself moves by 2x from minute to minute). Peak
+memory is the CUDA allocator's peak on GPU; on CPU it is the peak of live tensor storage, tracked op by op with a
+dispatch mode (untimed runs).
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def peak_memory(fn: Callable[[], object], device: str) -> int:
     return tracker.peak
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_MATMUL_N = 2048  # the ceiling: an n x n matrix multiply
+_MATMUL_FLOPS = 2.0 * _MATMUL_N**3
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -108,12 +115,11 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_flops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n matrix multiply in `dtype`: the ceiling the model's GFLOP/s is set against."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = interleaved({"mm": lambda: a @ b}, repeats, 2, device)["mm"]
-    return 2 * n**3 / seconds
+def matmul_op(dtype: torch.dtype, device: str) -> Callable[[], object]:
+    """A `_MATMUL_N`^3 matrix multiply in `dtype`: the ceiling a row's GFLOP/s is set against."""
+    a = torch.randn(_MATMUL_N, _MATMUL_N, device=device, dtype=dtype)
+    b = torch.randn(_MATMUL_N, _MATMUL_N, device=device, dtype=dtype)
+    return lambda: a @ b
 
 
 def model_pair(name: str, device: str) -> tuple[nn.Module, nn.Module]:
@@ -139,7 +145,9 @@ def _autocast(dtype: str, device: str) -> Iterator[None]:
         yield
 
 
-def _row(cfg: BenchConfig, what: str, batch: int, t_ours: float, t_theirs: float, flops: float, peak: float) -> dict:
+def _row(cfg: BenchConfig, what: str, batch: int, t: dict[str, float], t_theirs: float, flops: float) -> dict:
+    """t: median seconds of "ours" and "matmul" (the `matmul_op` of the row's dtype), timed in the same rounds."""
+    t_ours, peak = t["ours"], _MATMUL_FLOPS / t["matmul"]
     row = {
         "what": what,
         "batch": batch,
@@ -148,6 +156,7 @@ def _row(cfg: BenchConfig, what: str, batch: int, t_ours: float, t_theirs: float
         "ratio": t_theirs / t_ours,
         "ours GFLOP/s": flops * batch / t_ours / 1e9,
         "% of matmul": 100 * flops * batch / t_ours / peak,
+        "matmul GFLOP/s": peak / 1e9,
     }
     cfg.rows.append(row)
     return row
@@ -169,7 +178,7 @@ def _bf16_agreement(ours: nn.Module, theirs: nn.Module, cfg: BenchConfig, dev: s
     return 100 * same_bf16 / n, 100 * same_fp32 / n, n
 
 
-def bench_inference(cfg: BenchConfig, name: str, peaks: dict[str, float], log: Callable[[str], None]) -> None:
+def bench_inference(cfg: BenchConfig, name: str, log: Callable[[str], None]) -> None:
     """Inference throughput at each batch size and dtype; timm's bf16 reference is its faster of plain autocast and
     channels-last plus autocast."""
     dev = cfg.device
@@ -180,6 +189,7 @@ def bench_inference(cfg: BenchConfig, name: str, peaks: dict[str, float], log: C
     flops = 2 * count_macs(ours, (cfg.img_size, cfg.img_size))
     runner = _compiled(ours) if cfg.compile else ours
     x16 = torch.randn(max(cfg.infer_batches), 3, cfg.img_size, cfg.img_size, device=dev)
+    matmuls = {k: matmul_op(_DTYPES[k], dev) for k in cfg.dtypes}
     with torch.inference_mode():
         diff = (ours(x16) - theirs(x16)).abs().max().item()
         log(f"{name}: fp32 max abs difference to timm {diff:.2e}")
@@ -205,13 +215,13 @@ def bench_inference(cfg: BenchConfig, name: str, peaks: dict[str, float], log: C
                     with _autocast(dtype, dev):
                         return theirs_cl(x)
 
-                sides = {"ours": run_ours, "timm": run_theirs}
+                sides = {"ours": run_ours, "timm": run_theirs, "matmul": matmuls[dtype]}
                 if dtype == "bf16":
                     sides["timm-cl"] = run_theirs_cl
                 t = interleaved(sides, cfg.repeats, cfg.warmup, dev)
-                t_timm = min(v for k, v in t.items() if k != "ours")
+                t_timm = min(t["timm"], t.get("timm-cl", t["timm"]))
                 what = f"{name} infer {dtype}" + (" compiled" if cfg.compile else "")
-                row = _row(cfg, what, batch, t["ours"], t_timm, flops, peaks[dtype])
+                row = _row(cfg, what, batch, t, t_timm, flops)
                 log(_fmt(row))
 
 
@@ -230,7 +240,7 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     opt.zero_grad(set_to_none=True)
 
 
-def bench_train(cfg: BenchConfig, name: str, peaks: dict[str, float], log: Callable[[str], None]) -> None:
+def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None]) -> None:
     """Training step (forward, backward, AdamW) in fp32: throughput and peak memory, with and without gradient
     checkpointing on our side."""
     dev = cfg.device
@@ -242,13 +252,13 @@ def bench_train(cfg: BenchConfig, name: str, peaks: dict[str, float], log: Calla
     flops = 3 * 2 * count_macs(ours, (cfg.img_size, cfg.img_size))  # backward ~ 2x forward
     x = torch.randn(cfg.train_batch, 3, cfg.img_size, cfg.img_size, device=dev)
     y = torch.randint(0, 1000, (cfg.train_batch,), device=dev)
-    t = interleaved(
-        {"ours": lambda: _train_step(ours, opt_ours, x, y), "timm": lambda: _train_step(theirs, opt_theirs, x, y)},
-        max(3, cfg.repeats // 2),
-        1,
-        dev,
-    )
-    row = _row(cfg, f"{name} train fp32", cfg.train_batch, t["ours"], t["timm"], flops, peaks["fp32"])
+    sides = {
+        "ours": lambda: _train_step(ours, opt_ours, x, y),
+        "timm": lambda: _train_step(theirs, opt_theirs, x, y),
+        "matmul": matmul_op(torch.float32, dev),
+    }
+    t = interleaved(sides, max(3, cfg.repeats // 2), 1, dev)
+    row = _row(cfg, f"{name} train fp32", cfg.train_batch, t, t["timm"], flops)
     mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x, y), dev)
     mem_theirs = peak_memory(lambda: _train_step(theirs, opt_theirs, x, y), dev)
     ours.set_grad_checkpointing(True)
@@ -269,12 +279,10 @@ def _fmt(row: dict) -> str:
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run every measurement of `cfg`, logging a line each; returns the rows."""
     torch.manual_seed(0)
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {k: matmul_flops(dtypes[k], cfg.device) for k in ("fp32", "bf16")}
     log(f"device {cfg.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    log("matmul 2048^3: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    log(f"% of matmul: against a {_MATMUL_N}^3 matrix multiply in the row's dtype, timed in the same rounds as the row")
     for name in cfg.models:
-        bench_inference(cfg, name, peaks, log)
+        bench_inference(cfg, name, log)
     for name in cfg.train_models:
-        bench_train(cfg, name, peaks, log)
+        bench_train(cfg, name, log)
     return cfg.rows
