@@ -100,13 +100,16 @@ def _sync(device: str) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so that machine noise hits all sides alike."""
+    """Median seconds per call of each function, timed round-robin so that machine noise hits all sides alike; the
+    order rotates from round to round, since what ran just before (its caches, its freed memory) affects a call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotated: no side always runs after another
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()
