@@ -59,7 +59,8 @@ class FusedMBConv(nn.Sequential):
         B, C, H, W = y.shape
         # pw(y * gate) = y @ (gate * pw's weight), one weight per image: the gate scales the small weight instead of
         # the map (no pass over it, and in training no gated copy kept for the backward); baddbmm adds the residual
-        weight = se.gate(y)[:, :, None] * pw.weight.view(-1, C).t()  # (B, C, C)
+        gate = se.gate(y)  # (B, C), in the autocast dtype under autocast
+        weight = gate[:, :, None] * pw.weight.view(-1, C).t().to(gate.dtype)  # (B, C, C)
         out = torch.baddbmm(_nhwc(x), _nhwc(y), weight)  # (B, H*W, C)
         return out.view(B, H, W, C).permute(0, 3, 1, 2)
 
