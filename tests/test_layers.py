@@ -114,6 +114,22 @@ def test_onednn_linear_equals_f_linear(gelu: bool) -> None:
         assert (got - want).abs().max().item() < 1e-5
 
 
+def test_training_linear_supports_double_backward() -> None:
+    """The oneDNN training route keeps F.linear's second derivatives (gradient penalties, Hessian-vector products)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+
+    def hvp(f: object) -> list[torch.Tensor]:
+        (gx,) = torch.autograd.grad(f(x).pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), [x, *layer.parameters()])
+
+    got = hvp(lambda t: linear(t, layer))
+    want = hvp(lambda t: torch.nn.functional.linear(t, layer.weight, layer.bias))
+    for a, b in zip(got, want):
+        assert b.abs().max() > 0 and (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
+
+
 @pytest.mark.parametrize("groups", [1, 16])
 def test_onednn_conv_gelu_equals_conv_then_gelu(groups: int) -> None:
     torch.manual_seed(0)

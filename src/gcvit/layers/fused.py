@@ -7,7 +7,7 @@ for the linear alone in fp32, and up to 3x for linear plus GELU in bf16; a depth
 likewise. They have no autograd formula. An fp32 training step runs the linear's forward through oneDNN and its
 backward through the same two matmuls and bias sum as `F.linear`'s (`_OneDNNLinear`: 1.04-1.28x for forward plus
 backward on GC ViT's layers); GELU then stays a pass of its own, since its backward needs the pre-activation. Other
-gradient cases (autocast, convolutions, double backward) keep PyTorch's ops, as do torch.compile and torch.export
+gradient cases (autocast, convolutions) keep PyTorch's ops, as do torch.compile and torch.export
 (inductor fuses on its own), other devices and builds without oneDNN. All routes give the same values up to float
 rounding.
 """
@@ -62,8 +62,8 @@ class _OneDNNLinear(torch.autograd.Function):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., out_features)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # plain differentiable ops: with create_graph=True autograd records them, so double backward works
         x, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (tokens, out_features)
         grad_x = (grad_2d @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
