@@ -68,20 +68,16 @@ class _WindowAttentionBase(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         nW = BnW // B
         fused = _fused_kernel_pays(heads, mask)
+        if q_global is not None:  # image b's query for each of its windows (image-major order); repeating a
+            # contiguous copy is a plain memcpy, 4-7x faster than copying a strided, expanded view
+            q_global = q_global.transpose(0, 1).contiguous().repeat_interleave(nW, dim=1)  # (heads, B*nW, N, hd)
         if not fused and BnW * N * N >= _PER_HEAD_MIN_SCORES and not torch.compiler.is_compiling():
             parts = heads.unbind(2)  # P*heads views (B*nW, N, hd); their gradients are stacked back in one copy
-            if q_global is None:
-                q, kv = parts[:h], parts[h:]
-            else:  # image b's query for each of its windows (image-major order), one head at a time; repeating a
-                # contiguous copy is a plain memcpy, 4-7x faster than copying a strided, expanded view
-                q = [q_global[:, i].contiguous().repeat_interleave(nW, dim=0) for i in range(h)]  # (B*nW, N, hd)
-                kv = parts
+            q, kv = (parts[:h], parts[h:]) if q_global is None else (q_global.unbind(0), parts)
             out = _attention_per_head(q, kv[:h], kv[h:], mask, self.scale, dropout, B)  # (B*nW, N, C)
         else:
             parts = heads.view(BnW, N, -1, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
-            if q_global is not None:
-                parts = (q_global.contiguous().repeat_interleave(nW, dim=0), *parts)  # (B*nW, heads, N, hd)
-            q, k, v = parts
+            q, k, v = parts if q_global is None else (q_global.transpose(0, 1), *parts)
             if fused:
                 if mask.shape[0] > 1:
                     mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)

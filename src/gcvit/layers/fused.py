@@ -42,16 +42,6 @@ def _onednn_pays(x: torch.Tensor, layer: nn.Linear | nn.Conv2d) -> bool:
     return _onednn_usable(x, layer) and not _needs_grad(x, layer)
 
 
-def _onednn_trains(x: torch.Tensor, layer: nn.Linear) -> bool:
-    """Whether `_OneDNNLinear` runs `layer` on `x`: fp32 with a gradient, no autocast."""
-    return (
-        _onednn_usable(x, layer)
-        and _needs_grad(x, layer)
-        and x.dtype == layer.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
-    )
-
-
 class _OneDNNLinear(torch.autograd.Function):
     """F.linear with oneDNN's forward; the backward is `F.linear`'s: grad @ W, grad^T @ x and the bias sum."""
 
@@ -77,9 +67,18 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 
     Under CPU autocast the computation runs in the autocast dtype, as `F.linear` would.
     """
-    dtype = _compute_dtype(x) if _onednn_pays(x, layer) else None
+    usable, needs_grad = _onednn_usable(x, layer), _needs_grad(x, layer)
+    if (
+        usable
+        and needs_grad
+        and x.dtype == layer.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+    ):
+        y = _OneDNNLinear.apply(x, layer.weight, layer.bias)  # fp32 training: oneDNN forward, F.linear's backward
+        return F.gelu(y) if gelu else y
+    dtype = _compute_dtype(x) if usable and not needs_grad else None
     if dtype is None:
-        y = _OneDNNLinear.apply(x, layer.weight, layer.bias) if _onednn_trains(x, layer) else layer(x)
+        y = layer(x)
         return F.gelu(y) if gelu else y
     weight, bias = _params(layer, dtype, pack=True)
     return torch.ops.mkldnn._linear_pointwise(
