@@ -20,6 +20,10 @@ def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]
     assert agreement >= 75.0  # 16 images with random weights: a gross bf16 error would show as chance (0.1%)
     for row in (r"infer fp32\s+b1\s", r"infer bf16\s+b1\s", r"train fp32\s+b2\s"):
         assert re.search(rf"gcvit_xxtiny {row}\s*ours img/s [\d.]+\s+timm img/s [\d.]+\s+ratio [\d.]+", out), row
+    # timm's channels-last setting ran beside its default one wherever the ratio is against the faster of the two
+    assert re.search(r"train fp32\s+b2\s.*ratio [\d.]+\s+ratio vs timm default [\d.]+", out)
+    assert re.search(r"infer bf16\s+b1\s.*ratio vs timm default [\d.]+", out)
+    assert "ratio vs timm default" not in re.search(r"infer fp32\s+b1\s.*", out).group(0)
     ceilings = [float(v) for v in re.findall(r"matmul GFLOP/s ([\d.]+)", out)]
     assert len(ceilings) == 3 and min(ceilings) > 0  # each row timed its own matmul ceiling
     assert "ckpt peak MiB" in out

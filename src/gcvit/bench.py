@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import gcvit
+from gcvit.allocator import freed_memory_kept
 from gcvit.flops import count_macs
 from gcvit.models.weights import load_state_dict_into
 
@@ -148,15 +149,18 @@ def _autocast(dtype: str, device: str) -> Iterator[None]:
         yield
 
 
-def _row(cfg: BenchConfig, what: str, batch: int, t: dict[str, float], t_theirs: float, flops: float) -> dict:
-    """t: median seconds of "ours" and "matmul" (the `matmul_op` of the row's dtype), timed in the same rounds."""
+def _row(cfg: BenchConfig, what: str, batch: int, t: dict[str, float], flops: float) -> dict:
+    """t: median seconds of "ours", "timm", "matmul" (the `matmul_op` of the row's dtype) and, where timm was also
+    run channels-last, "timm-cl", all timed in the same rounds. The ratio is against timm's faster setting."""
     t_ours, peak = t["ours"], _MATMUL_FLOPS / t["matmul"]
+    t_theirs = min(t["timm"], t.get("timm-cl", t["timm"]))
     row = {
         "what": what,
         "batch": batch,
         "ours img/s": batch / t_ours,
         "timm img/s": batch / t_theirs,
         "ratio": t_theirs / t_ours,
+        **({"ratio vs timm default": t["timm"] / t_ours} if "timm-cl" in t else {}),
         "ours GFLOP/s": flops * batch / t_ours / 1e9,
         "% of matmul": 100 * flops * batch / t_ours / peak,
         "matmul GFLOP/s": peak / 1e9,
@@ -222,9 +226,8 @@ def bench_inference(cfg: BenchConfig, name: str, log: Callable[[str], None]) -> 
                 if dtype == "bf16":
                     sides["timm-cl"] = run_theirs_cl
                 t = interleaved(sides, cfg.repeats, cfg.warmup, dev)
-                t_timm = min(t["timm"], t.get("timm-cl", t["timm"]))
                 what = f"{name} infer {dtype}" + (" compiled" if cfg.compile else "")
-                row = _row(cfg, what, batch, t, t_timm, flops)
+                row = _row(cfg, what, batch, t, flops)
                 log(_fmt(row))
 
 
@@ -245,23 +248,28 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 
 def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None]) -> None:
     """Training step (forward, backward, AdamW) in fp32: throughput and peak memory, with and without gradient
-    checkpointing on our side."""
+    checkpointing on our side. timm runs as created (NCHW) and channels-last (its faster setting on CPUs); the ratio
+    is against the faster, and a second ratio against timm as created."""
     dev = cfg.device
     ours, theirs = model_pair(name, dev)
-    ours.train()
-    theirs.train()
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-5)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-5)
+    theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
+    for model in (ours, theirs, theirs_cl):
+        model.train()
+    opt_ours, opt_theirs, opt_theirs_cl = (
+        torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs, theirs_cl)
+    )
     flops = 3 * 2 * count_macs(ours, (cfg.img_size, cfg.img_size))  # backward ~ 2x forward
     x = torch.randn(cfg.train_batch, 3, cfg.img_size, cfg.img_size, device=dev)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (cfg.train_batch,), device=dev)
     sides = {
         "ours": lambda: _train_step(ours, opt_ours, x, y),
         "timm": lambda: _train_step(theirs, opt_theirs, x, y),
+        "timm-cl": lambda: _train_step(theirs_cl, opt_theirs_cl, x_cl, y),
         "matmul": matmul_op(torch.float32, dev),
     }
     t = interleaved(sides, max(3, cfg.repeats // 2), 1, dev)
-    row = _row(cfg, f"{name} train fp32", cfg.train_batch, t, t["timm"], flops)
+    row = _row(cfg, f"{name} train fp32", cfg.train_batch, t, flops)
     mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x, y), dev)
     mem_theirs = peak_memory(lambda: _train_step(theirs, opt_theirs, x, y), dev)
     ours.set_grad_checkpointing(True)
@@ -275,14 +283,15 @@ def _fmt(row: dict) -> str:
     parts = [f"{row['what']:<24s} b{row['batch']:<3d}"]
     for key, value in row.items():
         if key not in ("what", "batch"):
-            parts.append(f"{key} {value:.2f}" if key == "ratio" else f"{key} {value:.1f}")
+            parts.append(f"{key} {value:.2f}" if key.startswith("ratio") else f"{key} {value:.1f}")
     return "  ".join(parts)
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run every measurement of `cfg`, logging a line each; returns the rows."""
     torch.manual_seed(0)
-    log(f"device {cfg.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    malloc = "freed memory kept (gcvit.allocator)" if freed_memory_kept() else "as the system set it"
+    log(f"device {cfg.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, malloc {malloc}")
     log(f"% of matmul: against a {_MATMUL_N}^3 matrix multiply in the row's dtype, timed in the same rounds as the row")
     for name in cfg.models:
         bench_inference(cfg, name, log)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 import gcvit
+from gcvit.allocator import keep_freed_memory
 from gcvit.cli_compare import add_subcommands as add_compare_subcommands
 from gcvit.cli_export import add_subcommands as add_export_subcommands
 from gcvit.cli_train import add_subcommands as add_train_subcommands
@@ -115,6 +116,12 @@ def _bench(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gcvit", description="Global Context Vision Transformer (GC ViT)")
     parser.add_argument("--version", action="version", version=f"gcvit {gcvit.__version__}")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is; by default freed memory is kept for reuse (1.3x faster CPU training, a "
+        "few percent more resident memory; see gcvit.allocator)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="table of variants: params, GFLOPs, resolution, windows, top-1")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'gcvit_large*'")
@@ -152,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if not args.system_malloc:
+        keep_freed_memory()
     if getattr(args, "pretrained", None) in ("true", "True"):
         args.pretrained = True
     from gcvit.train.loop import NonFiniteLossError
