@@ -38,8 +38,13 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert system > kept
 
 
-def test_cli_applies_it_unless_told_not_to(capsys: pytest.CaptureFixture[str]) -> None:
-    from gcvit.cli import build_parser
+def test_cli_applies_it_unless_told_not_to(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import gcvit.cli
 
-    assert build_parser().parse_args(["models"]).system_malloc is False
-    assert build_parser().parse_args(["--system-malloc", "models"]).system_malloc is True
+    calls: list[bool] = []
+    monkeypatch.setattr(gcvit.cli, "keep_freed_memory", lambda: calls.append(True) or True)
+    assert gcvit.cli.main(["models", "gcvit_xxtiny*"]) == 0
+    assert calls == [True]
+    assert gcvit.cli.main(["--system-malloc", "models", "gcvit_xxtiny*"]) == 0
+    assert calls == [True]  # not called again
+    assert "gcvit_xxtiny" in capsys.readouterr().out

@@ -44,7 +44,7 @@ class _WindowAttentionBase(nn.Module):
     def relative_position_bias(self) -> torch.Tensor:
         """(1, heads, N, N) bias gathered from the table."""
         N = self.window_size**2
-        # index_select: its backward is an index_add, several times faster on the CPU than indexing's index_put
+        # index_select: its backward is an index_add, faster on the CPU than indexing's accumulating index_put
         bias = self.relative_position_bias_table.index_select(0, self.relative_position_index.view(-1))  # (N*N, heads)
         return bias.view(N, N, self.num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
 
