@@ -3,6 +3,7 @@
 from gcvit.layers.attention import WindowAttention, WindowAttentionGlobal
 from gcvit.layers.attention_global import GlobalAttention
 from gcvit.layers.conv import FeatExtract, FusedMBConv, ReduceSize, SqueezeExcite
+from gcvit.layers.drop import DropPath
 from gcvit.layers.mlp import Mlp
 from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
 from gcvit.layers.window import (
@@ -15,6 +16,7 @@ from gcvit.layers.window import (
 )
 
 __all__ = [
+    "DropPath",
     "FeatExtract",
     "FusedMBConv",
     "GlobalAttention",

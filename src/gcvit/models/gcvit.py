@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
 
 from gcvit.layers import (
+    DropPath,
     FeatExtract,
     Mlp,
     ReduceSize,
@@ -128,7 +128,7 @@ class GCViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         attention = WindowAttentionGlobal if use_global else WindowAttention
         self.attn = attention(dim, num_heads, window_size, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
-        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
         self.gamma1: nn.Parameter | None = None
@@ -138,7 +138,18 @@ class GCViTBlock(nn.Module):
             self.gamma2 = nn.Parameter(torch.full((dim,), float(cfg.layer_scale)))
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, H, W, C), q_global (B, heads, N, hd), pad_mask (nW, 1, 1, N) or None -> (B, H, W, C).
+        """x (B, H, W, C), q_global (B, heads, N, hd), pad_mask (nW, 1, 1, N) or None -> (B, H, W, C). In training,
+        each branch runs only for the images that stochastic depth keeps (`DropPath.residual`)."""
+
+        def attention(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            return self._attention(x, q_global if rows is None else q_global.index_select(0, rows), pad_mask)
+
+        x = self.drop_path.residual(x, attention)
+        return self.drop_path.residual(x, lambda x, rows: self._mlp(x))
+
+    def _attention(self, x: torch.Tensor, q_global: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """gamma1 * attn(windows(norm1(x))): x (B, H, W, C) -> windows in map order, (B, nH, ws, nW_w, ws, C), or
+        (B, H, W, C) where the map was padded.
 
         Padding comes before norm1 (the official code pads after it): padded tokens are masked out as keys and
         dropped as queries, so their values never reach a real token. Partition and reverse cost no passes of
@@ -153,14 +164,14 @@ class GCViTBlock(nn.Module):
         y = map_view(y, ws, Hp, Wp)  # (B, nH, ws, nW_w, ws, C) view
         if self.gamma1 is not None:
             y = y * self.gamma1
-        if (Hp, Wp) == (H, W):
-            x = (x.view(y.shape) + self.drop_path(y)).view(B, H, W, C)
-        else:
-            x = x + self.drop_path(y.reshape(B, Hp, Wp, C)[:, :H, :W])  # (B, H, W, C)
+        if (Hp, Wp) != (H, W):
+            y = y.reshape(B, Hp, Wp, C)[:, :H, :W]  # (B, H, W, C)
+        return y
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """gamma2 * mlp(norm2(x)), x (B, H, W, C)."""
         y = self.mlp(self.norm2(x))
-        if self.gamma2 is not None:
-            y = y * self.gamma2
-        return x + self.drop_path(y)
+        return y if self.gamma2 is None else y * self.gamma2
 
 
 class GCViTLayer(nn.Module):

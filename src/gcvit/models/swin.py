@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
 
-from gcvit.layers import Mlp, WindowAttention, pad_to_window_multiple, window_partition, window_reverse
+from gcvit.layers import DropPath, Mlp, WindowAttention, pad_to_window_multiple, window_partition, window_reverse
 from gcvit.models.common import PyramidClassifier, check_images, init_weights, stem_conv
 
 MIN_INPUT_SIZE = 32
@@ -150,12 +149,17 @@ class SwinBlock(nn.Module):
         self.shifted = shifted
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.attn = WindowAttention(dim, num_heads, window_size, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
-        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
         """x (B, H, W, C), shift (rows, cols) from `window_shift`, mask (nW, 1, N, N) or None -> (B, H, W, C)."""
+        x = self.drop_path.residual(x, lambda x, rows: self._attention(x, shift, mask))
+        return self.drop_path.residual(x, lambda x, rows: self.mlp(self.norm2(x)))
+
+    def _attention(self, x: torch.Tensor, shift: tuple[int, int], mask: torch.Tensor | None) -> torch.Tensor:
+        """unshift(attn(windows(shift(pad(norm1(x)))))), cropped: x (B, H, W, C) -> (B, H, W, C)."""
         _, H, W, _ = x.shape
         ws = self.window_size
         y = pad_to_window_multiple(self.norm1(x), ws)  # (B, Hp, Wp, C)
@@ -166,8 +170,7 @@ class SwinBlock(nn.Module):
         y = window_reverse(y, ws, Hp, Wp)  # (B, Hp, Wp, C)
         if shift != (0, 0):
             y = torch.roll(y, shifts=shift, dims=(1, 2))  # back down and right
-        x = x + self.drop_path(y[:, :H, :W])  # (B, H, W, C)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return y[:, :H, :W]  # (B, H, W, C)
 
 
 class SwinStage(nn.Module):

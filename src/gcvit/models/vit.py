@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import StochasticDepth
 
 from gcvit.hub import HubMixin
-from gcvit.layers import GlobalAttention, Mlp
+from gcvit.layers import DropPath, GlobalAttention, Mlp
 from gcvit.models.common import check_images, init_weights
 
 NORM_LAYERS = ("ln", "bn")
@@ -130,13 +129,13 @@ class ViTBlock(nn.Module):
         dim = cfg.embed_dim
         self.norm1 = make_norm(cfg.norm_layer, dim, cfg.norm_eps)
         self.attn = GlobalAttention(dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
-        self.drop_path = StochasticDepth(drop_path, mode="row") if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path, skip_dropped=cfg.norm_layer != "bn")  # batch norm mixes images
         self.norm2 = make_norm(cfg.norm_layer, dim, cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.drop_path.residual(x, lambda x, rows: self.attn(self.norm1(x)))
+        return self.drop_path.residual(x, lambda x, rows: self.mlp(self.norm2(x)))
 
 
 # --- model -----------------------------------------------------------------------------------------------------
