@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 import gcvit
 from gcvit.allocator import freed_memory_kept
 from gcvit.flops import count_macs
+from gcvit.models.registry import resolve_name
 from gcvit.models.weights import load_state_dict_into
 
 
@@ -35,6 +36,9 @@ class BenchConfig:
     infer_batches: tuple[int, ...] = (1, 16)
     train_batch: int = 16
     train_models: tuple[str, ...] = ("gcvit_xxtiny", "gcvit_tiny")
+    # stochastic depth of the training rows, one row each: a rate, or "recipe" for the variant's own (0.2 for
+    # xxtiny and tiny), given to both sides; peak memory is measured in the deterministic rows (rate 0)
+    train_drop_paths: tuple[str, ...] = ("0", "recipe")
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     repeats: int = 7  # timed repeats per side; medians reported
     warmup: int = 2
@@ -126,16 +130,16 @@ def matmul_op(dtype: torch.dtype, device: str) -> Callable[[], object]:
     return lambda: a @ b
 
 
-def model_pair(name: str, device: str) -> tuple[nn.Module, nn.Module]:
-    """(ours, timm's) with identical random weights; no stochastic depth on either side."""
+def model_pair(name: str, device: str, drop_path_rate: float = 0.0) -> tuple[nn.Module, nn.Module]:
+    """(ours, timm's) with identical random weights and the same stochastic depth (none by default)."""
     import timm
 
     torch.manual_seed(0)
-    theirs = timm.create_model(name, drop_path_rate=0.0)
+    theirs = timm.create_model(name, drop_path_rate=drop_path_rate)
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    ours = gcvit.create_model(name, drop_path_rate=0.0)
+    ours = gcvit.create_model(name, drop_path_rate=drop_path_rate)
     load_state_dict_into(ours, theirs.state_dict(), "timm")
     return ours.to(device), theirs.to(device)
 
@@ -246,12 +250,26 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     opt.zero_grad(set_to_none=True)
 
 
-def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None]) -> None:
-    """Training step (forward, backward, AdamW) in fp32: throughput and peak memory, with and without gradient
-    checkpointing on our side. timm runs as created (NCHW) and channels-last (its faster setting on CPUs); the ratio
-    is against the faster, and a second ratio against timm as created."""
+def drop_path_rate(name: str, setting: str) -> float:
+    """The stochastic depth a training row runs with: `setting` as a number, or "recipe" for the variant's own."""
+    if setting == "recipe":
+        return resolve_name(name).config.drop_path_rate
+    try:
+        rate = float(setting)
+    except ValueError:
+        raise ValueError(f"expected a drop path rate in [0, 1) or 'recipe'; got {setting!r}") from None
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"expected a drop path rate in [0, 1) or 'recipe'; got {setting!r}")
+    return rate
+
+
+def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None], drop_path: float = 0.0) -> None:
+    """Training step (forward, backward, AdamW) in fp32: throughput, and with no stochastic depth peak memory, with
+    and without gradient checkpointing on our side. timm runs as created (NCHW) and channels-last (its faster
+    setting on CPUs); the ratio is against the faster, and a second ratio against timm as created. With stochastic
+    depth both sides draw their own images to drop, so the row's medians average over draws."""
     dev = cfg.device
-    ours, theirs = model_pair(name, dev)
+    ours, theirs = model_pair(name, dev, drop_path)
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
     for model in (ours, theirs, theirs_cl):
         model.train()
@@ -269,7 +287,10 @@ def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None]) -> None
         "matmul": matmul_op(torch.float32, dev),
     }
     t = interleaved(sides, max(3, cfg.repeats // 2), 1, dev)
-    row = _row(cfg, f"{name} train fp32", cfg.train_batch, t, flops)
+    row = _row(cfg, f"{name} train fp32" + (f" dp{drop_path:g}" if drop_path else ""), cfg.train_batch, t, flops)
+    if drop_path:
+        log(_fmt(row))
+        return
     mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x, y), dev)
     mem_theirs = peak_memory(lambda: _train_step(theirs, opt_theirs, x, y), dev)
     ours.set_grad_checkpointing(True)
@@ -293,8 +314,10 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     malloc = "freed memory kept (gcvit.allocator)" if freed_memory_kept() else "as the system set it"
     log(f"device {cfg.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, malloc {malloc}")
     log(f"% of matmul: against a {_MATMUL_N}^3 matrix multiply in the row's dtype, timed in the same rounds as the row")
+    rates = {name: [drop_path_rate(name, s) for s in cfg.train_drop_paths] for name in cfg.train_models}
     for name in cfg.models:
         bench_inference(cfg, name, log)
-    for name in cfg.train_models:
-        bench_train(cfg, name, log)
+    for name, name_rates in rates.items():
+        for rate in dict.fromkeys(name_rates):  # each rate once, in the order given
+            bench_train(cfg, name, log, rate)
     return cfg.rows

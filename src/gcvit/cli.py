@@ -100,6 +100,7 @@ def _bench(args: argparse.Namespace) -> None:
     cfg = BenchConfig(
         models=tuple(args.models),
         train_models=tuple(args.train_models),
+        train_drop_paths=tuple(args.train_drop_path),
         infer_batches=tuple(args.batches),
         train_batch=args.train_batch,
         img_size=args.img_size,
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-models", nargs="*", default=["gcvit_xxtiny", "gcvit_tiny"], help="training steps")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument(
+        "--train-drop-path",
+        nargs="+",
+        default=["0", "recipe"],
+        help="stochastic depth of the training rows, a row each: a rate, or 'recipe' for the variant's own",
+    )
     p.add_argument("--img-size", type=int, default=224, help="timm's GC ViT runs only at 224 with its default windows")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=7)
