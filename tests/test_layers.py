@@ -228,6 +228,30 @@ def test_drop_path_skipping_dropped_images_equals_the_mask_form(
         assert torch.allclose(grads[n], g, atol=1e-5, rtol=1e-3), n
 
 
+@pytest.mark.parametrize("name, size", [("gcvit_xxtiny", 64), ("swin_tiny", 72), ("vit_tiny", 32)])
+def test_drop_path_under_bf16_autocast_equals_the_mask_form(
+    name: str, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under autocast a branch returns bf16 while the residual stream may be fp32: the kept rows are added with the
+    dtype x + y would have, as in the mask form."""
+    import gcvit
+
+    torch.manual_seed(0)
+    model = gcvit.create_model(name, img_size=size, num_classes=10, drop_path_rate=0.4).train()
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, DropPath):
+            module.skip_dropped = False
+    x = torch.randn(3, 3, size, size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _drop_path_run(model, x, [True, False, True], monkeypatch)
+        ref_out, ref_grads = _drop_path_run(reference, x, [True, False, True], monkeypatch)
+    assert out.dtype == ref_out.dtype
+    assert (out.float() - ref_out.float()).abs().max().item() < 0.05 * ref_out.float().abs().max().item()
+    for n, g in ref_grads.items():
+        assert grads[n] is not None and grads[n].dtype == g.dtype, n
+
+
 def test_drop_path_runs_the_branch_on_kept_images_only(monkeypatch: pytest.MonkeyPatch) -> None:
     import gcvit
 

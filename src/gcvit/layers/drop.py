@@ -65,7 +65,9 @@ class DropPath(nn.Module):
             rows, scale = torch.zeros(1, dtype=torch.long), 0.0  # (zero) gradient, as DistributedDataParallel expects
         rows = rows.to(x.device, non_blocking=True)
         y = branch(x.index_select(0, rows), rows)  # (kept, ...)
-        return x.view(x.shape[0], *y.shape[1:]).index_add(0, rows, y, alpha=scale).view(x.shape)
+        dtype = torch.promote_types(x.dtype, y.dtype)  # as x + y would (under autocast y may be in bf16)
+        out = x.to(dtype).view(x.shape[0], *y.shape[1:])  # a new tensor when the dtype changes, else x's view
+        return out.index_add(0, rows, y.to(dtype), alpha=scale).view(x.shape)
 
 
 def _add(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
