@@ -286,3 +286,23 @@ def test_drop_path_replays_its_draw_under_gradient_checkpointing() -> None:
 def test_drop_path_rejects_a_probability_outside_0_1() -> None:
     with pytest.raises(ValueError, match=r"drop path probability must be in \[0, 1\]; got 1.5"):
         DropPath(1.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_made_in_inference_mode_runs_and_follows_new_weights(dtype: torch.dtype) -> None:
+    """Parameters made under `torch.inference_mode()` have no version counter, so nothing prepared from them may be
+    kept: the model runs, equals one made normally, and a state dict loaded in inference mode takes effect."""
+    import gcvit
+
+    torch.manual_seed(0)
+    normal = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+    other = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        made_here = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+        made_here.load_state_dict(normal.state_dict())
+        assert made_here.head.weight.is_inference()
+        out = made_here(x)
+        assert (out.float() - normal(x).float()).abs().max().item() < 1e-4
+        made_here.load_state_dict(other.state_dict())  # in place, in inference mode
+        assert (made_here(x).float() - other(x).float()).abs().max().item() < 1e-4

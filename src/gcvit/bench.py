@@ -301,7 +301,7 @@ def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None], drop_pa
 
 
 def _fmt(row: dict) -> str:
-    parts = [f"{row['what']:<24s} b{row['batch']:<3d}"]
+    parts = [f"{row['what']:<29s} b{row['batch']:<3d}"]
     for key, value in row.items():
         if key not in ("what", "batch"):
             parts.append(f"{key} {value:.2f}" if key.startswith("ratio") else f"{key} {value:.1f}")

@@ -49,9 +49,10 @@ class _WindowAttentionBase(nn.Module):
         return bias.view(N, N, self.num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """The bias in `dtype`; gathered once and reused while no gradient is needed and the table is unchanged."""
+        """The bias in `dtype`; gathered once and reused while no gradient is needed and the table is unchanged (a
+        table made in inference mode has no version counter to tell that by, so its bias is gathered every time)."""
         table = self.relative_position_bias_table
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or table.is_inference():
             return self.relative_position_bias().to(dtype)
         key = (table._version, table.data_ptr(), table.device, dtype)
         if self._bias_cache is None or self._bias_cache[0] != key:

@@ -122,18 +122,29 @@ def _params(
     weight, bias = layer.weight, layer.bias
     if weight.dtype == dtype and not pack:
         return weight, bias
+    if weight.is_inference() or (bias is not None and bias.is_inference()):
+        # made in inference mode: no version counter to tell an in-place update by, so nothing is kept (and the
+        # weight is not packed, which would cost a copy per call; the kernel reads the plain layout too)
+        return _prepare(weight, bias, dtype, pack=False)
     key = (dtype, pack, weight._version, weight.data_ptr(), None if bias is None else (bias._version, bias.data_ptr()))
     cached = _PREPARED.get(layer)
     if cached is None or cached[0] != key:
-        w = weight.detach().to(dtype)
-        if pack:
-            try:
-                w = torch.ops.mkldnn._reorder_linear_weight(w)
-            except RuntimeError:  # a build or CPU without this layout: the plain weight works, a little slower
-                pass
-        cached = (key, w, None if bias is None else bias.detach().to(dtype))
+        cached = (key, *_prepare(weight, bias, dtype, pack))
         _PREPARED[layer] = cached
     return cached[1], cached[2]
+
+
+def _prepare(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, pack: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias in `dtype`, detached; the weight in oneDNN's blocked layout if `pack`."""
+    w = weight.detach().to(dtype)
+    if pack:
+        try:
+            w = torch.ops.mkldnn._reorder_linear_weight(w)
+        except RuntimeError:  # a build or CPU without this layout: the plain weight works, a little slower
+            pass
+    return w, None if bias is None else bias.detach().to(dtype)
 
 
 # weights prepared for the fused kernels, per layer; dropped with the layer
