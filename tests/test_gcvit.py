@@ -255,6 +255,19 @@ def test_torch_compile_full_graph_matches_eager() -> None:
             assert (compiled(x) - model(x)).abs().max().item() < 1e-5
 
 
+def test_torch_compile_training_with_drop_path_is_one_graph() -> None:
+    """In training, stochastic depth takes its mask form under compile (no shape that depends on a draw): one graph
+    for forward and backward, with a dynamic batch."""
+    model = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10, drop_path_rate=0.5).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in (4, 3):
+            x = torch.randn(batch, 3, 64, 64)
+            torch._dynamo.mark_dynamic(x, 0)
+            compiled(x).pow(2).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor_matches_eager() -> None:
     model = gcvit.create_model("gcvit_xxtiny").eval()
