@@ -201,6 +201,19 @@ def _drop_path_run(model: torch.nn.Module, x: torch.Tensor, keep: list[bool], mo
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+def _skip_and_mask_forms(name: str, size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A 10-class model in training mode with drop path 0.4, and a copy whose DropPaths run the mask form."""
+    import gcvit
+
+    torch.manual_seed(0)
+    model = gcvit.create_model(name, img_size=size, num_classes=10, drop_path_rate=0.4).train()
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if isinstance(module, DropPath):
+            module.skip_dropped = False
+    return model, reference
+
+
 @pytest.mark.parametrize(
     "name, size", [("gcvit_xxtiny", 112), ("gcvit_xxtiny", 64), ("swin_tiny", 72), ("vit_tiny", 32)]
 )
@@ -211,14 +224,7 @@ def test_drop_path_skipping_dropped_images_equals_the_mask_form(
     """With the same draw, running each residual branch on the kept images alone gives the outputs and gradients of
     the textbook form (branch on every image, times mask / (1 - p)), padded maps (64, 72 px) included; when every
     image is dropped, every parameter still gets a gradient (zero for the branches)."""
-    import gcvit
-
-    torch.manual_seed(0)
-    model = gcvit.create_model(name, img_size=size, num_classes=10, drop_path_rate=0.4).train()
-    reference = copy.deepcopy(model)
-    for module in reference.modules():
-        if isinstance(module, DropPath):
-            module.skip_dropped = False
+    model, reference = _skip_and_mask_forms(name, size)
     x = torch.randn(3, 3, size, size)
     out, grads = _drop_path_run(model, x, keep, monkeypatch)
     ref_out, ref_grads = _drop_path_run(reference, x, keep, monkeypatch)
@@ -234,14 +240,7 @@ def test_drop_path_under_bf16_autocast_equals_the_mask_form(
 ) -> None:
     """Under autocast a branch returns bf16 while the residual stream may be fp32: the kept rows are added with the
     dtype x + y would have, as in the mask form."""
-    import gcvit
-
-    torch.manual_seed(0)
-    model = gcvit.create_model(name, img_size=size, num_classes=10, drop_path_rate=0.4).train()
-    reference = copy.deepcopy(model)
-    for module in reference.modules():
-        if isinstance(module, DropPath):
-            module.skip_dropped = False
+    model, reference = _skip_and_mask_forms(name, size)
     x = torch.randn(3, 3, size, size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, grads = _drop_path_run(model, x, [True, False, True], monkeypatch)
