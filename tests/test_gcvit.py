@@ -258,6 +258,7 @@ def test_torch_compile_full_graph_matches_eager() -> None:
 def test_torch_compile_training_with_drop_path_is_one_graph() -> None:
     """In training, stochastic depth takes its mask form under compile (no shape that depends on a draw): one graph
     for forward and backward, with a dynamic batch."""
+    torch._dynamo.reset()  # graphs of other tests' models share code objects with this one: not a recompile
     model = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10, drop_path_rate=0.5).train()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):

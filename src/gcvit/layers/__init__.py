@@ -5,6 +5,7 @@ from gcvit.layers.attention_global import GlobalAttention
 from gcvit.layers.conv import FeatExtract, FusedMBConv, ReduceSize, SqueezeExcite
 from gcvit.layers.drop import DropPath
 from gcvit.layers.mlp import Mlp
+from gcvit.layers.prepared import forget_prepared
 from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
 from gcvit.layers.window import (
     map_view,
@@ -25,6 +26,7 @@ __all__ = [
     "SqueezeExcite",
     "WindowAttention",
     "WindowAttentionGlobal",
+    "forget_prepared",
     "map_view",
     "pad_to_window_multiple",
     "padding_key_mask",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gcvit.layers.fused import linear
+from gcvit.layers.prepared import PreparedCache
 from gcvit.layers.rel_pos import relative_position_index
 
 
@@ -39,7 +40,6 @@ class _WindowAttentionBase(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
 
     def relative_position_bias(self) -> torch.Tensor:
         """(1, heads, N, N) bias gathered from the table."""
@@ -49,15 +49,12 @@ class _WindowAttentionBase(nn.Module):
         return bias.view(N, N, self.num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """The bias in `dtype`; gathered once and reused while no gradient is needed and the table is unchanged (a
-        table made in inference mode has no version counter to tell that by, so its bias is gathered every time)."""
-        table = self.relative_position_bias_table
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or table.is_inference():
+        """The bias in `dtype`; gathered once and kept while no gradient is needed and the table is unchanged
+        (`gcvit.layers.prepared`)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return self.relative_position_bias().to(dtype)
-        key = (table._version, table.data_ptr(), table.device, dtype)
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            self._bias_cache = (key, self.relative_position_bias().to(dtype).contiguous())
-        return self._bias_cache[1]
+        table = self.relative_position_bias_table
+        return _GATHERED_BIAS.get(self, (table,), lambda: self.relative_position_bias().to(dtype).contiguous(), dtype)
 
     def _attend(self, heads: torch.Tensor, q_global: torch.Tensor | None, pad_mask: torch.Tensor | None, B: int):
         """heads (B*nW, N, P*heads, hd), the qkv (P = 3) or kv (P = 2, with `q_global` (B, heads, N, hd)) projection
@@ -101,6 +98,8 @@ def _fused_kernel_pays(q: torch.Tensor, mask: torch.Tensor) -> bool:
         return True
     return not (mask.requires_grad and torch.is_grad_enabled()) and q.dtype == torch.float32
 
+
+_GATHERED_BIAS = PreparedCache()  # relative-position bias per attention layer, gathered for inference
 
 # Below this many scores per head (B*nW*N*N) the per-head loop's extra calls cost more than the copies it saves
 # (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training). torch.compile always takes

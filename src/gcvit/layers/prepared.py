@@ -1,0 +1,68 @@
+"""Copies of a module's parameters prepared for a fast kernel (cast, packed into a kernel's layout, gathered), kept
+for as long as the parameters are unchanged.
+
+A kept copy is current while each parameter is the same tensor object, at the same address, with the same version
+counter, and no optimizer has taken a step since it was made. The optimizer count matters because fused optimizers
+(`torch.optim.AdamW(..., fused=True)` and others on the CPU) update parameters without bumping their version
+counters. What none of these can see is an in-place update through `.data` (`p.data.mul_(m)`, as some EMA teachers
+do): `.data` has a version counter of its own. After such an update, call `forget_prepared()`.
+
+Nothing is kept for inference tensors (made under `torch.inference_mode()`: they have no version counter) or under
+torch.func transforms (their tensors have no address); callers then prepare afresh on every call.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+T = TypeVar("T")
+
+_optimizer_steps = 0  # optimizer steps taken in this process since the hook below was registered
+_hook: object | None = None
+_caches: weakref.WeakSet[PreparedCache] = weakref.WeakSet()
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def forget_prepared() -> None:
+    """Drop every kept copy, for parameters changed in a way their version counters do not show (through `.data`)."""
+    for cache in list(_caches):
+        cache.clear()
+
+
+class PreparedCache:
+    """One kept value per module, made from some of its tensors by `make` and returned while they are unchanged."""
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+        _caches.add(self)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, module: nn.Module, tensors: Sequence[torch.Tensor], make: Callable[[], T], tag: Hashable) -> T:
+        """`make()`, or the value kept for `module` if it was made from these very tensors, unchanged, with the same
+        `tag` (e.g. the dtype it was made in)."""
+        global _hook
+        try:
+            state = [(t._version, t.data_ptr()) for t in tensors]
+        except RuntimeError:  # an inference tensor (no version counter) or torch.func's (no address): keep nothing
+            return make()
+        if _hook is None:  # registered on first use, so that importing gcvit changes nothing in torch
+            _hook = register_optimizer_step_post_hook(_count_step)
+        key = (tag, _optimizer_steps, state)
+        entry = self._entries.get(module)
+        if entry is not None and entry[0] == key and all(ref() is t for ref, t in zip(entry[1], tensors)):
+            return entry[2]
+        value = make()
+        self._entries[module] = (key, [weakref.ref(t) for t in tensors], value)
+        return value

@@ -1,0 +1,113 @@
+"""Parameters prepared for the fused kernels (cast, packed, gathered) are kept only while they are current."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gcvit
+from gcvit.layers import fused
+from gcvit.layers.fused import linear
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_prepared_weights_follow_in_place_updates(autocast: bool) -> None:
+    """The packed (and, under autocast, bf16) copy of a weight kept for the fused kernel is refreshed when the weight
+    changes in place (EMA, loading), and stays out of deepcopy and the state dict."""
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        before = linear(x, layer)
+        layer.weight.mul_(2)
+        layer.bias.zero_()
+        after = linear(x, layer)
+        assert (after.float() - layer(x).float()).abs().max().item() < 1e-5  # MKL and oneDNN round differently
+        twin = copy.deepcopy(layer)  # an opaque oneDNN tensor in the module would make this raise
+        assert torch.equal(linear(x, twin), after)
+    assert not torch.equal(before, after)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_made_in_inference_mode_runs_and_follows_new_weights(dtype: torch.dtype) -> None:
+    """Parameters made under `torch.inference_mode()` have no version counter, so nothing prepared from them may be
+    kept: the model runs, equals one made normally, and a state dict loaded in inference mode takes effect."""
+    torch.manual_seed(0)
+    normal = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+    other = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        made_here = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+        made_here.load_state_dict(normal.state_dict())
+        assert made_here.head.weight.is_inference()
+        out = made_here(x)
+        assert (out.float() - normal(x).float()).abs().max().item() < 1e-4
+        made_here.load_state_dict(other.state_dict())  # in place, in inference mode
+        assert (made_here(x).float() - other(x).float()).abs().max().item() < 1e-4
+
+
+def _reference(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    """The model's output with no fused kernel and nothing kept (grad enabled: the bias is gathered afresh)."""
+    with monkeypatch.context() as m, torch.enable_grad():
+        m.setattr(fused, "_onednn_usable", lambda x, layer: False)
+        return model(x).detach()
+
+
+def test_kept_weights_follow_a_fused_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fused optimizers update parameters without bumping their version counters; every optimizer step makes the kept
+    copies stale, so validation between training steps sees the new weights."""
+    torch.manual_seed(0)
+    model = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10, drop_path_rate=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    for _ in range(2):
+        model.train()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        version = model.head.weight._version
+        opt.step()
+        opt.zero_grad()
+        assert model.head.weight._version == version  # what the version counter alone would miss
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        assert (out - _reference(model, x, monkeypatch)).abs().max().item() < 1e-4
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.s
+
+
+def test_kept_weights_follow_new_weight_tensors() -> None:
+    """A parametrised weight (weight norm, LoRA) is a new tensor at every access: version 0, and usually at the
+    address the last one was freed from. The kept copy must belong to this very tensor."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Scale())
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        for i in range(20):
+            layer.parametrizations.weight[0].s.fill_(1.0 + i)  # the effective weight changes every time
+            ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert (linear(x, layer) - ref).abs().max().item() < 1e-3 * ref.abs().max().item(), i
+
+
+def test_forget_prepared_after_an_update_through_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`.data` has a version counter of its own, so an in-place update through it is invisible; `forget_prepared()`
+    drops what was kept."""
+    torch.manual_seed(0)
+    model = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        for p in model.parameters():
+            p.data.mul_(1.5)
+        gcvit.layers.forget_prepared()
+        out = model(x)
+    assert (out - _reference(model, x, monkeypatch)).abs().max().item() < 1e-4
