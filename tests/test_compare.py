@@ -62,3 +62,24 @@ def test_attention_columns_follow_the_built_model() -> None:
     assert attention_summary(swin, 32)[1] == "window: 16 (4x4) shifted every 2nd block"
     assert attention_summary(swin224, 224)[1] == "window: 49 (7x7) shifted every 2nd block"
     assert attention_summary(gc, 224)[0] == "resized image: 49 (56x56 map -> 7x7); local blocks: window"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--bench-batch", "0"], "expected bench_batch of at least 1; got 0"),
+        (["--repeats", "0"], "expected repeats of at least 1; got 0"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    argv = ["compare", "--models", "swin_tiny", "--epochs", "1", "--out-dir", str(tmp_path), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_a_model_that_already_has_a_run_fails_before_training_the_others(tmp_path: Path, capsys) -> None:
+    (tmp_path / "runs" / "swin_tiny" / "last").mkdir(parents=True)
+    argv = ["compare", "--models", "vit_small", "swin_tiny", "--epochs", "1", "--out-dir", str(tmp_path)]
+    assert main(argv) == 2
+    assert "runs/swin_tiny already holds a run" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "vit_small").exists()

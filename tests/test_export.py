@@ -111,3 +111,28 @@ def test_official_variants_export_at_batch_1_and_7(name: str, fmt: str, tmp_path
     result = export(model, tmp_path / f"{name}.{fmt}", fmt, batches=(1, 7), atol=1e-4)
     assert [c.shape for c in result.checks] == [(1, 3, 224, 224), (7, 3, 224, 224)]
     assert all(c.max_abs_diff <= 1e-4 for c in result.checks)
+
+
+def test_metadata_records_the_exported_size_and_files_appear_whole(tmp_path: Path, monkeypatch) -> None:
+    """The graph takes only the size it was exported at, and its recorded config says that size; the file is
+    written under a temporary name and renamed, so a failed write leaves nothing at the target."""
+    model = _small()
+    export(model, tmp_path / "m96.pt2", "pt2", img_size=96, batches=(1,), config={"config": {"img_size": [64, 64]}})
+    extra = {"gcvit_config": ""}
+    torch.export.load(tmp_path / "m96.pt2", extra_files=extra)
+    assert json.loads(extra["gcvit_config"])["img_size"] == [96, 96]
+
+    def partial_then_fail(program, f, **kwargs) -> None:
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.export, "save", partial_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export(model, tmp_path / "broken.pt2", "pt2", batches=(1,))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m96.pt2"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_a_size_the_model_refuses_is_named_before_tracing(fmt: str, tmp_path: Path, capsys) -> None:
+    assert main(["export", "vit_tiny", "--format", fmt, "--img-size", "60", "--out", str(tmp_path / f"v.{fmt}")]) == 2
+    assert "multiple" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -306,3 +308,34 @@ def test_smallest_input_runs() -> None:
     model = gcvit.create_model("gcvit_xxtiny").eval()
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("gcvit_xxtiny", {"num_classes": -1}, r"GCViTConfig.num_classes must be an integer >= 0; got -1"),
+        ("gcvit_xxtiny", {"window_size": 7}, r"GCViTConfig.window_size must be a tuple of positive integers; got 7"),
+        ("gcvit_xxtiny", {"window_size": (0, 7, 14, 7)}, r"window_size must be a tuple of positive integers"),
+        ("gcvit_xxtiny", {"in_chans": 0}, r"GCViTConfig.in_chans must be a positive integer; got 0"),
+        ("gcvit_xxtiny", {"drop_path_rate": -0.1}, r"GCViTConfig.drop_path_rate must be in \[0, 1\); got -0.1"),
+        ("gcvit_xxtiny", {"img_size": 64.0}, r"expected img_size as an int or \(H, W\) of at least 32 px; got 64.0"),
+        ("swin_tiny", {"mlp_ratio": 0}, r"SwinConfig.mlp_ratio must be positive; got 0"),
+        ("vit_tiny", {"patch_size": 0}, r"ViTConfig.patch_size must be a positive integer; got 0"),
+    ],
+)
+def test_bad_config_values_name_the_field(name: str, overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        gcvit.create_model(name, **overrides)
+
+
+def test_models_command_lists_an_architecture_asked_for_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from gcvit.cli import main
+
+    assert main(["models", "gcvit_xxtiny"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()]
+    assert rows[0] == "gcvit_xxtiny"
+
+
+def test_a_folder_given_as_a_checkpoint_is_named(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        gcvit.create_model("gcvit_xxtiny", pretrained=tmp_path)

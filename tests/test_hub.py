@@ -193,3 +193,40 @@ def test_predict_with_a_model_name_prints_imagenet_names(xxtiny_official, http_r
     assert main(["predict", str(image), "--model", "gcvit_xxtiny.in1k", "--topk", "2"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"{image}  {top[0][0]}:") and f"  {top[1][0]}:" in printed
+
+
+@pytest.mark.parametrize("name", ["gcvit_xxtiny", "vit_tiny"])
+def test_reset_classifier_then_save_pretrained_loads_back(name: str, tmp_path: Path) -> None:
+    model = gcvit.create_model(name, img_size=64 if name.startswith("gcvit") else 32).eval()
+    model.reset_classifier(5)
+    model.save_pretrained(tmp_path / "five", classes=list("abcde"))
+    loaded = gcvit.from_pretrained(tmp_path / "five").eval()
+    x = torch.randn(1, 3, *model.cfg.img_size)
+    with torch.no_grad():
+        assert loaded.num_classes == 5 and torch.equal(loaded(x), model(x))
+
+
+def test_a_headless_checkpoint_loads_under_a_fresh_head(tmp_path: Path) -> None:
+    """A backbone saved with num_classes=0 fine-tunes like any checkpoint: the new head starts fresh."""
+    backbone = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=0)
+    gcvit.save_checkpoint(backbone, tmp_path / "backbone.safetensors")
+    model = gcvit.create_model(
+        "gcvit_xxtiny", img_size=64, num_classes=10, pretrained=tmp_path / "backbone.safetensors"
+    )
+    assert torch.equal(model.levels[0].blocks[0].mlp.fc1.weight, backbone.levels[0].blocks[0].mlp.fc1.weight)
+    assert model.head.weight.shape == (10, 512)
+
+
+def test_saved_files_are_readable_by_others(tmp_path: Path) -> None:
+    """Atomic writes go through a temporary file made private (0600); the result gets the usual umask mode."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        model = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=3)
+        model.save_pretrained(tmp_path / "saved")
+        gcvit.save_checkpoint(model, tmp_path / "m.safetensors")
+    finally:
+        os.umask(mask)
+    for path in (tmp_path / "m.safetensors", *(tmp_path / "saved").iterdir()):
+        assert path.stat().st_mode & 0o777 == 0o644, path

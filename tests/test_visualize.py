@@ -299,6 +299,8 @@ def test_cli_takes_a_run_folder(photo_file: Path, tmp_path: Path, capsys: pytest
         (["--cam-stage", "-5"], r"--cam-stage -5 is out of range"),
         (["--class", "cat"], r"--class 'cat' is not a class of this model"),
         (["--model", "gcvit_nope"], r"'gcvit_nope' is neither a run folder, a checkpoint nor a model name"),
+        (["--model", "swin_tiny"], r"expected a GC ViT model \(gcvit_\*\) to visualize; got SwinTransformer"),
+        (["--model", "vit_tiny"], r"expected a GC ViT model \(gcvit_\*\) to visualize; got VisionTransformer"),
     ],
 )
 def test_cli_errors_name_what_was_expected(

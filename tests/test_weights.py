@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import gcvit
+from gcvit.download import cache_path
 from gcvit.layers import resize_bias_table
 from gcvit.models import PRETRAINED
 from tests.conftest import randomize_, save_official
@@ -116,8 +117,8 @@ def test_download_checks_hash_caches_and_loads(http_root, cache, monkeypatch, xx
     _serve_as_tag(monkeypatch, f"{base}/gcvit_1k_xxtiny.pth.tar", hashlib.sha256(data).hexdigest())
 
     model = gcvit.create_model("gcvit_xxtiny.in1k", pretrained=True).eval()
-    cached = cache / "gcvit_1k_xxtiny.pth.tar"
-    assert cached.read_bytes() == data
+    cached = cache_path(f"{base}/gcvit_1k_xxtiny.pth.tar")
+    assert cached.parent.parent == cache and cached.read_bytes() == data
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
@@ -141,7 +142,7 @@ def test_corrupted_download_is_refused_and_not_cached(http_root, cache, monkeypa
         r"has the wrong SHA-256",
     ):
         gcvit.create_model("gcvit_xxtiny.in1k", pretrained=True)
-    assert not cache.exists() or list(cache.iterdir()) == []
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]  # nothing kept, not even part
 
 
 def test_corrupted_cache_file_is_downloaded_again(http_root, cache, monkeypatch, xxtiny_official) -> None:
@@ -149,11 +150,41 @@ def test_corrupted_cache_file_is_downloaded_again(http_root, cache, monkeypatch,
     _, path = xxtiny_official
     data = path.read_bytes()
     (root / "gcvit_1k_xxtiny.pth.tar").write_bytes(data)
-    cache.mkdir()
-    (cache / "gcvit_1k_xxtiny.pth.tar").write_bytes(b"garbage")
+    cached = cache_path(f"{base}/gcvit_1k_xxtiny.pth.tar")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"garbage")
     _serve_as_tag(monkeypatch, f"{base}/gcvit_1k_xxtiny.pth.tar", hashlib.sha256(data).hexdigest()[:16])
     gcvit.create_model("gcvit_xxtiny.in1k", pretrained=True)
-    assert (cache / "gcvit_1k_xxtiny.pth.tar").read_bytes() == data
+    assert cached.read_bytes() == data
+
+
+def test_files_of_one_name_from_two_urls_are_cached_apart(http_root, cache) -> None:
+    """Same file name, different addresses: each URL gets its own weights (the cache is per URL, not per name)."""
+    root, base = http_root
+    models = [gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10) for _ in range(2)]
+    for sub, model in zip("ab", models):
+        gcvit.save_checkpoint(model, root / sub / "ckpt.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    for sub, model in zip("ab", models):
+        loaded = gcvit.create_model(
+            "gcvit_xxtiny", img_size=64, num_classes=10, pretrained=f"{base}/{sub}/ckpt.safetensors"
+        ).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model.eval()(x)), sub
+
+
+def test_file_url_is_read_in_place(tmp_path: Path, cache) -> None:
+    """A file:// URL is the file itself: rewritten, it loads the new weights (a cached copy would hide them)."""
+    path = tmp_path / "ckpt.safetensors"
+    x = torch.randn(1, 3, 64, 64)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10).eval()
+        gcvit.save_checkpoint(model, path)
+        loaded = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=10, pretrained=path.as_uri()).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x)), seed
+    assert not cache.exists() or list(cache.iterdir()) == []
 
 
 def test_unreachable_url_names_it(cache) -> None:

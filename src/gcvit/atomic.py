@@ -18,6 +18,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -27,6 +28,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], objec
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -23,9 +23,10 @@ from gcvit.models import FAMILIES, resolve_name
 def _models(args: argparse.Namespace) -> None:
     rows = []
     order = {arch: i for i, arch in enumerate(a for f in FAMILIES.values() for a in f.variants)}
-    for name in sorted(gcvit.list_models(args.pattern), key=lambda n: (order[n.split(".")[0]], n)):
+    names = gcvit.list_models(args.pattern)
+    for name in sorted(names, key=lambda n: (order[n.split(".")[0]], n)):
         spec = resolve_name(name)
-        if "." not in name and spec.pretrained is not None and name + "." + str(spec.tag) in gcvit.list_models():
+        if "." not in name and spec.pretrained is not None and name + "." + str(spec.tag) in names:
             continue  # the architecture is shown through its tags
         with torch.device("meta"):
             model = gcvit.create_model(name)
@@ -56,10 +57,13 @@ def _demo(args: argparse.Namespace) -> None:
     model = gcvit.create_model(args.model, pretrained=args.pretrained or False).eval()
     mean = torch.tensor(model.pretrained_cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg.std).view(1, 3, 1, 1)
-    print(f"{args.model}: {count_params(model) / 1e6:.2f} M parameters, windows {model.cfg.window_size}")
+    windows = getattr(model.cfg, "window_size", "global attention")
+    print(f"{args.model}: {count_params(model) / 1e6:.2f} M parameters, windows {windows}")
     photos = load_sample_images()
     images = torch.stack([torch.from_numpy(im.copy()).permute(2, 0, 1) for im in photos.images]) / 255  # (2, 3, H, W)
-    images = (images - mean) / std
+    stride = getattr(model.cfg, "patch_size", 1)  # ViT and Swin take sides that are multiples of their patch
+    H, W = images.shape[-2] // stride * stride, images.shape[-1] // stride * stride
+    images = (images[..., :H, :W] - mean) / std  # (2, 3, H, W), cropped to the patch grid
     native = torch.nn.functional.interpolate(images, size=model.cfg.img_size, mode="bicubic", antialias=True)
     with torch.inference_mode():
         for label, x in (("native", native), ("own size", images)):

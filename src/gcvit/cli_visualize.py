@@ -70,6 +70,7 @@ def _visualize(args: argparse.Namespace) -> None:
     from gcvit import visualize as viz
 
     net, meta, what = _load(args.model, args.pretrained, args.device)
+    viz.require_gcvit(net)
     if args.img_size:
         if len(args.img_size) > 2:
             raise ValueError(f"--img-size takes H or H W; got {args.img_size}")

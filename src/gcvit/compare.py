@@ -200,12 +200,19 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
     Raises:
         ValueError: an unknown model name (before any training), or a run folder that already holds a run.
     """
+    from gcvit.train.checkpoint import holds_run
     from gcvit.train.evaluate import load_run
 
+    # everything that can be wrong fails before hours of training
     for name in cfg.models:
-        family_of(name)  # unknown names fail before hours of training
+        family_of(name)
+        if holds_run(Path(cfg.out_dir, "runs", name)):
+            raise ValueError(f"{Path(cfg.out_dir, 'runs', name)} already holds a run; compare into another --out-dir")
     if len(set(cfg.models)) != len(cfg.models):
         raise ValueError(f"each model once, please; got {list(cfg.models)}")
+    for field_name in ("bench_batch", "repeats"):
+        if getattr(cfg, field_name) < 1:
+            raise ValueError(f"expected {field_name} of at least 1; got {getattr(cfg, field_name)}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

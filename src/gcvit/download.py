@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch.hub
 
@@ -41,6 +42,20 @@ def _check_digest(expected: str) -> str:
     return expected
 
 
+def cache_path(url: str) -> Path:
+    """Where the file at `url` is cached: one folder per URL, so that files of the same name from different
+    addresses never stand in for each other."""
+    return cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / Path(urlparse(url).path).name
+
+
+def _local_file(path: Path, expected: str | None, url: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a file at {url!r}; {str(path)!r} does not exist")
+    if expected is not None and not sha256_of(path).startswith(expected):
+        raise ChecksumError(f"{path} has the wrong SHA-256 (expected {expected}...)")
+    return path
+
+
 def download(url: str, sha256: str | None = None, *, progress: bool = True, folder: Path | None = None) -> Path:
     """Return a local path for `url`, downloading it into the cache if needed.
 
@@ -48,16 +63,20 @@ def download(url: str, sha256: str | None = None, *, progress: bool = True, fold
         url: http(s):// or file:// address.
         sha256: expected hex digest (or a prefix of at least 8 digits); checked on download and on cached files.
         progress: show a progress bar while downloading.
-        folder: cache into this folder instead of the cache's root (files of the same name from different places).
+        folder: cache into this folder instead of the URL's own folder in the cache (one folder per URL, so files
+            of the same name from different places never stand in for each other). file:// URLs are read in place.
     Raises:
         ChecksumError: the file's digest differs; nothing is left in the cache.
         OSError: the download failed (the message names the URL).
     """
     expected = _check_digest(sha256) if sha256 else None
-    name = Path(urlparse(url).path).name
+    parsed = urlparse(url)
+    name = Path(parsed.path).name
     if not name:
         raise ValueError(f"expected a URL that ends in a file name; got {url!r}")
-    dst = (folder if folder is not None else cache_dir()) / name
+    if parsed.scheme == "file":  # read in place: a cached copy would hide later changes to the file
+        return _local_file(Path(url2pathname(parsed.path)), expected, url)
+    dst = folder / name if folder is not None else cache_path(url)
     if dst.exists():
         if expected is None or sha256_of(dst).startswith(expected):
             return dst

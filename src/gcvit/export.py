@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,11 +96,11 @@ def export_onnx(
         raise RuntimeError("torch.onnx.export returned no program")
     proto = program.model_proto
     onnx.helper.set_model_props(proto, dict(metadata or {}))
-    if size > _ONNX_SINGLE_FILE_LIMIT:
-        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save(proto, str(path))
-    return path
+    if size > _ONNX_SINGLE_FILE_LIMIT:  # the weights go to path.data, written before the graph file appears
+        return _written_whole(
+            path, lambda tmp: onnx.save(proto, tmp, save_as_external_data=True, location=path.name + ".data")
+        )
+    return _written_whole(path, lambda tmp: onnx.save(proto, tmp))
 
 
 def export_pt2(
@@ -117,7 +117,17 @@ def export_pt2(
         program = torch.export.export(
             model.eval(), (_example(model, _EXAMPLE_BATCH, img_size),), dynamic_shapes=({0: _batch_dim()},)
         )
-    torch.export.save(program, path, extra_files=dict(metadata or {}))
+    return _written_whole(path, lambda tmp: torch.export.save(program, tmp, extra_files=dict(metadata or {})))
+
+
+def _written_whole(path: Path, write: Callable[[str], object]) -> Path:
+    """`write(tmp)` to a temporary name in `path`'s folder, then renamed to `path`: never a partial file at `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -204,8 +214,11 @@ def export(
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if min(size) < 32:
         raise ValueError(f"expected an input size of at least 32 px; got {size}")
-    metadata = {"gcvit_config": json.dumps(dict(config))} if config is not None else {}
+    # the graph takes this size only (the batch is dynamic): the recorded config says so
+    metadata = {"gcvit_config": json.dumps(dict(config) | {"img_size": list(size)})} if config is not None else {}
     model = model.cpu().eval()
+    with torch.no_grad():
+        model(_example(model, 1, size))  # the model's own input checks name a bad size, before any tracing
     if format == "onnx":
         out = export_onnx(model, path, size, opset=opset, metadata=metadata)
     else:

@@ -207,6 +207,14 @@ def _stage_attention(model: nn.Module, rec: _Recorder, i: int) -> StageAttention
     return stage
 
 
+def require_gcvit(model: nn.Module) -> None:
+    """The attention maps and Grad-CAM read GC ViT's modules (its local and global windows, its stages)."""
+    from gcvit.models.gcvit import GCViT
+
+    if not isinstance(model, GCViT):
+        raise ValueError(f"expected a GC ViT model (gcvit_*) to visualize; got {type(model).__name__}")
+
+
 def attention_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
     """Run images through a GC ViT and return its attention probabilities, recomputed from its own weights.
 
@@ -219,6 +227,7 @@ def attention_maps(model: nn.Module, images: torch.Tensor) -> AttentionMaps:
     Returns:
         An `AttentionMaps`: per stage, every block's probabilities and the global attention map.
     """
+    require_gcvit(model)
     images = _check_images(images)
     rec = _Recorder(model)
     was_training = model.training
@@ -325,6 +334,7 @@ def grad_cam(
     Returns:
         A `GradCAM`; the model runs in eval mode (restored afterwards) and its parameters get no gradients.
     """
+    require_gcvit(model)
     images = _check_images(images)
     stage = _check_stage(model, stage)
     if not getattr(model, "num_classes", 0):

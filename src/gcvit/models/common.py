@@ -3,6 +3,8 @@ pyramid (GC ViT, Swin)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -26,6 +28,33 @@ def stem_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if not (torch.is_grad_enabled() and conv.weight.requires_grad):
         x = x.contiguous(memory_format=torch.channels_last)
     return conv(x)  # (B, C, H', W')
+
+
+def check_config(cfg: object, counts: tuple[str, ...] = (), per_stage: tuple[str, ...] = ()) -> None:
+    """Raise a ValueError naming the first field of a model config outside its range: `counts` and embed_dim,
+    in_chans must be positive integers, `per_stage` fields tuples of them (one per stage), num_classes >= 0, img_size
+    (H, W), dropout and drop path rates in [0, 1), mlp_ratio > 0."""
+
+    def is_count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def check(field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"{type(cfg).__name__}.{field} must be {expected}; got {getattr(cfg, field)!r}")
+
+    for field in ("embed_dim", "in_chans", *counts):
+        check(field, is_count(getattr(cfg, field)), "a positive integer")
+    for field in per_stage:
+        v = getattr(cfg, field)
+        check(field, isinstance(v, tuple) and len(v) > 0 and all(map(is_count, v)), "a tuple of positive integers")
+    n = cfg.num_classes
+    check("num_classes", isinstance(n, int) and not isinstance(n, bool) and n >= 0, "an integer >= 0")
+    size = cfg.img_size
+    check("img_size", isinstance(size, tuple) and len(size) == 2 and all(map(is_count, size)), "(H, W) in pixels")
+    for field in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+        v = getattr(cfg, field)
+        check(field, isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+    check("mlp_ratio", cfg.mlp_ratio > 0, "positive")
 
 
 def init_weights(module: nn.Module) -> None:
@@ -86,6 +115,7 @@ class PyramidClassifier(HubMixin, nn.Module):
         """Replace the head with a fresh Linear(8C, num_classes); 0 removes it."""
         p = self.norm.weight
         self.num_classes = num_classes
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)  # what save_pretrained records
         self.head = (
             nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
         )

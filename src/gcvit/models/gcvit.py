@@ -33,7 +33,7 @@ from gcvit.layers import (
     padding_key_mask,
     window_view,
 )
-from gcvit.models.common import PyramidClassifier, check_images, init_weights, stem_conv
+from gcvit.models.common import PyramidClassifier, check_config, check_images, init_weights, stem_conv
 
 MIN_INPUT_SIZE = 32
 
@@ -57,6 +57,7 @@ class GCViTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_config(self, per_stage=("depths", "num_heads", "window_size"))
         n = len(self.depths)
         for field in ("num_heads", "window_size"):
             if len(getattr(self, field)) != n:

@@ -95,6 +95,10 @@ def resolve_name(name: str) -> ModelSpec:
     return ModelSpec(arch, tag, config, pretrained, family.name)
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _apply_overrides(config: Any, img_size: int | tuple[int, int] | None, overrides: dict[str, Any]) -> Any:
     config_cls = type(config)
     fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -106,10 +110,10 @@ def _apply_overrides(config: Any, img_size: int | tuple[int, int] | None, overri
         # the global query generator's structure (state-dict keys) stays that of the native size
         overrides.setdefault("global_query_pools", config.pools)
     if img_size is not None:
-        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if len(size) != 2 or min(size) < 32:
+        size = (img_size, img_size) if _is_int(img_size) else img_size
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s >= 32 for s in size)):
             raise ValueError(f"expected img_size as an int or (H, W) of at least 32 px; got {img_size!r}")
-        overrides["img_size"] = size
+        overrides["img_size"] = tuple(size)
     return dataclasses.replace(config, **overrides)
 
 
@@ -155,10 +159,11 @@ def create_model(
 
 
 def _load_pretrained(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Load strictly, except for a head whose class count differs, which stays freshly initialised."""
+    """Load strictly, except for a head whose class count differs (or that the checkpoint lacks: a backbone saved
+    with num_classes=0), which stays freshly initialised."""
     state_dict, _ = to_official(state_dict, model)
     head = state_dict.get("head.weight")
-    if head is not None and head.shape[0] != model.num_classes:
+    if (head is None and model.num_classes) or (head is not None and head.shape[0] != model.num_classes):
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")} | fresh
     load_state_dict_into(model, state_dict, source, strict=True)

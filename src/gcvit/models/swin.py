@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gcvit.layers import DropPath, Mlp, WindowAttention, pad_to_window_multiple, window_partition, window_reverse
-from gcvit.models.common import PyramidClassifier, check_images, init_weights, stem_conv
+from gcvit.models.common import PyramidClassifier, check_config, check_images, init_weights, stem_conv
 
 MIN_INPUT_SIZE = 32
 
@@ -48,6 +48,7 @@ class SwinConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_config(self, counts=("patch_size",), per_stage=("depths", "num_heads", "window_size"))
         n = len(self.depths)
         for field in ("num_heads", "window_size"):
             if len(getattr(self, field)) != n:

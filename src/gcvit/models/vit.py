@@ -18,6 +18,7 @@ resized bicubically to the patch grid (sides must be multiples of the patch size
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gcvit.hub import HubMixin
 from gcvit.layers import DropPath, GlobalAttention, Mlp
-from gcvit.models.common import check_images, init_weights
+from gcvit.models.common import check_config, check_images, init_weights
 
 NORM_LAYERS = ("ln", "bn")
 
@@ -51,6 +52,7 @@ class ViTConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        check_config(self, counts=("depth", "num_heads", "patch_size"))
         if self.norm_layer not in NORM_LAYERS:
             raise ValueError(f"norm_layer must be one of {NORM_LAYERS}; got {self.norm_layer!r}")
         if not 0 <= self.mask_ratio < 1:
@@ -227,6 +229,7 @@ class VisionTransformer(HubMixin, nn.Module):
         """Replace the head with a fresh Linear(C, num_classes); 0 removes it."""
         p = self.cls_token
         self.num_classes = num_classes
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)  # what save_pretrained records
         self.head = (
             nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
         )

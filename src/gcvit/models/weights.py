@@ -50,6 +50,10 @@ def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> P
     if _is_url(s):
         return download(s, sha256)
     path = Path(s).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"expected a checkpoint file or an http(s):// URL; {s!r} is a folder (gcvit.from_pretrained reads folders)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"expected a checkpoint file or an http(s):// URL; {s!r} does not exist")
     return path

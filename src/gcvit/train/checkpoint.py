@@ -125,6 +125,11 @@ def find_checkpoint(run_dir: str | os.PathLike[str], name: str = "last") -> Path
     return olds[-1] if olds else None
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether `run_dir` already holds a run's checkpoints (`last*`, `best*`)."""
+    return run_dir.is_dir() and any(p.name.startswith(("last", "best")) for p in run_dir.iterdir())
+
+
 def clean_stale(run_dir: Path) -> None:
     """After a crash: put a complete <name>.old-* back as <name>/ if <name>/ is missing, delete the rest."""
     for name in ("last", "best"):

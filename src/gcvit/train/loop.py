@@ -375,7 +375,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, p
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, progress: bool) -> TrainResult:
-    if not resuming and run_dir.is_dir() and any(p.name.startswith(("last", "best")) for p in run_dir.iterdir()):
+    if not resuming and ckpt.holds_run(run_dir):
         raise ValueError(
             f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
             "or train into another --out-dir"
