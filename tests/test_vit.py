@@ -123,3 +123,11 @@ def test_registry_names() -> None:
     with torch.device("meta"):
         model = gcvit.create_model("vit_small")
     assert isinstance(model, gcvit.VisionTransformer) and model.cfg.embed_dim == 384 and model.cfg.num_heads == 6
+
+
+def test_demo_runs_a_vit_on_the_photos_cropped_to_its_patch_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    from gcvit.cli import main
+
+    assert main(["demo", "--model", "vit_tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "windows global attention" in out and "own size (416, 640)" in out
