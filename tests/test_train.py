@@ -467,6 +467,10 @@ def test_fine_tune_digits_run_on_three_classes_then_eval_and_predict(
     trained = max((old[k] - fresh[k]).abs().max().item() for k in backbone)
     assert moved < 0.01 < trained, (moved, trained)
 
+    own = _gcvit("eval", str(run))  # no --data: the run's own seeded validation split, as trained
+    assert own.returncode == 0, own.stderr
+    assert 0 < int(own.stdout.split()[0]) < 33  # of the 33 readable shapes
+
     evaluated = _gcvit("eval", str(run), "--data", str(shapes))
     assert evaluated.returncode == 0, evaluated.stderr
     lines = evaluated.stdout.splitlines()
@@ -584,3 +588,78 @@ def test_cli_parses_every_config_field() -> None:
     }
     args = parser.parse_args(["predict", "a.png", "--model", "runs/x", "--topk", "3"])
     assert args.topk == 3 and args.inputs == ["a.png"]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"lr": "1e-3"}, None),  # PyYAML reads 1e-3 as a string: it is a number all the same
+        ({"epochs": "1"}, r"epochs must be int; got '1' \(str\)"),
+        ({"epochs": 1.5}, r"epochs must be int; got 1.5 \(float\)"),
+        ({"model_overrides": [1, 2]}, r"model_overrides must be dict\[str, Any\] or None; got \[1, 2\]"),
+        ({"clip_grad": 0}, r"clip_grad must be > 0 or None, got 0.0"),
+        ({"warmup_lr": -1}, r"warmup_lr must be >= 0, got -1.0"),
+        ({"num_classes": 0}, r"num_classes must be >= 2 or None"),
+        ({"crop_scale": 2}, r"crop_scale must be in \(0, 1\], got 2.0"),
+        ({"device": "tpu"}, r"device must be cpu or cuda\[:N\], got 'tpu'"),
+    ],
+)
+def test_config_values_are_typed_and_checked(tmp_path: Path, values: dict, message: str | None) -> None:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    if message is None:
+        assert resolve_config(path).lr == pytest.approx(1e-3)
+    else:
+        with pytest.raises(ValueError, match=message):
+            resolve_config(path)
+
+
+def test_malformed_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("epochs: [1\n")
+    with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML"):
+        resolve_config(path)
+
+
+def test_sixteen_bit_images_keep_their_tones(tmp_path: Path) -> None:
+    """PIL clips 16-bit values when converting to RGB; they are scaled instead."""
+    import numpy as np
+    from PIL import Image
+
+    from gcvit.data.datasets import load_rgb
+
+    ramp = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (4, 1))
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    row = np.asarray(load_rgb(tmp_path / "g16.png"))[0, :, 0]
+    assert row.tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
+
+
+def test_resume_refuses_a_missing_run_and_changed_settings(uninterrupted: Path, tmp_path: Path) -> None:
+    missing = _gcvit("train", "--resume", str(tmp_path / "typo"))
+    assert missing.returncode == 2 and "expected a run folder holding config.yaml" in missing.stderr
+    changed = _gcvit("train", "--resume", str(uninterrupted), "--epochs", "4", "--lr", "1e-4", "--no-progress")
+    assert changed.returncode == 2
+    assert "lr (0.002 -> 0.0001)" in changed.stderr and "start a new run from its weights" in changed.stderr
+
+
+def test_unusable_class_counts_and_batches_fail_before_training(shapes: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    (one / "circle").mkdir(parents=True)
+    for f in (shapes / "circle").glob("*.png"):
+        (one / "circle" / f.name).write_bytes(f.read_bytes())
+    base = {"data": "folder", "epochs": 1, "amp": "none", "out_dir": str(tmp_path / "run")}
+    with pytest.raises(DataError, match="at least 2 classes"):
+        train(TrainConfig(**base, data_dir=str(one), batch_size=4), progress=False)
+    with pytest.raises(ValueError, match=r"num_classes=5 but the data has 3 classes"):
+        train(TrainConfig(**base, data_dir=str(shapes), batch_size=4, num_classes=5), progress=False)
+    with pytest.raises(DataError, match="make no optimizer step of batch_size 64"):
+        train(TrainConfig(**base, data_dir=str(shapes), batch_size=64, grad_accum=8), progress=False)
+
+
+def test_predict_refuses_bad_topk_and_folders_without_images(uninterrupted: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="expected topk of at least 1; got 0"):
+        predict([tmp_path], uninterrupted, topk=0)
+    with pytest.raises(ValueError, match="no readable images in"):
+        predict([tmp_path], uninterrupted)

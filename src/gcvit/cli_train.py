@@ -89,7 +89,9 @@ def _train(args: argparse.Namespace) -> None:
     from gcvit.train.config import read_yaml
 
     saved = Path(args.resume or "", "config.yaml")
-    base = read_yaml(saved) if args.resume and saved.is_file() else None  # a resumed run keeps its settings
+    if args.resume and not saved.is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: expected a run folder holding config.yaml; there is none")
+    base = read_yaml(saved) if args.resume else None  # a resumed run keeps its settings
     cfg = resolve_config(args.config, _overrides(args), base=base)
     if args.threads:
         import torch
@@ -107,25 +109,43 @@ def _eval(args: argparse.Namespace) -> None:
 
     from gcvit.train.evaluate import evaluate
 
+    base = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    base = base.parent if base.name in ("best", "last") else base  # the run folder, where there is one
     if args.out_dir is None:  # next to the run's other plots
-        base = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-        base = base.parent if base.name in ("best", "last") else base
         args.out_dir = base / "plots" if (base / "plots").is_dir() else base
-
+    data, split = _eval_data(args, base)
     report = evaluate(
         args.checkpoint,
-        args.data,
+        data,
         batch_size=args.batch_size,
         device=args.device,
         out_dir=args.out_dir,
         val_fraction=args.val_fraction,
         seed=args.seed,
+        split=split,
     )
     print(f"{report.num_samples} images: top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%")
     for name, acc in report.per_class.items():
         print(f"  {name:>12s}  {acc:6.2f}%")
     if report.confusion_png:
         print(f"confusion matrix: {report.confusion_png}")
+
+
+def _eval_data(args: argparse.Namespace, run_dir: Any) -> tuple[str, bool]:
+    """What `gcvit eval` scores: --data if given, else the validation data of the run (its config.yaml), as trained:
+    the digits or folder split with the run's val_fraction and seed, or its val_dir. Fills in --val-fraction and
+    --seed from the run where they were not given. Returns (data, whether to take the folder's seeded val split)."""
+    from gcvit.train.config import read_yaml
+
+    saved = run_dir / "config.yaml"
+    run = read_yaml(saved) if saved.is_file() else {}
+    args.val_fraction = run.get("val_fraction", 0.2) if args.val_fraction is None else args.val_fraction
+    args.seed = run.get("seed", 0) if args.seed is None else args.seed
+    if args.data is not None:
+        return args.data, False
+    if run.get("data") == "folder":
+        return (run["val_dir"], False) if run.get("val_dir") else (run["data_dir"], True)
+    return "digits", False
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -147,12 +167,16 @@ def add_subcommands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a trained model")
     p.add_argument("checkpoint", help="run folder, checkpoint folder (best/, last/) or .safetensors with config.json")
-    p.add_argument("--data", default="digits", help="'digits' (its val split) or an image folder of class folders")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'digits' (its val split) or an image folder of class folders (default: the run's own validation data)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=None, help="where confusion.png goes (default: the run's plots folder)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="digits split, as in training")
-    p.add_argument("--seed", type=int, default=0, help="digits split seed, as in training")
+    p.add_argument("--val-fraction", type=float, default=None, help="digits split (default: the run's, else 0.2)")
+    p.add_argument("--seed", type=int, default=None, help="digits split seed (default: the run's, else 0)")
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("predict", help="classify image files or folders")

@@ -176,9 +176,19 @@ def _describe(bad: list[BadImage]) -> str:
     return "\n".join(f"  {b.path}: {b.reason}" for b in bad)
 
 
-def _load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """The image at `path` as 8-bit RGB: alpha dropped, grey and palette images expanded, and 16-bit, 32-bit integer
+    and float images scaled to 0-255 (PIL's own conversion clips them: a 16-bit photo would come out white)."""
     with Image.open(path) as image:
-        return image.convert("RGB")  # decodes; drops alpha, expands grey and palette images
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            values = np.asarray(image, dtype=np.float64)
+            top = values.max(initial=0.0)
+            if image.mode == "F" and top <= 1.0:
+                scale = 255.0  # a float image in [0, 1]
+            else:
+                scale = 255.0 / (65535.0 if image.mode.startswith("I;16") or top <= 65535 else top)
+            return Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
 
 
 class ImageFolderDataset(Dataset[tuple[Any, int]]):
@@ -281,7 +291,7 @@ class ImageFolderDataset(Dataset[tuple[Any, int]]):
         for step in range(tries):
             path, label = self.samples[(index + step) % len(self.samples)]
             try:
-                image = _load_rgb(path)
+                image = load_rgb(path)
             except Exception as error:  # PIL raises many types for malformed files; only the decode is guarded
                 if self.strict:
                     raise DataError(f"cannot decode image {path}: {type(error).__name__}: {error}") from error

@@ -69,7 +69,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that has an impossible value."""
+        """Raise ValueError naming the first field that has an impossible value (numbers written as YAML strings,
+        such as `lr: 1e-3`, become numbers first)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.amp not in AMP_DTYPES:
@@ -93,9 +96,48 @@ class TrainConfig:
             raise ValueError(f"layer_decay must be in (0, 1] or None, got {self.layer_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        checks = (
+            ("clip_grad", self.clip_grad is None or self.clip_grad > 0, "> 0 or None"),
+            ("warmup_lr", self.warmup_lr >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("num_classes", self.num_classes is None or self.num_classes >= 2, ">= 2 or None (the data's count)"),
+            ("crop_scale", 0 < self.crop_scale <= 1, "in (0, 1]"),
+            (
+                "device",
+                self.device is None or self.device == "cpu" or self.device.startswith("cuda"),
+                "cpu or cuda[:N]",
+            ),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """`value` as the field's annotated type: ints stay ints, numbers (and numeric strings: PyYAML reads 1e-3 as a
+    string) become floats for float fields; anything else of the wrong type is a ValueError naming the field."""
+    kinds = {k.strip() for k in annotation.split("|")}
+    if value is None and "None" in kinds:
+        return value
+    is_bool = isinstance(value, bool)
+    if "float" in kinds and not is_bool:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if "int" in kinds and isinstance(value, int) and not is_bool:
+        return value
+    if ("bool" in kinds and is_bool) or ("str" in kinds and isinstance(value, str)):
+        return value
+    if any(k.startswith("dict") for k in kinds) and isinstance(value, dict):
+        return value
+    raise ValueError(f"{name} must be {annotation.replace(' | ', ' or ')}; got {value!r} ({type(value).__name__})")
 
 
 def official_recipe(global_batch: int) -> dict[str, Any]:
@@ -135,7 +177,10 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of training options, got {type(values).__name__}")
     _check_keys(values, str(path))

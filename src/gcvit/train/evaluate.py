@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import gcvit
-from gcvit.data import IMG_EXTENSIONS, DigitsDataset, ImageFolderDataset, eval_transform
+from gcvit.data import IMG_EXTENSIONS, DigitsDataset, ImageFolderDataset, eval_transform, split_image_folder
+from gcvit.data.datasets import load_rgb
 from gcvit.hub import build_from_config
 from gcvit.train import checkpoint as ckpt
 
@@ -130,11 +131,18 @@ class EvalReport:
     confusion_png: Path | None = None
 
 
-def _dataset(data: str | PathLike, meta: RunMeta, val_fraction: float, seed: int) -> Any:
-    """'digits' (its val split), or a folder of class sub-folders using the checkpoint's class names."""
+def _dataset(data: str | PathLike, meta: RunMeta, val_fraction: float, seed: int, split: bool) -> Any:
+    """'digits' (its val split), or a folder of class sub-folders using the checkpoint's class names (its seeded val
+    split if `split`)."""
     transform = preprocess(meta)
     if str(data) == "digits":
+        if len(meta.classes) != 10:
+            raise ValueError(
+                f"the model has {len(meta.classes)} classes and the digits 10: pass --data with the model's images"
+            )
         return DigitsDataset("val", meta.img_size, val_fraction, seed, transform)
+    if split:
+        return split_image_folder(data, val_fraction, seed, val_transform=transform, classes=meta.classes)[1]
     return ImageFolderDataset(data, transform, classes=meta.classes)
 
 
@@ -149,6 +157,7 @@ def evaluate(
     out_dir: PathLike | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    split: bool = False,
     meta: RunMeta | None = None,
 ) -> EvalReport:
     """Top-1, top-5, per-class accuracy and the confusion matrix of a trained model on a dataset.
@@ -156,14 +165,14 @@ def evaluate(
     Args:
         model: a run folder, checkpoint folder or .safetensors (see `load_run`), or a model with `meta`.
         data: 'digits' (the validation split of `seed` / `val_fraction`, as in training) or an image folder whose
-            sub-folders are the checkpoint's class names.
+            sub-folders are the checkpoint's class names (all of it, or with `split` its val split, as in training).
         out_dir: write confusion.png here (needs matplotlib); None: no file.
 
     Returns:
         An EvalReport.
     """
     net, meta = load_model(model, device, meta)
-    dataset = _dataset(data, meta, val_fraction, seed)
+    dataset = _dataset(data, meta, val_fraction, seed, split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     k = len(meta.classes)
     confusion = np.zeros((k, k), dtype=np.int64)
@@ -250,8 +259,8 @@ def predict(
     Returns:
         [(file, [(class name, probability), ...]), ...] in file order, best first.
     """
-    from PIL import Image
-
+    if topk < 1:
+        raise ValueError(f"expected topk of at least 1; got {topk}")
     net, meta = load_model(model, device, meta)
     transform = preprocess(meta)
     files = _image_files(inputs)
@@ -261,10 +270,9 @@ def predict(
         chunk, images = [], []
         for f in files[start : start + batch_size]:
             try:
-                with Image.open(f) as im:
-                    images.append(transform(im.convert("RGB")))
+                images.append(transform(load_rgb(f)))
                 chunk.append(f)
-            except OSError as e:  # unreadable or corrupt: skipped, as in training
+            except Exception as e:  # unreadable, corrupt or a decompression bomb: skipped, as in training
                 logger.warning("skipped unreadable image %s: %s", f, e)
         if not images:
             continue
@@ -272,4 +280,6 @@ def predict(
         values, indices = probs.topk(k, dim=-1)
         for f, v, i in zip(chunk, values.tolist(), indices.tolist()):
             results.append((str(f), [(meta.classes[c], p) for c, p in zip(i, v)]))
+    if not results:
+        raise ValueError(f"no readable images in {', '.join(map(str, inputs))}")
     return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -23,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import gcvit
-from gcvit.data import mixup_cutmix
-from gcvit.models.registry import digits_overrides
+from gcvit.data import DataError, mixup_cutmix
+from gcvit.models.registry import digits_overrides, family_of
 from gcvit.train import checkpoint as ckpt
 from gcvit.train import distributed as D
 from gcvit.train.config import TrainConfig, load_run_config, save_yaml
@@ -81,11 +82,30 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
     overrides = dict(cfg.model_overrides) if cfg.model_overrides is not None else {}
-    if cfg.model_overrides is None and cfg.data == "digits" and not cfg.pretrained:
+    if cfg.model_overrides is None and cfg.pretrained:
+        overrides = _saved_architecture(cfg)
+    elif cfg.model_overrides is None and cfg.data == "digits":
         overrides = digits_overrides(cfg.model)  # each family's small 32 px model
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
     return overrides
+
+
+def _saved_architecture(cfg: TrainConfig) -> dict[str, Any]:
+    """The architecture recorded in config.json beside a local --pretrained checkpoint of this package, when it is of
+    --model's family: fine-tuning a run's weights rebuilds the run's model (the digits model is no named variant).
+    The head, the input size and stochastic depth stay the new run's."""
+    if not isinstance(cfg.pretrained, str):
+        return {}
+    path = Path(cfg.pretrained).expanduser()
+    meta = (path if path.is_dir() else path.parent) / "config.json"
+    if not meta.is_file():
+        return {}
+    saved = json.loads(meta.read_text())
+    if family_of(str(saved.get("model", "")).split(".")[0]) is not family_of(cfg.model):
+        return {}
+    drop = ("num_classes", "img_size", "drop_path_rate")
+    return {k: v for k, v in (saved.get("config") or {}).items() if k not in drop}
 
 
 def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -135,8 +155,10 @@ def _setup(cfg: TrainConfig, info: D.DistInfo) -> _Run:
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (probe.crop_pct if cfg.pretrained else 1.0)
     data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation)
     num_classes = cfg.num_classes or len(data.classes)
-    if num_classes < len(data.classes):
-        raise ValueError(f"num_classes={num_classes} but the data has {len(data.classes)} classes")
+    if len(data.classes) < 2:
+        raise DataError(f"expected at least 2 classes to tell apart; the data has {data.classes}")
+    if num_classes != len(data.classes):  # a head with outputs no class is named for could not be evaluated
+        raise ValueError(f"num_classes={num_classes} but the data has {len(data.classes)} classes: {data.classes}")
     micro = _micro_batch(cfg, info)
     tl = train_loader(
         data.train, micro, cfg.seed, cfg.num_workers, info.rank, info.world_size, pin_memory=info.device.type == "cuda"
@@ -146,6 +168,11 @@ def _setup(cfg: TrainConfig, info: D.DistInfo) -> _Run:
     net = _wrap_ddp(model, info) if info.distributed else model
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     steps_per_epoch = len(tl) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"{len(data.train)} training images make no optimizer step of batch_size {cfg.batch_size} "
+            f"({len(tl)} micro-batches per epoch, grad_accum {cfg.grad_accum}): use a smaller batch_size"
+        )
     scheduler = build_scheduler(
         optimizer,
         cfg.epochs * steps_per_epoch,
@@ -208,8 +235,30 @@ def _save(run: _Run, run_dir: Path, is_best: bool) -> None:
         ckpt.write_checkpoint(run_dir, name, run.model.state_dict(), run.model_meta, state, ema_sd)
 
 
+# what a resumed run may change: how long it runs and where, not what it computes
+RESUME_MAY_CHANGE = ("epochs", "time_limit", "num_workers", "device", "out_dir", "strict_data")
+
+
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path) -> None:
+    """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
+    optimizer, schedule and weights restored from the checkpoint would silently keep the old values."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))  # tuples read as lists
+    changed = [
+        f"{k} ({saved[k]!r} -> {now[k]!r})"
+        for k in saved
+        if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]
+    ]
+    if changed:
+        raise ValueError(
+            f"{folder} was trained with other settings: {', '.join(changed)}. A resumed run keeps its settings (it "
+            f"may change {', '.join(RESUME_MAY_CHANGE)}); to change the others, start a new run from its weights "
+            f"(--pretrained {folder / 'model.safetensors'})"
+        )
+
+
 def _restore(run: _Run, folder: Path) -> None:
     state = ckpt.read_training_state(folder)
+    _check_resumable(state.get("config", {}), run.cfg, folder)
     run.model.load_state_dict(ckpt.read_weights(folder))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
