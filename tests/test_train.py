@@ -663,3 +663,17 @@ def test_predict_refuses_bad_topk_and_folders_without_images(uninterrupted: Path
         predict([tmp_path], uninterrupted, topk=0)
     with pytest.raises(ValueError, match="no readable images in"):
         predict([tmp_path], uninterrupted)
+
+
+def test_a_folder_run_resumes_from_another_working_directory(shapes: Path, tmp_path: Path) -> None:
+    """config.yaml keeps absolute data paths: resuming elsewhere reads the same images, not a namesake folder."""
+    (tmp_path / "shapes").symlink_to(shapes)
+    args = [sys.executable, "-m", "gcvit.cli", "train", "--data-dir", "shapes", "--batch-size", "8", "--no-progress"]
+    first = subprocess.run([*args, "--epochs", "1", "--out-dir", "run"], cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "shapes" / "circle").mkdir(parents=True)  # a namesake folder that must not be read
+    resume = [sys.executable, "-m", "gcvit.cli", "train", "--resume", str(tmp_path / "run"), "--epochs", "2"]
+    second = subprocess.run([*resume, "--no-progress"], cwd=elsewhere, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert "done: 2 epochs" in second.stdout

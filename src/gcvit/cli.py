@@ -89,6 +89,8 @@ def _digits(args: argparse.Namespace) -> None:
 
     from gcvit.data import DigitsDataset
 
+    if args.count < 1:
+        raise ValueError(f"expected --count of at least 1; got {args.count}")
     data = DigitsDataset("val", img_size=args.img_size, val_fraction=args.val_fraction, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,8 @@ def _train(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--resume {args.resume}: expected a run folder holding config.yaml; there is none")
     base = read_yaml(saved) if args.resume else None  # a resumed run keeps its settings
     cfg = resolve_config(args.config, _overrides(args), base=base)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"expected --threads of at least 1; got {args.threads}")
     if args.threads:
         import torch
 

@@ -211,7 +211,17 @@ def resolve_config(
         batch = int(merged.get("batch_size", TrainConfig.batch_size))
         values.update(official_recipe(batch))
     values.update(merged)
+    for key in PATH_FIELDS:  # absolute: a resumed run must read the same data from any working directory
+        if isinstance(values.get(key), str) and not _is_url(values[key]) and Path(values[key]).expanduser().exists():
+            values[key] = str(Path(values[key]).expanduser().resolve())
     return TrainConfig(**values)
+
+
+PATH_FIELDS = ("data_dir", "train_dir", "val_dir", "pretrained")  # local paths where they name one
+
+
+def _is_url(s: str) -> bool:
+    return "://" in s
 
 
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:

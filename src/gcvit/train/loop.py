@@ -28,7 +28,7 @@ from gcvit.data import DataError, mixup_cutmix
 from gcvit.models.registry import digits_overrides, family_of
 from gcvit.train import checkpoint as ckpt
 from gcvit.train import distributed as D
-from gcvit.train.config import TrainConfig, load_run_config, save_yaml
+from gcvit.train.config import PATH_FIELDS, TrainConfig, load_run_config, save_yaml
 from gcvit.train.data import build_datasets, eval_loader, train_loader
 from gcvit.train.metrics import TensorBoard, plot_history, write_csv
 from gcvit.train.optim import build_optimizer, build_scheduler
@@ -239,6 +239,11 @@ def _save(run: _Run, run_dir: Path, is_best: bool) -> None:
 RESUME_MAY_CHANGE = ("epochs", "time_limit", "num_workers", "device", "out_dir", "strict_data")
 
 
+def _same_path(key: str, a: Any, b: Any) -> bool:
+    """A path field saved relative (by runs from before paths were made absolute) that names the same place."""
+    return key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
+
+
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path) -> None:
     """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
     optimizer, schedule and weights restored from the checkpoint would silently keep the old values."""
@@ -246,7 +251,7 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path) -> N
     changed = [
         f"{k} ({saved[k]!r} -> {now[k]!r})"
         for k in saved
-        if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]
+        if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k] and not _same_path(k, saved[k], now[k])
     ]
     if changed:
         raise ValueError(
