@@ -677,3 +677,19 @@ def test_a_folder_run_resumes_from_another_working_directory(shapes: Path, tmp_p
     second = subprocess.run([*resume, "--no-progress"], cwd=elsewhere, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert "done: 2 epochs" in second.stdout
+
+
+def test_damaged_run_files_and_a_missing_gpu_are_named(uninterrupted: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    (run / "last" / "state.pt").write_bytes((run / "last" / "state.pt").read_bytes()[:1000])
+    resumed = _gcvit("train", "--resume", str(run), "--epochs", "4", "--no-progress")
+    assert resumed.returncode == 2 and "state.pt is damaged and cannot be read" in resumed.stderr
+    (run / "best" / "config.json").write_text('{"model": "gcvit_xxtiny",\n')
+    with pytest.raises(ValueError, match=r"best/config.json is not valid JSON"):
+        ckpt.read_model_config(run / "best")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available here"):
+            predict([tmp_path], uninterrupted, device="cuda")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -143,14 +144,20 @@ def clean_stale(run_dir: Path) -> None:
 
 def read_training_state(folder: Path) -> dict[str, Any]:
     """state.pt of a checkpoint folder (trusted: written by this run), loaded on the CPU."""
-    return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{folder / STATE_FILE} is damaged and cannot be read: {e}") from None
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected a checkpoint folder written by `gcvit train`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:

@@ -35,6 +35,8 @@ def setup(device: str | None = None) -> DistInfo:
         This process's rank, world size and device; a single process when WORLD_SIZE is unset or 1.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here (use --device cpu)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:

@@ -99,6 +99,8 @@ def load_model(
     model: PathLike | nn.Module, device: str | torch.device = "cpu", meta: RunMeta | None = None
 ) -> tuple[nn.Module, RunMeta]:
     """A run/checkpoint path, a registered model name, or (model, meta) already built."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (use --device cpu)")
     if isinstance(model, nn.Module):
         if meta is None:
             raise ValueError("pass meta= (class names and preprocessing) along with a model object")
