@@ -12,22 +12,33 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
-    """Call `write(f)` on a temporary file next to `path`, fsync it and rename it to `path`."""
+def atomic_write_to(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
+    """Call `write(tmp)` with the name of a temporary file next to `path` (for writers that take a file name, such
+    as `torch.export.save` or `onnx.save`), fsync it and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(f)` on a temporary binary file next to `path`, fsync it and rename it to `path`."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    return atomic_write_to(path, to_file)
 
 
 def _umask() -> int:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from gcvit.atomic import atomic_write_to
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +99,10 @@ def export_onnx(
     proto = program.model_proto
     onnx.helper.set_model_props(proto, dict(metadata or {}))
     if size > _ONNX_SINGLE_FILE_LIMIT:  # the weights go to path.data, written before the graph file appears
-        return _written_whole(
+        return atomic_write_to(
             path, lambda tmp: onnx.save(proto, tmp, save_as_external_data=True, location=path.name + ".data")
         )
-    return _written_whole(path, lambda tmp: onnx.save(proto, tmp))
+    return atomic_write_to(path, lambda tmp: onnx.save(proto, tmp))
 
 
 def export_pt2(
@@ -117,18 +119,7 @@ def export_pt2(
         program = torch.export.export(
             model.eval(), (_example(model, _EXAMPLE_BATCH, img_size),), dynamic_shapes=({0: _batch_dim()},)
         )
-    return _written_whole(path, lambda tmp: torch.export.save(program, tmp, extra_files=dict(metadata or {})))
-
-
-def _written_whole(path: Path, write: Callable[[str], object]) -> Path:
-    """`write(tmp)` to a temporary name in `path`'s folder, then renamed to `path`: never a partial file at `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_to(path, lambda tmp: torch.export.save(program, tmp, extra_files=dict(metadata or {})))
 
 
 def _onnx_runner(path: Path) -> Any:

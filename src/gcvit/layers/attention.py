@@ -51,7 +51,7 @@ class _WindowAttentionBase(nn.Module):
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The bias in `dtype`; gathered once and kept while no gradient is needed and the table is unchanged
         (`gcvit.layers.prepared`)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.relative_position_bias().to(dtype)
         table = self.relative_position_bias_table
         return _GATHERED_BIAS.get(self, (table,), lambda: self.relative_position_bias().to(dtype).contiguous(), dtype)

@@ -212,16 +212,12 @@ def resolve_config(
         values.update(official_recipe(batch))
     values.update(merged)
     for key in PATH_FIELDS:  # absolute: a resumed run must read the same data from any working directory
-        if isinstance(values.get(key), str) and not _is_url(values[key]) and Path(values[key]).expanduser().exists():
+        if isinstance(values.get(key), str) and Path(values[key]).expanduser().exists():  # not a URL, True, ...
             values[key] = str(Path(values[key]).expanduser().resolve())
     return TrainConfig(**values)
 
 
 PATH_FIELDS = ("data_dir", "train_dir", "val_dir", "pretrained")  # local paths where they name one
-
-
-def _is_url(s: str) -> bool:
-    return "://" in s
 
 
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:

@@ -25,6 +25,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def require_cuda(device: object) -> None:
+    """Raise a ValueError naming `device` when it asks for CUDA on a machine without it."""
+    if torch.device(device or "cuda").type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (use --device cpu)")
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and start the process group (nccl on CUDA, gloo on CPU).
 
@@ -35,8 +41,8 @@ def setup(device: str | None = None) -> DistInfo:
         This process's rank, world size and device; a single process when WORLD_SIZE is unset or 1.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA device is available here (use --device cpu)")
+    if use_cuda:
+        require_cuda(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:

@@ -22,6 +22,7 @@ from gcvit.data import IMG_EXTENSIONS, DigitsDataset, ImageFolderDataset, eval_t
 from gcvit.data.datasets import load_rgb
 from gcvit.hub import build_from_config
 from gcvit.train import checkpoint as ckpt
+from gcvit.train.distributed import require_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ def load_model(
     model: PathLike | nn.Module, device: str | torch.device = "cpu", meta: RunMeta | None = None
 ) -> tuple[nn.Module, RunMeta]:
     """A run/checkpoint path, a registered model name, or (model, meta) already built."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (use --device cpu)")
+    require_cuda(device)
     if isinstance(model, nn.Module):
         if meta is None:
             raise ValueError("pass meta= (class names and preprocessing) along with a model object")
