@@ -56,7 +56,7 @@ class _WindowAttentionBase(nn.Module):
         table = self.relative_position_bias_table
         return _GATHERED_BIAS.get(self, (table,), lambda: self.relative_position_bias().to(dtype).contiguous(), dtype)
 
-    def _attend(self, heads: torch.Tensor, q_global: torch.Tensor | None, pad_mask: torch.Tensor | None, B: int):
+    def _attend(self, heads: torch.Tensor, q_global: torch.Tensor | None, pad_mask: torch.Tensor | None, nW: int):
         """heads (B*nW, N, P*heads, hd), the qkv (P = 3) or kv (P = 2, with `q_global` (B, heads, N, hd)) projection
         viewed per head -> (B, nW, N, C)."""
         BnW, N = heads.shape[:2]
@@ -65,7 +65,7 @@ class _WindowAttentionBase(nn.Module):
         if pad_mask is not None:
             mask = mask + pad_mask.to(heads.dtype)  # (nW, heads, N, N)
         dropout = self.attn_drop if self.training else 0.0
-        nW = BnW // B
+        B = BnW // nW  # nW, not B, divides: B may be 0
         fused = _fused_kernel_pays(heads, mask)
         if q_global is not None:  # image b's query for each of its windows (image-major order); repeating a
             # contiguous copy is a plain memcpy, 4-7x faster than copying a strided, expanded view
@@ -75,16 +75,16 @@ class _WindowAttentionBase(nn.Module):
             q, kv = (parts[:h], parts[h:]) if q_global is None else (q_global.unbind(0), parts)
             out = _attention_per_head(q, kv[:h], kv[h:], mask, self.scale, dropout, B)  # (B*nW, N, C)
         else:
-            parts = heads.view(BnW, N, -1, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
+            parts = heads.view(BnW, N, heads.shape[2] // h, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
             q, k, v = parts if q_global is None else (q_global.transpose(0, 1), *parts)
             if fused:
                 if mask.shape[0] > 1:
                     mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
             else:
-                out = _attention_batched(q, k, v, mask, self.scale, dropout, B)
-            out = out.transpose(1, 2).reshape(BnW, N, -1)  # (B*nW, N, C)
-        return self.proj_drop(linear(out.view(B, nW, N, -1), self.proj))
+                out = _attention_batched(q, k, v, mask, self.scale, dropout, nW)
+            out = out.transpose(1, 2).reshape(BnW, N, h * self.head_dim)  # (B*nW, N, C)
+        return self.proj_drop(linear(out.view(B, nW, N, h * self.head_dim), self.proj))
 
 
 def _fused_kernel_pays(q: torch.Tensor, mask: torch.Tensor) -> bool:
@@ -108,14 +108,14 @@ _PER_HEAD_MIN_SCORES = 2**18
 
 
 def _attention_batched(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout: float, B: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout: float, nW: int
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v with all heads in one batched matmul: q, k, v (B*nW, heads, N, hd), mask
     (1 or nW, heads, N, N) -> like q. The matmuls copy q, k and v into a batched layout first; for small batches
     that costs less than a call per head. The softmax reads low-precision scores but accumulates in fp32."""
     BnW, heads, N, _ = q.shape
     attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
-    scores = attn.view(B, BnW // B, heads, N, N)  # the mask broadcasts over images (and windows when 1)
+    scores = attn.view(BnW // nW, nW, heads, N, N)  # the mask broadcasts over images (and windows when 1)
     if attn.requires_grad or mask.requires_grad:
         attn = (scores + mask).view(BnW, heads, N, N)  # autograd turns an in-place add on a view into copies
     else:
@@ -177,7 +177,7 @@ class WindowAttention(_WindowAttentionBase):
         """x (B, nW, N, C) -> (B, nW, N, C); `q_global` is ignored."""
         B, nW, N, _ = x.shape
         qkv = linear(x, self.qkv).view(B * nW, N, 3 * self.num_heads, self.head_dim)  # (B*nW, N, 3*heads, hd)
-        return self._attend(qkv, None, pad_mask, B)
+        return self._attend(qkv, None, pad_mask, nW)
 
 
 class WindowAttentionGlobal(_WindowAttentionBase):
@@ -204,4 +204,4 @@ class WindowAttentionGlobal(_WindowAttentionBase):
             raise ValueError("global window attention needs the stage's global query")
         B, nW, N, _ = x.shape
         kv = linear(x, self.qkv).view(B * nW, N, 2 * self.num_heads, self.head_dim)  # (B*nW, N, 2*heads, hd)
-        return self._attend(kv, q_global, pad_mask, B)
+        return self._attend(kv, q_global, pad_mask, nW)

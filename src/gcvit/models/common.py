@@ -24,8 +24,9 @@ def stem_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """`conv(x)` on the images, channels-last: the convolution runs 1.7-2.6x faster on the CPU and the NHWC view of
     its output is contiguous (LayerNorm reads it without a copy). A training step would keep a channels-last copy of
     the images alive for the weight gradient, next to the caller's, so there NCHW images stay as they are (the
-    training loop hands over channels-last batches)."""
-    if not (torch.is_grad_enabled() and conv.weight.requires_grad):
+    training loop hands over channels-last batches). Under torch.func transforms (vmap) the images stay as they are:
+    vmap cannot query a channels-last layout."""
+    if not (torch.is_grad_enabled() and conv.weight.requires_grad) and not torch._C._are_functorch_transforms_active():
         x = x.contiguous(memory_format=torch.channels_last)
     return conv(x)  # (B, C, H', W')
 

@@ -161,7 +161,7 @@ class GCViTBlock(nn.Module):
         xp = pad_to_window_multiple(x, ws)  # (B, Hp, Wp, C)
         Hp, Wp = xp.shape[1:3]
         y = self.norm1(window_view(xp, ws))  # (B, nH, nW_w, ws, ws, C), contiguous
-        y = self.attn(y.view(B, -1, ws * ws, C), q_global, pad_mask)  # (B, nW, N, C)
+        y = self.attn(y.view(B, Hp // ws * (Wp // ws), ws * ws, C), q_global, pad_mask)  # (B, nW, N, C)
         y = map_view(y, ws, Hp, Wp)  # (B, nH, ws, nW_w, ws, C) view
         if self.gamma1 is not None:
             y = y * self.gamma1

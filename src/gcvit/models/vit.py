@@ -214,7 +214,7 @@ class VisionTransformer(HubMixin, nn.Module):
         """The last block's normalised patch tokens as a map: [NCHW (B, C, H/p, W/p)], all tokens (no masking)."""
         x, (h, w) = self._embed(x, mask=False)
         x = self._blocks(x)[:, 1:]  # (B, h*w, C)
-        return [x.transpose(1, 2).reshape(x.shape[0], -1, h, w)]  # (B, C, h*w) -> NCHW (B, C, h, w)
+        return [x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)]  # (B, C, h*w) -> NCHW (B, C, h, w)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens (B, 1 + L, C) -> logits (B, num_classes), or the class token's features (B, C) if pre_logits."""
