@@ -25,6 +25,30 @@ def test_timm_checkpoint_gives_timm_logits(name: str, tmp_path: Path) -> None:
     assert_loads_timm_checkpoint(name, f"{name}_patch16_224", tmp_path)
 
 
+def test_timm_224_checkpoint_loads_at_another_size(tmp_path: Path) -> None:
+    """A 224 px checkpoint loads into a ViT built for 384 px: its position embedding is resized on load (reported),
+    and the logits equal timm's own 384 px model filled from the same checkpoint; the 224 px model run on 384 px
+    images (resized at run time) equals timm's with dynamic_img_size."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    checkpoint = randomize_(timm.create_model("vit_tiny_patch16_224")).state_dict()
+    path = tmp_path / "vit_tiny_224.pth"
+    torch.save(checkpoint, path)
+    reference = timm.create_model("vit_tiny_patch16_224", img_size=384).eval()
+    reference.load_state_dict(checkpoint_filter_fn(dict(checkpoint), reference))
+    model = gcvit.create_model("vit_tiny", img_size=384).eval()
+    report = gcvit.load_checkpoint(model, path)
+    assert report.resized == ["pos_embed: (1, 197, 192) -> (1, 577, 192)"]
+    native = gcvit.create_model("vit_tiny").eval()
+    gcvit.load_checkpoint(native, path)
+    dynamic = timm.create_model("vit_tiny_patch16_224", dynamic_img_size=True).eval()
+    dynamic.load_state_dict(checkpoint)
+    x = torch.randn(2, 3, 384, 384)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() < 1e-4
+        assert (native(x) - dynamic(x)).abs().max().item() < 1e-4
+
+
 def test_timm_vit_with_other_parts_is_refused() -> None:
     sd = timm.create_model("vit_tiny_patch16_224", global_pool="avg", num_classes=0).state_dict()
     model = gcvit.create_model("vit_tiny")

@@ -17,7 +17,8 @@ def atomic_write_to(path: str | os.PathLike[str], write: Callable[[str], object]
     as `torch.export.save` or `onnx.save`), fsync it and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temporary name keeps the extension: writers such as torch.export.save warn about any other
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from other users

@@ -75,7 +75,8 @@ class _WindowAttentionBase(nn.Module):
             q, kv = (parts[:h], parts[h:]) if q_global is None else (q_global.unbind(0), parts)
             out = _attention_per_head(q, kv[:h], kv[h:], mask, self.scale, dropout, B)  # (B*nW, N, C)
         else:
-            parts = heads.view(BnW, N, heads.shape[2] // h, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
+            P = heads.shape[2] // h  # 3 (q, k, v) or 2 (k, v)
+            parts = heads.view(BnW, N, P, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
             q, k, v = parts if q_global is None else (q_global.transpose(0, 1), *parts)
             if fused:
                 if mask.shape[0] > 1:

@@ -81,13 +81,15 @@ def random_token_subset(x: torch.Tensor, keep: int) -> torch.Tensor:
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
     """Bicubically resize the patch part of a (1, 1 + h*w, C) position embedding to another grid; the class
-    token's entry is kept."""
+    token's entry is kept. Antialiased, as timm does (on load and for dynamic sizes): PyTorch's antialiased bicubic
+    also uses another cubic (a = -0.5), so it differs from the plain one when enlarging too."""
     if old_grid == new_grid:
         return pos_embed
     cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
     C = grid.shape[-1]
     grid = grid.reshape(1, *old_grid, C).permute(0, 3, 1, 2)  # (1, h*w, C) -> NCHW (1, C, h, w)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False, antialias=True)
+    grid = grid.to(pos_embed.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], C)  # NCHW -> (1, h'*w', C)
     return torch.cat([cls_pos, grid], dim=1)
 
@@ -242,6 +244,18 @@ class VisionTransformer(HubMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameters that get no weight decay beyond norms and biases: the position embedding and class token."""
         return {"pos_embed", "cls_token"}
+
+    def adapt_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Resize a checkpoint's position embedding, trained on a square grid, to this model's grid (bicubic, as at
+        run time); `load_checkpoint` calls it. Returns what was resized."""
+        pos = state_dict.get("pos_embed")
+        if pos is None or pos.shape == self.pos_embed.shape or pos.ndim != 3 or pos.shape[2] != self.cfg.embed_dim:
+            return []
+        side = round((pos.shape[1] - 1) ** 0.5)
+        if side * side != pos.shape[1] - 1:
+            return []  # not a square grid: left for the shape check to name
+        state_dict["pos_embed"] = resize_pos_embed(pos, (side, side), self.cfg.grid_size)
+        return [f"pos_embed: {tuple(pos.shape)} -> {tuple(self.pos_embed.shape)}"]
 
 
 # --- checkpoint conversion -------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # "key: checkpoint (a, b) vs model (c, d)"
-    resized: list[str] = field(default_factory=list)  # bias tables resized to the model's window size
+    resized: list[str] = field(default_factory=list)  # bias tables (position embeddings) fitted to the model
 
 
 def _is_url(s: str) -> bool:
@@ -104,9 +104,11 @@ def to_official(
 
 def adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Fit geometric tensors to the model: relative-position indices come from the model (they follow from its
-    window sizes) and bias tables are resized bicubically when window sizes differ. Returns (state_dict, resized)."""
+    window sizes), bias tables are resized bicubically when window sizes differ, and a model with an
+    `adapt_checkpoint` method (ViT: its position embedding) fits the rest itself. Returns (state_dict, resized)."""
     own = model.state_dict()
-    resized = []
+    adapt = getattr(model, "adapt_checkpoint", None)
+    resized = [] if adapt is None else adapt(state_dict)
     for key, target in own.items():
         if key.endswith("relative_position_index"):
             state_dict[key] = target
