@@ -114,6 +114,19 @@ def test_image_folder_reads_good_files(tmp_path: Path) -> None:
     assert image.shape == (3, 16, 16) and label == 1
 
 
+def test_linked_folders_are_followed_and_read_once(tmp_path: Path) -> None:
+    """Links inside class folders are followed (a shared folder of extra images counts), but a link back up to the
+    class folder, or a second link to a folder already read, adds no duplicate images (a loop used to add each
+    image dozens of times)."""
+    _make_folder(tmp_path / "images")
+    _save(tmp_path / "extra" / "more.png", "PNG", seed=99)
+    (tmp_path / "images" / "cat" / "loop").symlink_to(tmp_path / "images" / "cat", target_is_directory=True)
+    (tmp_path / "images" / "cat" / "extra").symlink_to(tmp_path / "extra", target_is_directory=True)
+    (tmp_path / "images" / "cat" / "extra2").symlink_to(tmp_path / "extra", target_is_directory=True)
+    dataset = ImageFolderDataset(tmp_path / "images", transform=eval_transform(16, MEAN, STD))
+    assert dataset.targets == [0] * 5 + [1] * 4
+
+
 def test_bad_files_skipped_when_not_strict(folder_with_bad_files, caplog) -> None:
     root, bad_names = folder_with_bad_files
     with caplog.at_level(logging.WARNING, logger="gcvit.data"):

@@ -76,6 +76,12 @@ def test_bad_config_values_are_named(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("epochz: 3\n")
     with pytest.raises(ValueError, match="epochz"):
         resolve_config(tmp_path / "c.yaml")
+    with pytest.raises(
+        ValueError, match=r"model_overrides: unknown field\(s\) \['embed'\] for swin_tiny; .*SwinConfig"
+    ):
+        TrainConfig(model="swin_tiny", model_overrides={"embed": 48})
+    with pytest.raises(ValueError, match="model_overrides may not set img_size; use the training option img_size"):
+        TrainConfig(model_overrides={"img_size": 64})
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -154,6 +160,9 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: Path, monkeypatch: p
         train(_cfg(tmp_path, epochs=2), resume=tmp_path / "run")
     after = ckpt.read_weights(tmp_path / "run" / "last")
     assert all(torch.equal(good[k], after[k]) for k in good)
+    with pytest.raises(loop.NonFiniteLossError, match="no epoch had finished, so no checkpoint was written"):
+        train(_cfg(tmp_path, out_dir=str(tmp_path / "fresh")))
+    assert not (tmp_path / "fresh" / "last").exists()
 
 
 def test_digits_quick_run_reaches_95(tmp_path: Path) -> None:
@@ -693,3 +702,23 @@ def test_damaged_run_files_and_a_missing_gpu_are_named(uninterrupted: Path, tmp_
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device is available here"):
             predict([tmp_path], uninterrupted, device="cuda")
+
+
+def test_eval_reads_a_run_whose_training_state_was_deleted(uninterrupted: Path, tmp_path: Path) -> None:
+    """Deleting state.pt (the optimizer's moments, twice the weights' size) to save space leaves a run that still
+    evaluates and predicts with its best/ weights; a run without weights is named."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    for name in ("best", "last"):
+        (run / name / "state.pt").unlink()
+    model, meta = load_run(run)
+    reference, _ = load_run(uninterrupted)
+    x = torch.randn(2, 3, *meta.img_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    for name in ("best", "last"):
+        (run / name / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint \(best/ or last/ with model.safetensors"):
+        load_run(run)

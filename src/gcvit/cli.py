@@ -176,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_memory()
     if getattr(args, "pretrained", None) in ("true", "True"):
         args.pretrained = True
+    elif getattr(args, "pretrained", None) in ("false", "False", "none", "None"):
+        args.pretrained = None
     from gcvit.train.loop import NonFiniteLossError
 
     try:

@@ -150,9 +150,16 @@ def _find_classes(root: Path, classes: Sequence[str] | None) -> list[str]:
 
 
 def _class_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Image files under one class folder (recursively, following links), sorted; hidden files and folders skipped."""
+    """Image files under one class folder (recursively, following links), sorted; hidden files and folders skipped.
+    A folder reached twice (a link back up, or two links to one folder) is read once."""
     files = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         files += [Path(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(extensions)]
     return sorted(files)

@@ -113,17 +113,20 @@ def write_checkpoint(
     return final
 
 
-def _complete(path: Path) -> bool:
-    return path.is_dir() and (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file()
+def _complete(path: Path, weights_only: bool = False) -> bool:
+    needed = (MODEL_FILE, CONFIG_FILE) if weights_only else (MODEL_FILE, STATE_FILE)
+    return path.is_dir() and all((path / f).is_file() for f in needed)
 
 
-def find_checkpoint(run_dir: str | os.PathLike[str], name: str = "last") -> Path | None:
-    """The complete RUN/<name>/ folder, or a complete RUN/<name>.old-*/ left by a crash mid-swap; None if neither."""
+def find_checkpoint(run_dir: str | os.PathLike[str], name: str = "last", weights_only: bool = False) -> Path | None:
+    """The complete RUN/<name>/ folder, or a complete RUN/<name>.old-*/ left by a crash mid-swap; None if neither.
+    With `weights_only` (evaluation), a folder needs its weights and config.json but not the training state (which
+    users may delete to save space)."""
     run_dir = Path(run_dir)
-    if _complete(run_dir / name):
+    if _complete(run_dir / name, weights_only):
         return run_dir / name
-    olds = sorted((p for p in run_dir.glob(f"{name}.old-*") if _complete(p)), key=lambda p: p.stat().st_mtime)
-    return olds[-1] if olds else None
+    olds = [p for p in run_dir.glob(f"{name}.old-*") if _complete(p, weights_only)]
+    return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -111,6 +111,26 @@ class TrainConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        self._check_model_overrides()
+
+    def _check_model_overrides(self) -> None:
+        """Overrides must name fields of the model's config, other than the two the training options set."""
+        from gcvit.models.registry import resolve_name
+
+        if not self.model_overrides:
+            return
+        config = resolve_name(self.model).config  # an unknown model is named here, with close matches
+        fields = {f.name for f in dataclasses.fields(config)}
+        for key, option in (("num_classes", "num_classes"), ("img_size", "img_size")):
+            if key in self.model_overrides:
+                raise ValueError(f"model_overrides may not set {key}; use the training option {option} instead")
+        unknown = sorted(set(self.model_overrides) - fields)
+        if unknown:
+            expected = sorted(fields - {"num_classes", "img_size"})
+            raise ValueError(
+                f"model_overrides: unknown field(s) {unknown} for {self.model}; expected fields of "
+                f"{type(config).__name__}: {expected}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -59,9 +59,12 @@ def _weights_file(path: Path, ema: bool | None) -> tuple[Path, Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; expected a run folder, a checkpoint folder or a .safetensors")
     if not (path / ckpt.CONFIG_FILE).is_file():
-        found = ckpt.find_checkpoint(path, "best") or ckpt.find_checkpoint(path, "last")
+        candidates = (ckpt.find_checkpoint(path, name, weights_only=True) for name in ("best", "last"))
+        found = next((c for c in candidates if c is not None), None)
         if found is None:
-            raise FileNotFoundError(f"{path} holds no checkpoint (best/ or last/ with model.safetensors)")
+            raise FileNotFoundError(
+                f"{path} holds no checkpoint (best/ or last/ with model.safetensors and config.json)"
+            )
         path = found
     use_ema = (path / ckpt.EMA_FILE).is_file() if ema is None else ema
     return path / (ckpt.EMA_FILE if use_ema else ckpt.MODEL_FILE), path

@@ -36,7 +36,6 @@ from gcvit.train.optim import build_optimizer, build_scheduler
 logger = logging.getLogger(__name__)
 
 
-# The small GC ViT used to train on the digits from scratch (model_overrides=None with data='digits').
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped and RUN/last/ keeps the last good epoch."""
 
@@ -284,9 +283,14 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 def _check_finite(loss: torch.Tensor, run: _Run, run_dir: Path) -> None:
     if D.any_rank(not bool(torch.isfinite(loss)), run.info):
+        kept = (
+            f"{run_dir / 'last'} keeps the last good epoch ({run.epoch})"
+            if run.epoch
+            else "no epoch had finished, so no checkpoint was written"
+        )
         raise NonFiniteLossError(
             f"the training loss became {loss.item()} at epoch {run.epoch + 1}, step {run.step}; stopped. "
-            f"{run_dir / 'last'} keeps the last good epoch ({run.epoch}). Try a lower lr, amp='none' or clip_grad."
+            f"{kept}. Try a lower lr, amp='none' or clip_grad."
         )
 
 
