@@ -70,7 +70,8 @@ class _WindowAttentionBase(nn.Module):
         if q_global is not None:  # image b's query for each of its windows (image-major order); repeating a
             # contiguous copy is a plain memcpy, 4-7x faster than copying a strided, expanded view
             q_global = q_global.transpose(0, 1).contiguous().repeat_interleave(nW, dim=1)  # (heads, B*nW, N, hd)
-        if not fused and BnW * N * N >= _PER_HEAD_MIN_SCORES and not torch.compiler.is_compiling():
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # checked before any size test
+        if not fused and not tracing and BnW * N * N >= _PER_HEAD_MIN_SCORES:
             parts = heads.unbind(2)  # P*heads views (B*nW, N, hd); their gradients are stacked back in one copy
             q, kv = (parts[:h], parts[h:]) if q_global is None else (q_global.unbind(0), parts)
             out = _attention_per_head(q, kv[:h], kv[h:], mask, self.scale, dropout, B)  # (B*nW, N, C)
@@ -103,8 +104,9 @@ def _fused_kernel_pays(q: torch.Tensor) -> bool:
 _GATHERED_BIAS = PreparedCache()  # relative-position bias per attention layer, gathered for inference
 
 # Below this many scores per head (B*nW*N*N) the per-head loop's extra calls cost more than the copies it saves
-# (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training). torch.compile always takes
-# the batched route: a size test would specialise the graph on the batch size, and inductor fuses the copies itself.
+# (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training). torch.compile and
+# torch.export always take the batched route: a size test would specialise the graph on the batch size (export
+# refuses a dynamic batch then), and inductor fuses the copies itself.
 _PER_HEAD_MIN_SCORES = 2**18
 
 
