@@ -99,9 +99,9 @@ def test_onednn_linear_equals_f_linear(gelu: bool) -> None:
     ref = torch.nn.functional.gelu(ref) if gelu else ref
     with torch.no_grad():
         assert _onednn_pays(x, layer) == torch.backends.mkldnn.is_available()
-        out = linear(x, layer, gelu=gelu)
+        out = linear(x, layer, torch.nn.GELU() if gelu else None)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = linear(x, layer, gelu=gelu)
+            low = linear(x, layer, torch.nn.GELU() if gelu else None)
     assert out.shape == ref.shape == (2, 5, 7, 96)
     assert (out - ref).abs().max().item() < 1e-5
     assert low.dtype == torch.bfloat16
@@ -112,7 +112,7 @@ def test_onednn_linear_equals_f_linear(gelu: bool) -> None:
     plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
     plain = torch.nn.functional.gelu(plain) if gelu else plain
     expected = torch.autograd.grad((plain * weights).sum(), [x, *layer.parameters()])
-    out = linear(x, layer, gelu=gelu)
+    out = linear(x, layer, torch.nn.GELU() if gelu else None)
     assert out.grad_fn is not None and (out - ref).abs().max().item() < 1e-5
     for got, want in zip(torch.autograd.grad((out * weights).sum(), [x, *layer.parameters()]), expected):
         assert (got - want).abs().max().item() < 1e-5
@@ -141,9 +141,9 @@ def test_onednn_conv_gelu_equals_conv_then_gelu(groups: int) -> None:
     x = torch.randn(2, 16, 9, 11).contiguous(memory_format=torch.channels_last)
     ref = torch.nn.functional.gelu(conv(x))
     with torch.no_grad():
-        out = conv2d_gelu(x, conv)
+        out = conv2d_gelu(x, conv, torch.nn.GELU())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = conv2d_gelu(x, conv)
+            low = conv2d_gelu(x, conv, torch.nn.GELU())
     assert out.shape == ref.shape and (out - ref).abs().max().item() < 1e-5
     assert low.dtype == torch.bfloat16 and (low.float() - ref).abs().max().item() < 0.02 * ref.abs().max().item()
 
@@ -249,3 +249,67 @@ def test_forward_mode_ad_through_the_fused_layers() -> None:
                     m.setattr(fused_module, "_onednn_usable", lambda x, layer: False)
                 tangents.append(forward_ad.unpack_dual(layer(forward_ad.make_dual(x, v))).tangent)
         assert tangents[0] is not None and torch.allclose(tangents[0], tangents[1], atol=1e-5)
+
+
+class _LoRA(torch.nn.Module):
+    """A low-rank adapter around a Linear, as peft wraps one: base(x) + B(A(x))."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4) -> None:
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.B = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.B.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:  # what a wrapper exposes, and what a fused kernel must not read
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.B(self.A(x))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_hooks_wrappers_and_replaced_modules_are_called(grad: bool) -> None:
+    """Fused kernels stand in for plain modules only: a forward hook on fc1 fires and its changed output counts, a
+    LoRA-style wrapper and a replaced activation take effect, in inference and in training; in fused-MBConv, hooks
+    on its convolutions fire and a replaced activation counts. They used to be bypassed silently."""
+    from gcvit.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 32)
+    t = torch.randn(2, 5, 16)
+    with torch.set_grad_enabled(grad):
+        calls = []
+        handle = mlp.fc1.register_forward_hook(lambda m, i, o: calls.append(1) or o * 0)
+        assert torch.allclose(mlp(t), mlp.fc2.bias.expand(2, 5, 16)) and calls == [1]
+        handle.remove()
+        mlp.act = torch.nn.Identity()
+        assert (mlp(t) - mlp.fc2(mlp.fc1(t))).abs().max().item() < 1e-5
+        mlp.act, mlp.fc1 = torch.nn.GELU(), _LoRA(mlp.fc1)
+        want = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(t)))
+        assert (mlp(t) - want).abs().max().item() < 1e-5
+
+        block = FusedMBConv(8)
+        x = torch.randn(2, 8, 6, 6)
+        seen = []
+        block[0].register_forward_hook(lambda m, i, o: seen.append("dw"))
+        handle = block[3].register_forward_hook(lambda m, i, o: seen.append("pw") or o * 0)
+        assert torch.allclose(block(x), x) and seen == ["dw", "pw"]
+        handle.remove()
+        block[1] = torch.nn.Identity()
+        assert (block(x) - (x + block[3](block[2](block[0](x))))).abs().max().item() < 1e-5
+
+
+def test_dynamic_int8_quantisation_runs() -> None:
+    """torch.ao's dynamic quantisation swaps every Linear for an int8 one; the model runs it (it used to read the
+    swapped layer's weight as a tensor and fail) and stays close to the float model."""
+    import gcvit
+
+    torch.manual_seed(0)
+    model = gcvit.create_model("gcvit_xxtiny", img_size=32, num_classes=10).eval()
+    quantised = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, low = model(x), quantised(x)
+    assert (low - ref).abs().max().item() < 0.1 * ref.abs().max().item()

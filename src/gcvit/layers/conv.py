@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gcvit.layers.fused import conv2d_gelu
+from gcvit.layers.fused import conv2d_gelu, is_plain
 
 
 class SqueezeExcite(nn.Module):
@@ -54,9 +54,12 @@ class FusedMBConv(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """NCHW (best channels-last) -> NCHW, channels-last."""
-        dw, _, se, pw = self
-        y = conv2d_gelu(x, dw)  # (B, C, H, W)
+        """NCHW (best channels-last) -> NCHW, channels-last when the modules are plain (`is_plain`); hooked or
+        replaced modules are called one after the other."""
+        dw, act, se, pw = self
+        y = conv2d_gelu(x, dw, act)  # (B, C, H, W)
+        if not is_plain(pw, se, kinds=(SqueezeExcite,)):
+            return x + pw(se(y))
         B, C, H, W = y.shape
         # pw(y * gate) = y @ (gate * pw's weight), one weight per image: the gate scales the small weight instead of
         # the map (no pass over it, and in training no gated copy kept for the backward); baddbmm adds the residual

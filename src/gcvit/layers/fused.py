@@ -41,6 +41,35 @@ def _has_tangent(x: torch.Tensor) -> bool:
     return getattr(forward_ad, "_current_level", 0) >= 0 and forward_ad.unpack_dual(x).tangent is not None
 
 
+def is_plain(*modules: nn.Module, kinds: tuple[type, ...] = ()) -> bool:
+    """Whether a fused kernel may stand in for calling these modules: each is exactly `nn.Linear`, `nn.Conv2d`, an
+    exact `nn.GELU` or one of `kinds` (no subclass or wrapper: LoRA, quantized or parametrised layers), and no hook
+    would see the call (`hooked`). Otherwise the modules are called, so that hooks fire and replacements take effect."""
+    for m in modules:
+        kind = type(m)
+        if kind not in _PLAIN + kinds or (kind is nn.GELU and m.approximate != "none") or hooked(m):
+            return False
+    return True
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward or backward hook would see a call of `module` (its own, or a global module hook)."""
+    g = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )
+
+
+_PLAIN = (nn.Linear, nn.Conv2d, nn.GELU)
+
+
 def _needs_grad(x: torch.Tensor, layer: nn.Linear | nn.Conv2d) -> bool:
     params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
@@ -71,11 +100,18 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """`layer(x)`, then the exact GELU if `gelu`. x (..., in_features) -> (..., out_features).
+def linear(x: torch.Tensor, layer: nn.Linear, act: nn.Module | None = None) -> torch.Tensor:
+    """`act(layer(x))` (or `layer(x)`), fused where it pays: oneDNN's kernel, with an exact GELU `act` inside it.
+    x (..., in_features) -> (..., out_features).
 
-    Under CPU autocast the computation runs in the autocast dtype, as `F.linear` would.
+    Under CPU autocast the computation runs in the autocast dtype, as `F.linear` would. Modules that are not plain
+    (`is_plain`: hooked, wrapped, subclassed, another activation) are called as they are.
     """
+    if not is_plain(layer):
+        return layer(x) if act is None else act(layer(x))
+    if act is not None and not is_plain(act):
+        return act(linear(x, layer))
+    gelu = act is not None
     usable, needs_grad = _onednn_usable(x, layer), _needs_grad(x, layer)
     if (
         usable
@@ -87,7 +123,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
         return F.gelu(y) if gelu else y
     dtype = _compute_dtype(x) if usable and not needs_grad else None
     if dtype is None:
-        y = layer(x)
+        y = F.linear(x, layer.weight, layer.bias)
         return F.gelu(y) if gelu else y
     weight, bias = _params(layer, dtype, pack=True)
     return torch.ops.mkldnn._linear_pointwise(
@@ -95,11 +131,13 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     )  # (..., out_features)
 
 
-def conv2d_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """GELU(conv(x)) for a zero-padded `conv`. x NCHW (best channels-last) -> NCHW, channels-last when fused."""
-    dtype = _compute_dtype(x) if _onednn_pays(x, conv) and conv.padding_mode == "zeros" else None
-    if dtype is None or isinstance(conv.padding, str):
-        return F.gelu(conv(x))
+def conv2d_gelu(x: torch.Tensor, conv: nn.Conv2d, act: nn.Module) -> torch.Tensor:
+    """act(conv(x)), as one oneDNN kernel for a zero-padded plain `conv` and an exact GELU `act` (`is_plain`).
+    x NCHW (best channels-last) -> NCHW, channels-last when fused."""
+    plain = is_plain(conv, act) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    dtype = _compute_dtype(x) if plain and _onednn_pays(x, conv) else None
+    if dtype is None:
+        return act(conv(x))
     weight, bias = _params(conv, dtype)
     return torch.ops.mkldnn._convolution_pointwise(
         x.to(dtype),

@@ -17,5 +17,5 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(linear(x, self.fc1, gelu=True))  # (..., hidden); `act` is that exact GELU
+        h = self.drop(linear(x, self.fc1, self.act))  # (..., hidden)
         return self.drop(linear(h, self.fc2))
