@@ -57,10 +57,38 @@ def _one_thread() -> Iterator[None]:
 def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("recipe: official\nbatch_size: 1024\nepochs: 7\nlr: 1.0e-3\n")
-    cfg = resolve_config(path, {"epochs": 3, "seed": None})
+    cfg = resolve_config(path, {"epochs": 3})
     assert cfg.epochs == 3 and cfg.lr == 1e-3 and cfg.batch_size == 1024  # flag > yaml > recipe
     assert cfg.ema == 0.9998 and cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.warmup_epochs == 20
     assert cfg.randaugment == "rand-m9-mstd0.5-inc1" and cfg.random_erasing == 0.25 and cfg.min_lr == 5e-6
+
+
+def test_none_flags_turn_settings_off_and_model_overrides_merge(tmp_path: Path) -> None:
+    """`--ema none` (and the other 'none' switches) override the YAML file, the recipe and a resumed run instead of
+    being dropped; `--model-override` changes single fields of the YAML file's model instead of replacing it."""
+    from gcvit.cli_train import _overrides, add_subcommands
+
+    path = tmp_path / "c.yaml"
+    path.write_text("recipe: official\nclip_grad: 1.0\nmodel_overrides: {embed_dim: 32, depths: [1, 1, 2, 1]}\n")
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers())
+    flags = [
+        "train",
+        "--ema",
+        "none",
+        "--clip-grad",
+        "none",
+        "--time-limit",
+        "none",
+        "--model-override",
+        "embed_dim=48",
+    ]
+    given = _overrides(parser.parse_args(flags))
+    assert given == {"ema": None, "clip_grad": None, "time_limit": None, "model_overrides": {"embed_dim": 48}}
+    cfg = resolve_config(path, given, base={"time_limit": 60.0})
+    assert cfg.ema is None and cfg.clip_grad is None and cfg.time_limit is None
+    assert cfg.model_overrides == {"embed_dim": 48, "depths": [1, 1, 2, 1]}
+    assert _overrides(parser.parse_args(["train"])) == {}  # flags not given leave everything as it was
 
 
 def test_official_recipe_scales_lr_with_batch() -> None:
@@ -82,6 +110,13 @@ def test_bad_config_values_are_named(tmp_path: Path) -> None:
         TrainConfig(model="swin_tiny", model_overrides={"embed": 48})
     with pytest.raises(ValueError, match="model_overrides may not set img_size; use the training option img_size"):
         TrainConfig(model_overrides={"img_size": 64})
+    with pytest.raises(ValueError, match=r"min_lr \(1e-05\) and warmup_lr \(1e-06\) must not exceed lr \(5e-06\)"):
+        TrainConfig(lr=5e-6)
+    with pytest.raises(ValueError, match="give data_dir .* or train_dir and val_dir, not both"):
+        TrainConfig(data="folder", data_dir="a", val_dir="b")
+    for field, value in (("hflip", 2.0), ("random_erasing", 1.5), ("seed", -1), ("time_limit", -5.0)):
+        with pytest.raises(ValueError, match=f"^{field} must be"):
+            TrainConfig(**{field: value})
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -587,6 +622,7 @@ def test_cli_parses_every_config_field() -> None:
     )
     given = _overrides(args)
     assert given == {
+        "ema": None,  # 'none' given: turned off, not dropped
         "layer_decay": 0.75,
         "data_dir": "x",
         "data": "folder",
@@ -645,12 +681,31 @@ def test_sixteen_bit_images_keep_their_tones(tmp_path: Path) -> None:
     assert row.tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
 
 
+def test_exif_rotated_photos_are_read_upright(tmp_path: Path) -> None:
+    """A photo stored sideways with EXIF orientation 6 (as phones save them) is read as it is shown: upright."""
+    import numpy as np
+    from PIL import Image
+
+    from gcvit.data.datasets import load_rgb
+
+    upright = np.zeros((30, 10, 3), np.uint8)
+    upright[:5] = 255  # a white band at the top
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # (10, 30) on disk; shown turned back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    image = np.asarray(load_rgb(tmp_path / "phone.jpg"))
+    assert image.shape == (30, 10, 3) and image[:5].mean() > 200 and image[10:].mean() < 50
+
+
 def test_resume_refuses_a_missing_run_and_changed_settings(uninterrupted: Path, tmp_path: Path) -> None:
     missing = _gcvit("train", "--resume", str(tmp_path / "typo"))
     assert missing.returncode == 2 and "expected a run folder holding config.yaml" in missing.stderr
     changed = _gcvit("train", "--resume", str(uninterrupted), "--epochs", "4", "--lr", "1e-4", "--no-progress")
     assert changed.returncode == 2
     assert "lr (0.002 -> 0.0001)" in changed.stderr and "start a new run from its weights" in changed.stderr
+    moved = _gcvit("train", "--resume", str(uninterrupted), "--epochs", "4", "--out-dir", str(tmp_path / "elsewhere"))
+    assert moved.returncode == 2 and "--out-dir does not apply to --resume" in moved.stderr
 
 
 def test_unusable_class_counts_and_batches_fail_before_training(shapes: Path, tmp_path: Path) -> None:

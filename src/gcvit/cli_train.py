@@ -43,25 +43,29 @@ _HELP = {
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per TrainConfig field; a flag not given leaves no attribute (argparse.SUPPRESS), so that an explicit
+    'none' (None) overrides the YAML file, the recipe or the resumed run."""
     from gcvit.train import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         flag, help_ = "--" + f.name.replace("_", "-"), _HELP.get(f.name, f"(default: {f.default!r})")
         kind = str(f.type)
         if kind == "bool":
-            p.add_argument(flag, action="store_true", default=None, help=help_)
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
         elif f.name == "model_overrides":
             p.add_argument(
                 "--model-override",
                 dest="model_overrides",
                 action="append",
+                default=argparse.SUPPRESS,
                 metavar="KEY=VALUE",
-                help="GCViTConfig field for the model, e.g. embed_dim=48 or depths=[1,1,2,1] (repeatable)",
+                help="model config field, e.g. embed_dim=48 or depths=[1,1,2,1] (repeatable; merged into --config's)",
             )
         else:
             base = kind.removesuffix(" | None")
             parse = _PARSERS[base] if base in _PARSERS else str
-            p.add_argument(flag, type=_optional(parse) if kind.endswith("| None") else parse, default=None, help=help_)
+            optional = _optional(parse) if kind.endswith("| None") else parse
+            p.add_argument(flag, type=optional, default=argparse.SUPPRESS, help=help_)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -71,7 +75,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     from gcvit.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in names}  # only flags given (SUPPRESS), 'none' included
     if "model_overrides" in given:
         pairs = [item.split("=", 1) for item in given["model_overrides"]]
         if any(len(p) != 2 for p in pairs):
@@ -92,7 +96,10 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume and not saved.is_file():
         raise FileNotFoundError(f"--resume {args.resume}: expected a run folder holding config.yaml; there is none")
     base = read_yaml(saved) if args.resume else None  # a resumed run keeps its settings
-    cfg = resolve_config(args.config, _overrides(args), base=base)
+    given = _overrides(args)
+    if args.resume and "out_dir" in given and Path(given["out_dir"]).resolve() != Path(args.resume).resolve():
+        raise ValueError(f"--out-dir does not apply to --resume: the run continues in its own folder {args.resume}")
+    cfg = resolve_config(args.config, given, base=base)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"expected --threads of at least 1; got {args.threads}")
     if args.threads:

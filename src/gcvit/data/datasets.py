@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from gcvit.data.transforms import Size, to_hw
@@ -184,9 +184,11 @@ def _describe(bad: list[BadImage]) -> str:
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """The image at `path` as 8-bit RGB: alpha dropped, grey and palette images expanded, and 16-bit, 32-bit integer
-    and float images scaled to 0-255 (PIL's own conversion clips them: a 16-bit photo would come out white)."""
+    """The image at `path` as 8-bit RGB, upright: turned as its EXIF orientation says (phone photos are stored
+    sideways), alpha dropped, grey and palette images expanded, and 16-bit, 32-bit integer and float images scaled to
+    0-255 (PIL's own conversion clips them: a 16-bit photo would come out white)."""
     with Image.open(path) as image:
+        ImageOps.exif_transpose(image, in_place=True)
         if image.mode.startswith("I;16") or image.mode in ("I", "F"):
             values = np.asarray(image, dtype=np.float64)
             top = values.max(initial=0.0)

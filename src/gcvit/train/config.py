@@ -90,6 +90,16 @@ class TrainConfig:
             raise ValueError(
                 f"need lr > 0, min_lr >= 0, warmup_epochs >= 0; got {self.lr}, {self.min_lr}, {self.warmup_epochs}"
             )
+        if self.min_lr > self.lr or self.warmup_lr > self.lr:
+            raise ValueError(
+                f"min_lr ({self.min_lr}) and warmup_lr ({self.warmup_lr}) must not exceed lr ({self.lr}): the schedule "
+                "would rise above its peak; lower them with the lr (e.g. --min-lr 0)"
+            )
+        if self.data_dir and (self.train_dir or self.val_dir):
+            raise ValueError(
+                "give data_dir (split by val_fraction) or train_dir and val_dir, not both: data_dir would be split "
+                "and val_dir ignored"
+            )
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema decay must be in (0, 1) or None, got {self.ema}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -102,6 +112,13 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("num_classes", self.num_classes is None or self.num_classes >= 2, ">= 2 or None (the data's count)"),
             ("crop_scale", 0 < self.crop_scale <= 1, "in (0, 1]"),
+            ("hflip", 0 <= self.hflip <= 1, "a probability in [0, 1]"),
+            ("random_erasing", 0 <= self.random_erasing <= 1, "a probability in [0, 1]"),
+            ("mixup", self.mixup >= 0, ">= 0"),
+            ("cutmix", self.cutmix >= 0, ">= 0"),
+            ("color_jitter", self.color_jitter is None or self.color_jitter >= 0, ">= 0 or None"),
+            ("time_limit", self.time_limit is None or self.time_limit > 0, "> 0 seconds or None"),
+            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
             (
                 "device",
                 self.device is None or self.device == "cpu" or self.device.startswith("cuda"),
@@ -161,11 +178,13 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
 
 
 def official_recipe(global_batch: int) -> dict[str, Any]:
-    """The paper's ImageNet-1K settings (GCVIT_SPEC.md), the lr scaled linearly from 5e-3 at batch 4096."""
+    """The paper's ImageNet-1K settings (GCVIT_SPEC.md), the lr scaled linearly from 5e-3 at batch 4096 (min_lr and
+    warmup_lr stay as they are, capped at that lr for batches below 5)."""
+    lr = 5e-3 * global_batch / OFFICIAL_BATCH
     return {
-        "lr": 5e-3 * global_batch / OFFICIAL_BATCH,
-        "min_lr": 5e-6,
-        "warmup_lr": 1e-6,
+        "lr": lr,
+        "min_lr": min(5e-6, lr),
+        "warmup_lr": min(1e-6, lr),
         "warmup_epochs": 20.0,
         "epochs": 310,
         "weight_decay": 0.05,
@@ -216,16 +235,22 @@ def resolve_config(
 
     Args:
         yaml_path: a YAML file of TrainConfig fields, or None.
-        overrides: fields to set last; None values are ignored (a flag that was not given).
+        overrides: fields to set last (None sets None: `--ema none` turns EMA off).
         base: fields below the file, e.g. a resumed run's saved config.
+
+    `model_overrides` mappings merge key by key across the levels (`--model-override embed_dim=48` changes one field
+    of the YAML file's model); every other field is replaced whole.
 
     Returns:
         The validated TrainConfig.
     """
     from_file = read_yaml(yaml_path) if yaml_path else {}
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given = dict(overrides or {})
     _check_keys(given, "overrides")
     merged = {**(base or {}), **from_file, **given}
+    model = [level["model_overrides"] for level in (base or {}, from_file, given) if level.get("model_overrides")]
+    if len(model) > 1 and all(isinstance(m, Mapping) for m in model):
+        merged["model_overrides"] = {k: v for m in model for k, v in m.items()}
     values: dict[str, Any] = {}
     if merged.get("recipe", "default") == "official":
         batch = int(merged.get("batch_size", TrainConfig.batch_size))

@@ -367,11 +367,13 @@ def validate(
 
 
 def _epoch_end(run: _Run, run_dir: Path, train_loss: float, seconds: float, tb: TensorBoard | None) -> dict[str, Any]:
-    """Validate (and the EMA), checkpoint, then log: the checkpoint holds the history up to this epoch."""
-    val = validate(run.model, run.val_loader, run.info.device, run.info, run.cfg.amp)
+    """Validate (and the EMA), checkpoint, then log: the checkpoint holds the history up to this epoch. Validation
+    runs in fp32 whatever the training's amp, so the logged numbers (and the choice of best/) are what `gcvit eval`
+    reports for the saved weights."""
+    val = validate(run.model, run.val_loader, run.info.device, run.info)
     ema_top1 = None
     if run.ema is not None:
-        ema_top1 = validate(run.ema.module, run.val_loader, run.info.device, run.info, run.cfg.amp)["top1"]
+        ema_top1 = validate(run.ema.module, run.val_loader, run.info.device, run.info)["top1"]
     run.epoch += 1
     row = {
         "epoch": run.epoch,
@@ -425,6 +427,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, p
             raise ValueError("train() needs a TrainConfig, or resume= a run folder")
         cfg = load_run_config(resume)
     run_dir = Path(resume) if resume is not None else Path(cfg.out_dir)
+    if resume is not None:  # a resumed run continues in its own folder, wherever it was first written
+        cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
     info = D.setup(cfg.device)
     try:
         return _train(cfg, info, run_dir, resume is not None, progress)
