@@ -174,6 +174,41 @@ def test_feature_pyramid_and_info() -> None:
         assert torch.equal(last, model.forward_features(x))
 
 
+@pytest.mark.parametrize("name", ["gcvit_xxtiny", "swin_tiny"])
+def test_feature_info_modules_output_the_pyramid(name: str) -> None:
+    """Hook-based feature extractors read `feature_info[i]["module"]`: that module's output (NHWC) is the pyramid's
+    map i, before any downsampling (GC ViT's stages end with theirs)."""
+    model = gcvit.create_model(name, img_size=64).eval()
+    seen = {}
+    for info in model.feature_info:
+        module = model.get_submodule(info["module"])
+        module.register_forward_hook(lambda m, i, o, key=info["module"]: seen.setdefault(key, o))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        feats = model.forward_intermediates(x)
+    for info, f in zip(model.feature_info, feats):
+        assert torch.equal(seen[info["module"]].permute(0, 3, 1, 2), f), info
+
+
+def test_other_stage_counts_build() -> None:
+    """Three or five stages through create_model: the global query generators follow the new stages (the variant's
+    four-stage pools used to be forced on them)."""
+    three = gcvit.create_model("gcvit_xxtiny", depths=(2, 2, 6), num_heads=(2, 4, 8), window_size=(7, 7, 14))
+    five = gcvit.create_model(
+        "gcvit_xxtiny", depths=(1, 1, 1, 1, 1), num_heads=(2, 4, 8, 16, 32), window_size=(7, 7, 7, 7, 7)
+    )
+    assert three.cfg.pools == (3, 2, 0) and five.cfg.pools == (3, 2, 1, 0, 0)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert [f.shape[1:] for f in three.eval().forward_intermediates(x)] == [
+            (64, 56, 56),
+            (128, 28, 28),
+            (256, 14, 14),
+        ]
+        assert five.eval()(x).shape == (1, 1000)
+
+
 def test_padded_keys_are_masked_out() -> None:
     """Attention over a padded window equals attention over its real tokens only."""
     attn = WindowAttention(dim=32, num_heads=4, window_size=4).eval()

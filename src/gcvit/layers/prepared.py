@@ -5,7 +5,8 @@ A kept copy is current while each parameter is the same tensor object, at the sa
 counter, and no optimizer has taken a step since it was made. The optimizer count matters because fused optimizers
 (`torch.optim.AdamW(..., fused=True)` and others on the CPU) update parameters without bumping their version
 counters. What none of these can see is an in-place update through `.data` (`p.data.mul_(m)`, as some EMA teachers
-do): `.data` has a version counter of its own. After such an update, call `forget_prepared()`.
+do): `.data` has a version counter of its own; nor a write through a NumPy or DLPack view of the memory. After such
+an update, call `forget_prepared()`.
 
 Nothing is kept for inference tensors (made under `torch.inference_mode()`: they have no version counter) or under
 torch.func transforms (their tensors have no address); callers then prepare afresh on every call.

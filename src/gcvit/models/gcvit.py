@@ -224,8 +224,13 @@ class GCViT(PyramidClassifier):
         )
         self.norm = nn.LayerNorm(self.num_features, eps=cfg.norm_eps)
         self.head: nn.Module = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self.feature_info = [
-            {"num_chs": cfg.embed_dim * 2**i, "reduction": 2 ** (i + 2), "module": f"levels.{i}"}
+        last = len(cfg.depths) - 1
+        self.feature_info = [  # "module": the module whose output (NHWC) is the map, as hook-based extractors need
+            {
+                "num_chs": cfg.embed_dim * 2**i,
+                "reduction": 2 ** (i + 2),
+                "module": "norm" if i == last else f"levels.{i}.blocks.{cfg.depths[i] - 1}",
+            }
             for i in range(len(cfg.depths))
         ]
         self.apply(init_weights)

@@ -106,9 +106,14 @@ def _apply_overrides(config: Any, img_size: int | tuple[int, int] | None, overri
     if bad:
         raise TypeError(f"unknown override(s) {bad}; expected fields of {config_cls.__name__}: {sorted(fields)}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    if isinstance(config, GCViTConfig):
-        # the global query generator's structure (state-dict keys) stays that of the native size
-        overrides.setdefault("global_query_pools", config.pools)
+    if isinstance(config, GCViTConfig) and "global_query_pools" not in overrides:
+        # the global query generator's structure (state-dict keys) stays that of the native size; with another
+        # number of stages it follows from the new stages at the variant's native size
+        if len(overrides.get("depths", config.depths)) == len(config.depths):
+            overrides["global_query_pools"] = config.pools
+        else:
+            native = dataclasses.replace(config, global_query_pools=None, **overrides)
+            overrides["global_query_pools"] = native.pools
     if img_size is not None:
         size = (img_size, img_size) if _is_int(img_size) else img_size
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s >= 32 for s in size)):

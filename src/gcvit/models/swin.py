@@ -223,8 +223,13 @@ class SwinTransformer(PyramidClassifier):
         )
         self.norm = nn.LayerNorm(self.num_features, eps=cfg.norm_eps)
         self.head: nn.Module = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self.feature_info = [
-            {"num_chs": cfg.embed_dim * 2**i, "reduction": cfg.patch_size * 2**i, "module": f"layers.{i}"}
+        last = len(cfg.depths) - 1
+        self.feature_info = [  # "module": the module whose output (NHWC) is the map, as hook-based extractors need
+            {
+                "num_chs": cfg.embed_dim * 2**i,
+                "reduction": cfg.patch_size * 2**i,
+                "module": "norm" if i == last else f"layers.{i}",
+            }
             for i in range(len(cfg.depths))
         ]
         self.apply(init_weights)
