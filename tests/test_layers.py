@@ -47,7 +47,7 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
         table = attn.relative_position_bias_table
         table.requires_grad_(not fused)  # a bias without gradient lets PyTorch's fused CPU kernel run
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(attention_module, "_fused_kernel_pays", lambda q: fused)
+            m.setattr(attention_module, "_fused_kernel_pays", lambda *args: fused)
             out = attn(x, q_global, pad_mask)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         table.requires_grad_(True)
@@ -55,7 +55,7 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
         return out.detach(), *grads
 
     table = attn.relative_position_bias_table
-    assert not _fused_kernel_pays(x)  # the CPU always takes the plain path
+    assert not _fused_kernel_pays(x, attn.relative_position_bias(), False)  # training: the bias needs a gradient
     plain = run(fused=False)
     # bias gradient of the plain path against autograd through PyTorch's reference (math) attention
     bias_grad = table.grad.clone()
@@ -66,7 +66,7 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
         pytest.MonkeyPatch.context() as m,
         torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH),
     ):
-        m.setattr(attention_module, "_fused_kernel_pays", lambda q: True)
+        m.setattr(attention_module, "_fused_kernel_pays", lambda *args: True)
         attn.zero_grad()
         out = attn(x, q_global, pad_mask)  # the math backend returns the mask's gradient
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()

@@ -4,9 +4,9 @@ stage's global query generator, keys and values from the window).
 Both add the relative-position bias, plus the padding mask where the map was padded, to the scores. On GPUs they run
 through `torch.nn.functional.scaled_dot_product_attention` with that sum as its additive float mask, laid out as 4-D
 (B*nW, heads, N, hd) with a 4-D mask, the layout PyTorch's fused kernels take (5-D inputs or a 3-D mask fall back to
-the slow unfused path). On the CPU they run through two matmuls (`_fused_kernel_pays` says why): head by head on views
-of the projection when the windows are many, all heads batched when they are few (`_attention_per_head`,
-`_attention_batched`).
+the slow unfused path). On the CPU they run through two matmuls: head by head on views of the projection when the
+windows are many (`_attention_per_head`); when they are few, all heads batched (`_attention_batched`), or in fp32
+inference PyTorch's fused kernel (`_fused_kernel_pays` says why).
 Shapes: windows (B, nW, N, C); heads split C into (heads, hd); N = ws * ws tokens per window.
 """
 
@@ -66,11 +66,11 @@ class _WindowAttentionBase(nn.Module):
             mask = mask + pad_mask.to(heads.dtype)  # (nW, heads, N, N)
         dropout = self.attn_drop if self.training else 0.0
         B = BnW // nW  # nW, not B, divides: B may be 0
-        fused = _fused_kernel_pays(heads)
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # checked before any size test
+        fused = _fused_kernel_pays(heads, mask, tracing)
         if q_global is not None:  # image b's query for each of its windows (image-major order); repeating a
             # contiguous copy is a plain memcpy, 4-7x faster than copying a strided, expanded view
             q_global = q_global.transpose(0, 1).contiguous().repeat_interleave(nW, dim=1)  # (heads, B*nW, N, hd)
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # checked before any size test
         if not fused and not tracing and BnW * N * N >= _PER_HEAD_MIN_SCORES:
             parts = heads.unbind(2)  # P*heads views (B*nW, N, hd); their gradients are stacked back in one copy
             q, kv = (parts[:h], parts[h:]) if q_global is None else (q_global.unbind(0), parts)
@@ -89,24 +89,32 @@ class _WindowAttentionBase(nn.Module):
         return self.proj_drop(linear(out.view(B, nW, N, h * self.head_dim), self.proj))
 
 
-def _fused_kernel_pays(q: torch.Tensor) -> bool:
-    """Whether `scaled_dot_product_attention` beats plain matmul-softmax-matmul here: on GPUs always, on the CPU never.
+def _fused_kernel_pays(heads: torch.Tensor, mask: torch.Tensor, tracing: bool) -> bool:
+    """Whether `scaled_dot_product_attention` beats plain matmul-softmax-matmul for `heads` (B*nW, N, P*heads, hd).
 
-    On the CPU, PyTorch's fused (flash) kernel cannot return a gradient for the mask (the learned bias), so training
-    would fall back to its unfused path, slower than the plain one; in bf16 it is slower than two bf16 matmuls
-    (1.1-1.3x on GC ViT's stages at batch 16); and in fp32 inference the whole gcvit_tiny forward runs 4-8% faster at
-    batch 16 without it (2-6% for xxtiny and base, 2.5% at batch 1; measured in one process, torch 2.14.1), although
-    some stages timed alone favour it.
+    On GPUs always. On the CPU only in fp32 inference, and there only where the plain path would batch the heads
+    (below `_PER_HEAD_MIN_SCORES` scores per head; always when traced, which must not test sizes): PyTorch's fused
+    CPU kernel reads q, k and v in place where the batched route copies them, but with many windows the head-by-head
+    route is faster (the whole gcvit_tiny forward at batch 16: 4-8% faster than with the fused kernel everywhere;
+    at batch 1 and 4 within noise; `benchmarks/attention_route.py`). In training the fused CPU kernel cannot return
+    a gradient for the mask (the learned bias) and PyTorch would fall back to its unfused path, slower than ours;
+    in bf16 it is slower than two bf16 matmuls (1.1-1.3x on GC ViT's stages at batch 16).
     """
-    return q.device.type != "cpu"
+    if heads.device.type != "cpu":
+        return True
+    if heads.dtype != torch.float32 or (mask.requires_grad and torch.is_grad_enabled()):
+        return False
+    BnW, N = heads.shape[:2]
+    return tracing or BnW * N * N < _PER_HEAD_MIN_SCORES
 
 
 _GATHERED_BIAS = PreparedCache()  # relative-position bias per attention layer, gathered for inference
 
 # Below this many scores per head (B*nW*N*N) the per-head loop's extra calls cost more than the copies it saves
 # (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training). torch.compile and
-# torch.export always take the batched route: a size test would specialise the graph on the batch size (export
-# refuses a dynamic batch then), and inductor fuses the copies itself.
+# torch.export never take the per-head route (fp32 inference takes the fused kernel, the rest the batched route): a
+# size test would specialise the graph on the batch size (export refuses a dynamic batch then), and inductor fuses the
+# copies itself.
 _PER_HEAD_MIN_SCORES = 2**18
 
 
