@@ -136,3 +136,17 @@ def test_metadata_records_the_exported_size_and_files_appear_whole(tmp_path: Pat
 def test_a_size_the_model_refuses_is_named_before_tracing(fmt: str, tmp_path: Path, capsys) -> None:
     assert main(["export", "vit_tiny", "--format", fmt, "--img-size", "60", "--out", str(tmp_path / f"v.{fmt}")]) == 2
     assert "multiple" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_pretrained_flag_is_parsed_alike_by_every_command() -> None:
+    """--pretrained 'true' / 'false' / a path mean the same to train, demo and export (export used to crash on
+    'true' with an AttributeError before reaching the download)."""
+    from gcvit.cli import build_parser
+    from gcvit.cli_export import load_for_export
+
+    parser = build_parser()
+    for command in (["train"], ["demo"], ["export", "gcvit_xxtiny"]):
+        assert parser.parse_args([*command, "--pretrained", "true"]).pretrained is True
+        assert parser.parse_args([*command, "--pretrained", "False"]).pretrained is False
+        assert parser.parse_args([*command, "--pretrained", "w.safetensors"]).pretrained == "w.safetensors"
+    assert isinstance(load_for_export("gcvit_xxtiny", False)[0], gcvit.GCViT)

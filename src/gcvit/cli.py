@@ -15,6 +15,7 @@ from gcvit.allocator import keep_freed_memory
 from gcvit.cli_compare import add_subcommands as add_compare_subcommands
 from gcvit.cli_export import add_subcommands as add_export_subcommands
 from gcvit.cli_train import add_subcommands as add_train_subcommands
+from gcvit.cli_train import parse_pretrained
 from gcvit.cli_visualize import add_subcommands as add_visualize_subcommands
 from gcvit.flops import count_macs, count_params
 from gcvit.models import FAMILIES, resolve_name
@@ -54,7 +55,7 @@ def _demo(args: argparse.Namespace) -> None:
     from sklearn.datasets import load_sample_images
 
     torch.manual_seed(0)
-    model = gcvit.create_model(args.model, pretrained=args.pretrained or False).eval()
+    model = gcvit.create_model(args.model, pretrained=args.pretrained).eval()
     mean = torch.tensor(model.pretrained_cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg.std).view(1, 3, 1, 1)
     windows = getattr(model.cfg, "window_size", "global attention")
@@ -135,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_models)
     p = sub.add_parser("demo", help="run two real photos through a model and show its outputs and feature maps")
     p.add_argument("--model", default="gcvit_xxtiny")
-    p.add_argument("--pretrained", default=None, help="checkpoint path or URL ('true' for the official weights)")
+    p.add_argument(
+        "--pretrained", type=parse_pretrained, default=False, help="checkpoint path or URL ('true': official weights)"
+    )
     p.set_defaults(func=_demo)
     p = sub.add_parser("digits", help="write held-out digits (the validation split) as PNG files")
     p.add_argument("--out", default="runs/digits/held_out")
@@ -174,10 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.system_malloc:
         keep_freed_memory()
-    if getattr(args, "pretrained", None) in ("true", "True"):
-        args.pretrained = True
-    elif getattr(args, "pretrained", None) in ("false", "False", "none", "None"):
-        args.pretrained = None
     from gcvit.train.loop import NonFiniteLossError
 
     try:

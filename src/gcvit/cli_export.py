@@ -12,15 +12,11 @@ from typing import Any
 
 from torch import nn
 
-
-def _pretrained(text: str | None) -> bool | str:
-    if text is None:
-        return False
-    return {"true": True, "false": False}.get(text.lower(), text)
+from gcvit.cli_train import parse_pretrained
 
 
 def load_for_export(
-    model: str, pretrained: str | None = None, ema: bool | None = None
+    model: str, pretrained: bool | str | None = None, ema: bool | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A registered name (weights with --pretrained), or a folder / URL / hub repo id that `gcvit.from_pretrained`
     reads (save_pretrained folders, checkpoint and run folders), or a .safetensors file with config.json beside it.
@@ -30,7 +26,7 @@ def load_for_export(
 
     path = Path(model)
     if not path.exists() and model.split(".")[0] in gcvit.list_models():
-        net = gcvit.create_model(model, pretrained=_pretrained(pretrained))
+        net = gcvit.create_model(model, pretrained=pretrained or False)
     else:
         if pretrained is not None:
             raise ValueError(f"--pretrained goes with a model name; {model!r} is a folder or URL with its own weights")
@@ -92,7 +88,12 @@ def add_subcommands(subparsers: Any) -> None:
     )
     p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
     p.add_argument("--out", default=None, help="output file (default: ./<model>.<format>)")
-    p.add_argument("--pretrained", default=None, help="with a model name: 'true' (official weights) or a checkpoint")
+    p.add_argument(
+        "--pretrained",
+        type=parse_pretrained,
+        default=None,
+        help="with a model name: 'true' (official weights) or a checkpoint",
+    )
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,

@@ -23,11 +23,12 @@ def _optional(parse: Any) -> Any:
     return parse_or_none
 
 
-def _pretrained(text: str) -> str | bool:
-    return {"true": True, "false": False}.get(text.lower(), text)
+def parse_pretrained(text: str) -> str | bool:
+    """--pretrained: 'true' (the official weights), 'false' or 'none' (random weights), else a path or URL."""
+    return {"true": True, "false": False, "none": False}.get(text.lower(), text)
 
 
-_PARSERS = {"int": int, "float": float, "str": str, "str | bool": _pretrained}
+_PARSERS = {"int": int, "float": float, "str": str, "str | bool": parse_pretrained}
 _HELP = {
     "model": "model name (gcvit models lists them)",
     "pretrained": "'true' for the official weights, or a checkpoint path / URL",

@@ -138,9 +138,9 @@ class TrainConfig:
             return
         config = resolve_name(self.model).config  # an unknown model is named here, with close matches
         fields = {f.name for f in dataclasses.fields(config)}
-        for key, option in (("num_classes", "num_classes"), ("img_size", "img_size")):
+        for key in ("num_classes", "img_size"):
             if key in self.model_overrides:
-                raise ValueError(f"model_overrides may not set {key}; use the training option {option} instead")
+                raise ValueError(f"model_overrides may not set {key}; use the training option {key} instead")
         unknown = sorted(set(self.model_overrides) - fields)
         if unknown:
             expected = sorted(fields - {"num_classes", "img_size"})
