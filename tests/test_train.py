@@ -708,6 +708,19 @@ def test_resume_refuses_a_missing_run_and_changed_settings(uninterrupted: Path, 
     assert moved.returncode == 2 and "--out-dir does not apply to --resume" in moved.stderr
 
 
+def test_resume_accepts_the_same_model_spelled_out(tmp_path: Path) -> None:
+    """A default digits run (model_overrides None: the digits model) resumes with configs/digits.yaml, which spells
+    that model out; an override that changes the architecture is still refused."""
+    run = tmp_path / "run"
+    train(TrainConfig(epochs=1, out_dir=str(run)))
+    other = TrainConfig(epochs=2, out_dir=str(run), model_overrides={"mlp_ratio": 3.0})
+    with pytest.raises(ValueError, match=r"model_overrides \(None -> \{'mlp_ratio': 3.0\}\)"):
+        train(other, resume=run)
+    resumed = _gcvit("train", "--resume", str(run), "--config", "configs/digits.yaml", "--epochs", "2", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run / 'last'} after epoch 1" in resumed.stderr
+
+
 def test_unusable_class_counts_and_batches_fail_before_training(shapes: Path, tmp_path: Path) -> None:
     one = tmp_path / "one"
     (one / "circle").mkdir(parents=True)

@@ -8,6 +8,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,9 +51,30 @@ def test_code_running_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)
-    with pytest.raises(gcvit.CheckpointError, match="refused or unreadable.*weights_only=True"):
+    with pytest.raises(gcvit.CheckpointError, match="refused: .*could run code.*weights_only=True") as info:
         gcvit.load_checkpoint(gcvit.create_model("gcvit_xxtiny"), path)
     assert not marker.exists()
+    assert len(str(info.value)) < 400 and "\n" not in str(info.value)  # not torch's dozen lines
+
+
+def test_files_that_are_not_weights_are_named_in_one_short_line(tmp_path: Path) -> None:
+    """A run's state.pt, its config.json (text), a truncated checkpoint: each gets a one-line reason."""
+    run = tmp_path / "last"
+    run.mkdir()
+    torch.save({"optimizer": {"lr": np.float64(1e-3)}}, run / "state.pt")  # NumPy inside: refused
+    gcvit.save_checkpoint(gcvit.create_model("gcvit_xxtiny"), run / "model.safetensors")
+    (run / "config.json").write_text('{"model": "gcvit_xxtiny", "note": "caf\u00e9"}', encoding="utf-8")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:40])
+    expected = {
+        run / "state.pt": f"a run's training state .*, not its weights, which are {run / 'model.safetensors'}",
+        run / "config.json": "a text file",
+        tmp_path / "cut.pt": "unreadable: PytorchStreamReader failed",
+    }
+    for path, reason in expected.items():
+        with pytest.raises(gcvit.CheckpointError, match=f"{path}: {reason}") as info:
+            gcvit.create_model("gcvit_xxtiny", pretrained=str(path))
+        assert len(str(info.value)) < 400 and "\n" not in str(info.value)
 
 
 def test_mismatched_checkpoint_names_keys_and_shapes(xxtiny_official) -> None:

@@ -59,12 +59,39 @@ def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> P
     return path
 
 
+def _why_unreadable(path: Path, head: bytes, error: Exception) -> str:
+    """One short reason why torch.load refused `path` (torch's own message runs to a dozen lines)."""
+    weights = path.parent / "model.safetensors"
+    if path.name == "state.pt" and weights.is_file():
+        return f"a run's training state (optimizer, schedule, random states), not its weights, which are {weights}"
+    if _is_text(head):
+        return "a text file (JSON, YAML or the like), not a checkpoint"
+    text = str(error)
+    _, found, detail = text.partition("WeightsUnpickler error:")
+    if found:
+        reason = " ".join(detail.split("\n\n", 2)[:2]).split(". Please use")[0].strip()
+        return f"refused: {reason[:300]} (a pickle of more than plain tensors could run code)"
+    first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(error).__name__
+    return f"unreadable: {first[:300]}"
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes are UTF-8 text (a multi-byte character may be cut at the end)."""
+    for cut in range(4):
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return bool(text) and all(c.isprintable() or c in "\t\n\r" for c in text)
+    return False
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file: safetensors, or a torch pickle read with weights_only=True (and unwrapped
     from 'state_dict'/'model' and a DDP 'module.' prefix)."""
     path = Path(path)
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(64)
     is_safetensors = path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{")
     if is_safetensors:
         try:
@@ -77,8 +104,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: refused or unreadable; expected a safetensors file or a torch checkpoint of plain tensors "
-            f"(loaded with weights_only=True): {e}"
+            f"{path}: {_why_unreadable(path, head, e)}; expected a safetensors file or a torch checkpoint of plain "
+            f"tensors (read with weights_only=True)"
         ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

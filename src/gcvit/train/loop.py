@@ -243,14 +243,20 @@ def _same_path(key: str, a: Any, b: Any) -> bool:
     return key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path) -> None:
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, same_model: bool = False) -> None:
     """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
-    optimizer, schedule and weights restored from the checkpoint would silently keep the old values."""
+    optimizer, schedule and weights restored from the checkpoint would silently keep the old values. `same_model`:
+    the model built now has the checkpoint's architecture, so `model_overrides` that spell it differently (the
+    digits model by default, or written out as in configs/digits.yaml) are no change."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))  # tuples read as lists
     changed = [
         f"{k} ({saved[k]!r} -> {now[k]!r})"
         for k in saved
-        if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k] and not _same_path(k, saved[k], now[k])
+        if k in now
+        and k not in RESUME_MAY_CHANGE
+        and saved[k] != now[k]
+        and not _same_path(k, saved[k], now[k])
+        and not (k == "model_overrides" and same_model)
     ]
     if changed:
         raise ValueError(
@@ -262,7 +268,8 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path) -> N
 
 def _restore(run: _Run, folder: Path) -> None:
     state = ckpt.read_training_state(folder)
-    _check_resumable(state.get("config", {}), run.cfg, folder)
+    built = json.loads(json.dumps(run.model_meta["config"]))  # tuples read as lists
+    _check_resumable(state.get("config", {}), run.cfg, folder, built == ckpt.read_model_config(folder).get("config"))
     run.model.load_state_dict(ckpt.read_weights(folder))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
