@@ -88,6 +88,32 @@ def test_bf16_on_cpu_stays_close_to_fp32(plain_route: str) -> None:
     assert (low.float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("kind", ["local", "global"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_bf16_padded_score_rows_equal_plain_rows(kind: str, padded: bool, plain_route: str) -> None:
+    """bf16 inference pads 7x7 windows' score rows to 64 keys (-inf, zero after the softmax): the same attention as
+    49-key rows up to bf16 rounding, with and without the padding mask."""
+    torch.manual_seed(0)
+    B, ws, heads, C = 2, 7, 2, 64
+    H, W = (26, 27) if padded else (28, 28)
+    attn = (WindowAttentionGlobal if kind == "global" else WindowAttention)(dim=C, num_heads=heads, window_size=ws)
+    x = _windows(B, 16, ws * ws, C)
+    q_global = torch.randn(B, heads, ws * ws, C // heads)
+    pad_mask = padding_key_mask(H, W, ws, x.device, x.dtype)
+    scores = torch.zeros(1, dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_module._score_width(ws * ws, scores) == 64
+        assert attention_module._score_width(ws * ws, scores.float()) == 49  # fp32 keeps its rows
+        assert attention_module._score_width(64, scores) == 64
+        wide = attn.eval()(x, q_global, pad_mask)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(attention_module, "_score_width", lambda N, like: N)
+            plain = attn(x, q_global, pad_mask)
+    assert attention_module._score_width(ws * ws, scores) == 49  # autograd (training) keeps them too
+    assert wide.dtype == plain.dtype == torch.bfloat16 and torch.isfinite(wide).all()
+    assert (wide.float() - plain.float()).abs().max().item() <= 2**-7 * plain.float().abs().max().item()
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_onednn_linear_equals_f_linear(gelu: bool) -> None:
     """Inference takes oneDNN's fused linear(+GELU) on the CPU; fp32 training its forward with F.linear's backward;

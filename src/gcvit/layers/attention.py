@@ -118,6 +118,17 @@ _GATHERED_BIAS = PreparedCache()  # relative-position bias per attention layer, 
 _PER_HEAD_MIN_SCORES = 2**18
 
 
+def _score_width(N: int, like: torch.Tensor) -> int:
+    """Row length for the attention scores: N, or in bf16 inference N rounded up to a multiple of 32 (the rest
+    -inf) where PyTorch's CPU softmax handles the short tail of a row poorly: 49 keys (7x7 windows) take 1.6x
+    as long as 64 keys."""
+    if like.dtype != torch.bfloat16 or like.device.type != "cpu" or torch.is_grad_enabled() or not N % 32 or N > 160:
+        return N
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return N
+    return -(-N // 32) * 32
+
+
 def _attention_batched(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout: float, nW: int
 ) -> torch.Tensor:
@@ -155,12 +166,19 @@ def _attention_per_head(
     fp32 (PyTorch's CPU and GPU kernels do).
     """
     BnW, N, _ = k[0].shape
+    width = _score_width(N, k[0])
+    rows = k[0].new_full((BnW, N, width), float("-inf")) if width != N else None  # padded score rows
     outs = []
     for i, (q_i, k_i, v_i) in enumerate(zip(q, k, v)):
         mask_i = mask[:, i]  # (1 or nW, N, N)
         if mask_i.shape[0] > 1 and B > 1:
             mask_i = mask_i.expand(B, *mask_i.shape).reshape(BnW, N, N)  # every image's windows
-        attn = torch.baddbmm(mask_i, q_i, k_i.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nW, N, N)
+        if rows is None:
+            attn = torch.baddbmm(mask_i, q_i, k_i.transpose(1, 2), alpha=scale).softmax(-1)  # (B*nW, N, N)
+        else:
+            # out= takes no part in autocast: the operands are cast as autocast would cast them
+            torch.baddbmm(mask_i, q_i.to(rows.dtype), k_i.transpose(1, 2), alpha=scale, out=rows[..., :N])
+            attn = rows.softmax(-1)[..., :N]
         if dropout:
             attn = F.dropout(attn, dropout, training=True)
         outs.append(torch.bmm(attn, v_i))  # (B*nW, N, hd)
