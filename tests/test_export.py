@@ -103,6 +103,43 @@ def test_export_rejects_bad_arguments(tmp_path: Path) -> None:
     assert main(["export", "gcvit_nope"]) == 2  # unknown names and missing folders are clear errors
 
 
+def test_the_format_not_the_file_name_picks_the_checker(saved_and_onnx, tmp_path: Path) -> None:
+    """An ONNX file named .bin and a .pt2 program under another extension are each checked with their own reader."""
+    model, _, out, _ = saved_and_onnx
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(out.read_bytes())
+    assert verify(renamed, model, (64, 64), (2,), format="onnx")[0].max_abs_diff <= 1e-4
+    result = export(model, tmp_path / "model.ONNX", "pt2", batches=(1,))
+    assert result.path == tmp_path / "model.ONNX" and result.checks[0].max_abs_diff <= 1e-5
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path: Path) -> None:
+    """torch.onnx writes opset 18 when it cannot convert down (with a warning only): refused, nothing written."""
+    with pytest.raises(ValueError, match="expected an ONNX graph of opset 13; torch.onnx could only write opset 18"):
+        export(_small(), tmp_path / "old.onnx", opset=13)
+    assert not (tmp_path / "old.onnx").exists()
+
+
+def test_a_named_safetensors_file_is_the_one_exported(saved_and_onnx, tmp_path: Path) -> None:
+    """`gcvit export DIR/finetuned.safetensors` exports that file's weights, not DIR/model.safetensors."""
+    from gcvit.cli_export import load_for_export
+
+    model, saved, _, _ = saved_and_onnx
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    for f in saved.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    tuned = randomize_(copy.deepcopy(model))
+    gcvit.save_checkpoint(tuned, folder / "finetuned.safetensors")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = load_for_export(str(folder / "finetuned.safetensors"))[0](x)
+        assert torch.equal(got, tuned(x)) and not torch.equal(got, model(x))
+        assert torch.equal(load_for_export(str(folder / "model.safetensors"))[0](x), model(x))
+    with pytest.raises(ValueError, match="--ema goes with a folder"):
+        load_for_export(str(folder / "finetuned.safetensors"), ema=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gcvit_xxtiny", "gcvit_tiny"])
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])

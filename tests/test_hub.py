@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -105,6 +106,42 @@ def test_from_url_and_hub_repo_id(small, http_root, cache, monkeypatch, tmp_path
         gcvit.from_pretrained(f"{base}/models/small", force_download=True)
     with pytest.raises(OSError, match="is no local folder, and as a hub repo id: could not download .*/user/small"):
         gcvit.from_pretrained("user/small-gcvit")  # no such revision
+
+
+def test_a_checkpoint_folder_with_ema_loads_alike_locally_and_remotely(small, http_root, cache) -> None:
+    """A folder holding ema.safetensors (a training checkpoint) gives its EMA weights from disk, a URL and a hub
+    repo alike; ema=False the raw weights; a folder without one loads its model.safetensors, and ema=True names
+    the missing file."""
+    root, base = http_root
+    other = randomize_(copy.deepcopy(small))
+    folder = small.save_pretrained(root / "ckpt", classes=CLASSES)
+    save_checkpoint(other, folder / "ema.safetensors")
+    small.save_pretrained(root / "plain", classes=CLASSES)
+    ema, raw = _logits(other), _logits(small)
+    assert not torch.equal(ema, raw)
+    assert torch.equal(_logits(gcvit.from_pretrained(folder)), ema)
+    assert torch.equal(_logits(gcvit.from_pretrained(f"{base}/ckpt")), ema)
+    assert torch.equal(_logits(gcvit.from_pretrained(f"{base}/ckpt", ema=False, force_download=True)), raw)
+    assert torch.equal(_logits(gcvit.from_pretrained(f"{base}/plain")), raw)
+    assert torch.equal(_logits(gcvit.from_pretrained(f"{base}/plain")), raw)  # the absence is remembered
+    with pytest.raises(OSError, match=r"could not download .*/plain/ema.safetensors"):
+        gcvit.from_pretrained(f"{base}/plain", ema=True)
+
+
+def test_save_pretrained_leaves_no_stale_ema_and_spares_training_checkpoints(small, tmp_path: Path) -> None:
+    """Saving over a folder with an older ema.safetensors removes it (loaders prefer EMA weights); a training
+    checkpoint (ema.safetensors with state.pt) is refused untouched."""
+    folder = small.save_pretrained(tmp_path / "copy", classes=CLASSES)
+    save_checkpoint(randomize_(copy.deepcopy(small)), folder / "ema.safetensors")
+    small.save_pretrained(folder, classes=CLASSES)
+    assert not (folder / "ema.safetensors").exists()
+    assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(small))
+    save_checkpoint(small, folder / "ema.safetensors")
+    (folder / "state.pt").write_bytes(b"training state")
+    before = (folder / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="is a training checkpoint .*; save into another folder"):
+        small.save_pretrained(folder)
+    assert (folder / "model.safetensors").read_bytes() == before and (folder / "ema.safetensors").exists()
 
 
 def test_clear_errors(small, tmp_path: Path) -> None:

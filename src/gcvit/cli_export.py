@@ -30,10 +30,10 @@ def load_for_export(
     else:
         if pretrained is not None:
             raise ValueError(f"--pretrained goes with a model name; {model!r} is a folder or URL with its own weights")
-        if path.is_file():
-            if path.suffix != ".safetensors":
-                raise ValueError(f"expected a folder, or a .safetensors file with config.json beside it; got {path}")
-            ema, path = path.name == "ema.safetensors", path.parent
+        if path.is_file() and path.suffix != ".safetensors":
+            raise ValueError(f"expected a folder, or a .safetensors file with config.json beside it; got {path}")
+        if path.is_file() and ema is not None:
+            raise ValueError(f"--ema goes with a folder; {path} names its weights itself")
         net = gcvit.from_pretrained(path if path.exists() else model, ema=ema)
     config = model_config(net)
     pc = net.pretrained_cfg

@@ -97,6 +97,12 @@ def export_onnx(
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     proto = program.model_proto
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # torch's exporter falls back to its own opset where it cannot convert, with a warning only
+        raise ValueError(
+            f"expected an ONNX graph of opset {opset}; torch.onnx could only write opset {written} for this model "
+            f"(its exporter converts from opset {written} and failed); pass --opset {written} or higher"
+        )
     onnx.helper.set_model_props(proto, dict(metadata or {}))
     if size > _ONNX_SINGLE_FILE_LIMIT:  # the weights go to path.data, written before the graph file appears
         return atomic_write_to(
@@ -141,8 +147,10 @@ def verify(
     batches: Sequence[int] = (1, 7),
     *,
     atol: float = 1e-4,
+    format: str | None = None,
 ) -> list[ExportCheck]:
-    """Run an exported file (.onnx or .pt2) and `model` on the same random images at each batch size.
+    """Run an exported file and `model` on the same random images at each batch size; `format` "onnx" or "pt2"
+    (default: ONNX for a .onnx name, else pt2).
 
     Returns:
         One ExportCheck per batch size.
@@ -150,7 +158,8 @@ def verify(
         ExportMismatchError: some max abs difference exceeds `atol` (the message lists all of them).
     """
     path = Path(path)
-    runner = _onnx_runner(path) if path.suffix == ".onnx" else _pt2_runner(path)
+    format = format or ("onnx" if path.suffix.lower() == ".onnx" else "pt2")
+    runner = _onnx_runner(path) if format == "onnx" else _pt2_runner(path)
     checks = []
     model.eval()
     for i, batch in enumerate(batches):
@@ -215,4 +224,4 @@ def export(
     else:
         out = export_pt2(model, path, size, metadata=metadata)
     logger.info("exported %s; checking it against PyTorch", out)
-    return ExportResult(out, format, size, verify(out, model, size, batches, atol=atol), atol)
+    return ExportResult(out, format, size, verify(out, model, size, batches, atol=atol, format=format), atol)

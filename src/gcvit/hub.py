@@ -98,9 +98,16 @@ class HubMixin:
             got = len(values["classes"])
             raise ValueError(f"expected {self.num_classes} class names (the head's outputs); got {got}")
         folder = Path(save_directory)
+        if (folder / EMA_FILE).exists() and (folder / "state.pt").exists():
+            raise ValueError(
+                f"{folder} is a training checkpoint (its {EMA_FILE} and state.pt go with its {MODEL_FILE}); "
+                "save into another folder"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         save_safetensors(self.state_dict(), folder / MODEL_FILE, metadata={"format": "gcvit"})
         atomic_write_bytes(folder / CONFIG_FILE, json.dumps(values, indent=2).encode())
+        # loaders prefer EMA weights where there are any: an older ema.safetensors would stand in for these
+        (folder / EMA_FILE).unlink(missing_ok=True)
         logger.info("saved %s to %s", values["model"], folder)
         return folder
 
@@ -154,14 +161,26 @@ def _local_folder(path: Path) -> Path:
     raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; expected a folder written by save_pretrained or gcvit train")
 
 
-def _fetch_folder(base_url: str, cache: Path, force_download: bool) -> Path:
-    """Download config.json and model.safetensors under `base_url` into `cache` (kept for later calls)."""
+def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | None) -> Path:
+    """Download config.json, model.safetensors and ema.safetensors under `base_url` into `cache` (kept for later
+    calls). ema.safetensors is fetched where it exists (`ema` None: a training checkpoint's folder then loads its
+    EMA weights, as it does locally; its absence is remembered), required with `ema` True, skipped with False."""
     from gcvit.download import download
 
-    for name in (CONFIG_FILE, MODEL_FILE):
+    absent = cache / f"{EMA_FILE}.absent"
+    for name in (CONFIG_FILE, MODEL_FILE, EMA_FILE, absent.name):
         if force_download and (cache / name).exists():
             (cache / name).unlink()
+    for name in (CONFIG_FILE, MODEL_FILE):
         download(f"{base_url.rstrip('/')}/{name}", folder=cache)
+    if ema is False or (ema is None and absent.exists()):
+        return cache
+    try:
+        download(f"{base_url.rstrip('/')}/{EMA_FILE}", folder=cache)
+    except OSError as e:
+        if ema or getattr(e.__cause__, "code", None) != 404:
+            raise
+        absent.touch()  # no EMA weights there (HTTP 404): model.safetensors is the folder's weights
     return cache
 
 
@@ -171,8 +190,10 @@ def resolve_pretrained(
     revision: str = "main",
     cache_dir: str | os.PathLike[str] | None = None,
     force_download: bool = False,
+    ema: bool | None = None,
 ) -> Path:
-    """A local folder holding config.json for a folder path, an http(s) URL of a folder, or a hub repo id."""
+    """A local folder holding config.json for a folder path, an http(s) URL of a folder, or a hub repo id (`ema`:
+    whether to fetch ema.safetensors too; None: where there is one)."""
     from gcvit.download import cache_dir as default_cache
 
     text = str(source)
@@ -184,12 +205,12 @@ def resolve_pretrained(
     root = Path(cache_dir) if cache_dir is not None else default_cache() / "hub"
     if text.startswith(("http://", "https://")):
         digest = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
-        return _fetch_folder(text, root / "urls" / digest, force_download)
+        return _fetch_folder(text, root / "urls" / digest, force_download, ema)
     if _REPO_ID.match(text):
         endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
         cache = root / "repos" / text.replace("/", "--") / revision
         try:
-            return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download)
+            return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download, ema)
         except OSError as e:  # a mistyped local path looks like a repo id too
             raise OSError(f"{text!r} is no local folder, and as a hub repo id: {e}") from e
     raise FileNotFoundError(f"{text!r} is neither an existing folder, an http(s):// URL nor a hub repo id 'user/name'")
@@ -208,8 +229,9 @@ def from_pretrained(
 
     Args:
         pretrained_model_name_or_path: a local folder (a saved folder, a checkpoint folder, or a run folder: its
-            best/, else last/); an http(s):// URL of such a folder; or a Hugging Face Hub repo id "user/name",
-            fetched from $HF_ENDPOINT (default https://huggingface.co)/user/name/resolve/<revision>/.
+            best/, else last/); a .safetensors file with config.json beside it; an http(s):// URL of a folder; or
+            a Hugging Face Hub repo id "user/name", fetched from $HF_ENDPOINT (default
+            https://huggingface.co)/user/name/resolve/<revision>/.
         revision: branch, tag or commit of a hub repo.
         cache_dir: where downloads go (default: <gcvit cache>/hub); downloaded folders are reused.
         force_download: download again even when cached.
@@ -225,12 +247,21 @@ def from_pretrained(
     """
     from gcvit.models.weights import load_checkpoint
 
-    folder = resolve_pretrained(
-        pretrained_model_name_or_path, revision=revision, cache_dir=cache_dir, force_download=force_download
-    )
+    file = Path(pretrained_model_name_or_path).expanduser()
+    if file.is_file() and file.suffix == ".safetensors":  # these weights, the architecture of config.json beside them
+        if ema is not None:
+            raise ValueError(f"ema goes with a folder; {file} names its weights itself")
+        folder, weights = file.parent, file
+        if not (folder / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{folder / CONFIG_FILE} does not exist; expected it beside {file.name}")
+    else:
+        source = pretrained_model_name_or_path
+        folder = resolve_pretrained(
+            source, revision=revision, cache_dir=cache_dir, force_download=force_download, ema=ema
+        )
+        use_ema = (folder / EMA_FILE).is_file() if ema is None else ema
+        weights = folder / (EMA_FILE if use_ema else MODEL_FILE)
     model = build_from_config(_read_config(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
-    use_ema = (folder / EMA_FILE).is_file() if ema is None else ema
-    weights = folder / (EMA_FILE if use_ema else MODEL_FILE)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; expected the weights next to {CONFIG_FILE}")
     load_checkpoint(model, weights, strict=True)
