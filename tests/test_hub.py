@@ -152,7 +152,8 @@ def test_clear_errors(small, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         gcvit.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="is a file"):
-        gcvit.from_pretrained(folder / "model.safetensors")
+        gcvit.from_pretrained(folder / "config.json")
+    assert gcvit.from_pretrained(folder / "model.safetensors").classes == CLASSES  # weights with config.json beside
 
     def broken(name: str, values: object) -> Path:
         shutil.copytree(folder, tmp_path / name)

@@ -107,6 +107,21 @@ def test_fine_tuning_head_is_fresh_and_backbone_loaded(xxtiny_official) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("head."))
 
 
+@pytest.mark.parametrize("name", ["gcvit_xxtiny", "swin_tiny", "vit_tiny"])
+def test_a_checkpoint_keeps_its_own_head_unless_told(name: str, tmp_path: Path, caplog) -> None:
+    """Without num_classes, a checkpoint with a 3-class head builds a 3-class model with that head (not a random
+    1000-class one); with another num_classes the head is fresh, and the log says so."""
+    trained = randomize_(gcvit.create_model(name, img_size=64, num_classes=3)).eval()
+    path = gcvit.save_checkpoint(trained, tmp_path / "three.safetensors")
+    x = torch.randn(2, 3, 64, 64)
+    loaded = gcvit.create_model(name, img_size=64, pretrained=path).eval()
+    with torch.no_grad():
+        assert loaded.num_classes == 3 and torch.equal(loaded(x), trained(x))
+    with caplog.at_level("INFO", logger="gcvit.models.registry"):
+        assert gcvit.create_model(name, img_size=64, pretrained=path, num_classes=7).num_classes == 7
+    assert "has a head of 3 classes: the model's 7-class head is freshly initialised" in caplog.text
+
+
 def test_bias_tables_resized_for_other_windows(xxtiny_official) -> None:
     _, path = xxtiny_official
     model = gcvit.create_model("gcvit_xxtiny", pretrained=path, img_size=384, window_size=(12, 12, 24, 12)).eval()

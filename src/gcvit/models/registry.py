@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from gcvit.models import swin, vit
 from gcvit.models.gcvit import DIGITS, VARIANTS, GCViT, GCViTConfig
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
 from gcvit.models.weights import load_state_dict_into, read_state_dict, resolve, to_official
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,8 @@ def create_model(
         name: `arch` or `arch.tag`, as listed by `list_models()`.
         pretrained: False; True for the tag's official weights (downloaded with a hash check into the cache); or a
             local checkpoint path or URL (official, timm or own format).
-        num_classes: classes of the head; one other than the checkpoint's gives a fresh head for fine-tuning.
+        num_classes: classes of the head (default: the checkpoint's, else the variant's 1000); one other than the
+            checkpoint's gives a fresh head for fine-tuning.
         img_size: native input size, int or (H, W). Any size from 32 px runs; the window sizes stay those of the
             variant unless `window_size` is overridden too (bias tables are then resized while loading).
         overrides: any other field of the family's config (GCViTConfig, SwinConfig, ViTConfig).
@@ -144,11 +148,8 @@ def create_model(
         `model.model_name` (`name`).
     """
     spec = resolve_name(name)
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    config = _apply_overrides(spec.config, img_size, overrides)
-    model = FAMILIES[spec.family].model_cls(config)
-    meta = spec.pretrained or PretrainedCfg(url="", license="", top1=None)
+    model_cls = FAMILIES[spec.family].model_cls
+    state_dict, source = None, ""
     if pretrained is not False and pretrained is not None:
         if pretrained is True:
             if spec.pretrained is None:
@@ -156,7 +157,16 @@ def create_model(
             source, sha = spec.pretrained.url, spec.pretrained.sha256
         else:
             source, sha = str(pretrained), None
-        state_dict = read_state_dict(resolve(source, sha))
+        state_dict, _ = to_official(read_state_dict(resolve(source, sha)), model_cls)
+        head = state_dict.get("head.weight")
+        if num_classes is None and head is not None and head.ndim == 2:
+            num_classes = head.shape[0]  # the checkpoint's own head, trained for its classes
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    config = _apply_overrides(spec.config, img_size, overrides)
+    model = model_cls(config)
+    meta = spec.pretrained or PretrainedCfg(url="", license="", top1=None)
+    if state_dict is not None:
         _load_pretrained(model, state_dict, source)
     model.pretrained_cfg = dataclasses.replace(meta, img_size=config.img_size, num_classes=config.num_classes)
     model.model_name = name  # what save_pretrained records in config.json
@@ -164,11 +174,12 @@ def create_model(
 
 
 def _load_pretrained(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Load strictly, except for a head whose class count differs (or that the checkpoint lacks: a backbone saved
-    with num_classes=0), which stays freshly initialised."""
-    state_dict, _ = to_official(state_dict, model)
+    """Load an official-keyed state dict strictly, except for a head whose class count differs (or that the
+    checkpoint lacks: a backbone saved with num_classes=0), which stays freshly initialised (and says so)."""
     head = state_dict.get("head.weight")
     if (head is None and model.num_classes) or (head is not None and head.shape[0] != model.num_classes):
+        had = "no head" if head is None else f"a head of {head.shape[0]} classes"
+        logger.info("%s has %s: the model's %d-class head is freshly initialised", source, had, model.num_classes)
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")} | fresh
     load_state_dict_into(model, state_dict, source, strict=True)
