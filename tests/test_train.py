@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -721,6 +723,34 @@ def test_resume_accepts_the_same_model_spelled_out(tmp_path: Path) -> None:
     assert f"resumed from {run / 'last'} after epoch 1" in resumed.stderr
 
 
+def test_resume_without_a_complete_last_checkpoint_spares_best(tmp_path: Path) -> None:
+    """A run whose last/ (or last/state.pt) is gone is refused rather than started over on top of its best/; after
+    a crash inside the first epoch's checkpoint (best/ holds epoch 1, no last/) it starts over as before."""
+    train(_cfg(tmp_path, epochs=2, ema=None))
+    run = tmp_path / "run"
+    (run / "last" / "state.pt").unlink()
+    best = (run / "best" / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"has no complete last/ checkpoint .* holds epoch 2: starting over would"):
+        train(_cfg(tmp_path, epochs=3, ema=None), resume=run)
+    assert (run / "best" / "model.safetensors").read_bytes() == best
+    first = tmp_path / "first"
+    train(_cfg(tmp_path, epochs=1, ema=None, out_dir=str(first / "run")))
+    shutil.rmtree(first / "run" / "last")
+    assert train(_cfg(tmp_path, epochs=1, ema=None), resume=first / "run").epochs_done == 1
+
+
+def test_resume_does_not_read_the_pretrained_source_again(tmp_path: Path) -> None:
+    """A fine-tuning run resumes from its own checkpoint after its --pretrained file is deleted or replaced."""
+    train(_cfg(tmp_path, epochs=1, ema=None, out_dir=str(tmp_path / "source")))
+    weights = tmp_path / "weights"
+    shutil.copytree(tmp_path / "source" / "last", weights)
+    cfg = _cfg(tmp_path, epochs=1, ema=None, model_overrides=None, pretrained=str(weights / "model.safetensors"))
+    train(cfg)
+    shutil.rmtree(weights)
+    resumed = train(dataclasses.replace(cfg, epochs=2), resume=tmp_path / "run")
+    assert resumed.epochs_done == 2
+
+
 def test_unusable_class_counts_and_batches_fail_before_training(shapes: Path, tmp_path: Path) -> None:
     one = tmp_path / "one"
     (one / "circle").mkdir(parents=True)
@@ -757,7 +787,6 @@ def test_a_folder_run_resumes_from_another_working_directory(shapes: Path, tmp_p
 
 
 def test_damaged_run_files_and_a_missing_gpu_are_named(uninterrupted: Path, tmp_path: Path) -> None:
-    import shutil
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
@@ -775,7 +804,6 @@ def test_damaged_run_files_and_a_missing_gpu_are_named(uninterrupted: Path, tmp_
 def test_eval_reads_a_run_whose_training_state_was_deleted(uninterrupted: Path, tmp_path: Path) -> None:
     """Deleting state.pt (the optimizer's moments, twice the weights' size) to save space leaves a run that still
     evaluates and predicts with its best/ weights; a run without weights is named."""
-    import shutil
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)

@@ -79,7 +79,11 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
-def _model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+def _model_overrides(cfg: TrainConfig, architecture: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Config fields of the model to build: `architecture` (a resumed run's own, from its checkpoint's config.json:
+    the --pretrained source is not read again), else what cfg says."""
+    if architecture is not None:
+        return {k: v for k, v in architecture.items() if k not in ("num_classes", "img_size")}
     overrides = dict(cfg.model_overrides) if cfg.model_overrides is not None else {}
     if cfg.model_overrides is None and cfg.pretrained:
         overrides = _saved_architecture(cfg)
@@ -107,10 +111,14 @@ def _saved_architecture(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in (saved.get("config") or {}).items() if k not in drop}
 
 
-def _build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def _build_model(cfg: TrainConfig, num_classes: int, architecture: dict[str, Any] | None) -> nn.Module:
+    """The model to train; a resumed run's (`architecture` given) without pretrained weights, which its checkpoint
+    replaces."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    pretrained = cfg.pretrained if architecture is None else False
+    overrides = _model_overrides(cfg, architecture)
     return gcvit.create_model(
-        cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, img_size=cfg.img_size, **_model_overrides(cfg)
+        cfg.model, pretrained=pretrained, num_classes=num_classes, img_size=cfg.img_size, **overrides
     )
 
 
@@ -147,10 +155,12 @@ def _wrap_ddp(model: nn.Module, info: D.DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
-def _setup(cfg: TrainConfig, info: D.DistInfo) -> _Run:
-    """Data first (data errors surface before any model is built), then model, optimizer, schedule, EMA."""
+def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | None = None) -> _Run:
+    """Data first (data errors surface before any model is built), then model, optimizer, schedule, EMA.
+    `architecture`: a resumed run's model config (see `_model_overrides`)."""
+    overrides = _model_overrides(cfg, architecture)
     with torch.device("meta"):  # only its preprocessing settings are needed
-        probe = gcvit.create_model(cfg.model, img_size=cfg.img_size, **_model_overrides(cfg)).pretrained_cfg
+        probe = gcvit.create_model(cfg.model, img_size=cfg.img_size, **overrides).pretrained_cfg
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (probe.crop_pct if cfg.pretrained else 1.0)
     data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation)
     num_classes = cfg.num_classes or len(data.classes)
@@ -163,7 +173,7 @@ def _setup(cfg: TrainConfig, info: D.DistInfo) -> _Run:
         data.train, micro, cfg.seed, cfg.num_workers, info.rank, info.world_size, pin_memory=info.device.type == "cuda"
     )
     vl = eval_loader(data.val, max(micro, 64), cfg.num_workers, info.distributed)
-    model = _build_model(cfg, num_classes).to(info.device)
+    model = _build_model(cfg, num_classes, architecture).to(info.device)
     net = _wrap_ddp(model, info) if info.distributed else model
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     steps_per_epoch = len(tl) // cfg.grad_accum
@@ -266,10 +276,40 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, same
         )
 
 
+def _check_nothing_to_lose(run_dir: Path) -> None:
+    """A resumed run without a complete last/ starts over, which rewrites best/: fine after a crash inside the
+    first epoch's checkpoint (best/ holds epoch 1, which the new start redoes), refused otherwise (last/ or its
+    state.pt deleted)."""
+    best = ckpt.find_checkpoint(run_dir, "best", weights_only=True)
+    if best is None:
+        return
+    epoch = ckpt.read_training_state(best).get("epoch") if (best / ckpt.STATE_FILE).is_file() else None
+    if epoch == 1:
+        return
+    held = f"epoch {epoch}" if epoch is not None else "weights"
+    raise ValueError(
+        f"{run_dir} has no complete last/ checkpoint (model.safetensors and state.pt) to resume from, but {best} "
+        f"holds {held}: starting over would overwrite it. Start a new run from those weights instead "
+        f"(--pretrained {best / ckpt.MODEL_FILE} --out-dir ANOTHER_FOLDER)"
+    )
+
+
+def _describes(cfg: TrainConfig, folder: Path, num_classes: int) -> bool:
+    """Whether cfg's model settings build the architecture of the checkpoint in `folder`."""
+    try:
+        with torch.device("meta"):
+            model = gcvit.create_model(
+                cfg.model, num_classes=num_classes, img_size=cfg.img_size, **_model_overrides(cfg)
+            )
+    except (TypeError, ValueError, OSError):
+        return False
+    built = json.loads(json.dumps(dataclasses.asdict(model.cfg)))  # tuples read as lists
+    return built == ckpt.read_model_config(folder).get("config")
+
+
 def _restore(run: _Run, folder: Path) -> None:
     state = ckpt.read_training_state(folder)
-    built = json.loads(json.dumps(run.model_meta["config"]))  # tuples read as lists
-    _check_resumable(state.get("config", {}), run.cfg, folder, built == ckpt.read_model_config(folder).get("config"))
+    _check_resumable(state.get("config", {}), run.cfg, folder, _describes(run.cfg, folder, len(run.classes)))
     run.model.load_state_dict(ckpt.read_weights(folder))
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -455,8 +495,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, pr
     D.barrier(info)
     found = ckpt.find_checkpoint(run_dir) if resuming else None
     if resuming and found is None:
+        _check_nothing_to_lose(run_dir)
         logger.info("no complete checkpoint in %s: starting from scratch", run_dir)
-    run = _setup(cfg, info)
+    run = _setup(cfg, info, ckpt.read_model_config(found).get("config") if found is not None else None)
     if found is not None:
         _restore(run, found)
     if info.is_main:
