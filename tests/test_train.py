@@ -124,6 +124,35 @@ def test_bad_config_values_are_named(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- optimizer and schedule
 
 
+@pytest.mark.parametrize(
+    ("name", "kw", "layers"),
+    [
+        ("swin_tiny", {"depths": (1, 1, 2, 1)}, 5),
+        ("vit_tiny", {"depth": 3, "patch_size": 8}, 3),
+    ],
+)
+def test_layer_decay_falls_off_block_by_block_for_swin_and_vit(name: str, kw: dict, layers: int) -> None:
+    """Swin and ViT get one lr level per block, as GC ViT does: stem lowest, head 1.0, blocks in between."""
+    model = gcvit.create_model(name, num_classes=3, img_size=32, **kw)
+    by_name = {id(p): n for n, p in model.named_parameters()}
+    scale = {by_name[id(p)]: g["lr_scale"] for g in param_groups(model, 0.05, 0.5) for p in g["params"]}
+    assert sorted(set(scale.values())) == pytest.approx([0.5**k for k in range(layers + 1, -1, -1)])
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.5 ** (layers + 1)) and scale["head.weight"] == 1.0
+    first, last = ("layers.0.blocks.0", "layers.3.blocks.0") if name == "swin_tiny" else ("blocks.0", "blocks.2")
+    assert scale[f"{first}.attn.qkv.weight"] == pytest.approx(0.5**layers)
+    assert scale[f"{last}.mlp.fc2.weight"] == pytest.approx(0.5)
+    if name == "swin_tiny":  # patch merging opening stage 3 goes with the block before it (stage 2's last)
+        assert scale["layers.3.downsample.reduction.weight"] == scale["layers.2.blocks.1.attn.qkv.weight"]
+
+
+def test_a_seed_of_any_allowed_size_trains(tmp_path: Path) -> None:
+    """Seeds up to 2**32 - 1 are allowed; the per-image augmentation seed derived from them must not overflow."""
+    from gcvit.train.data import SeededAugment
+
+    images = SeededAugment([torch.rand(3)] * 4, seed=2**32 - 1)
+    assert images[(5, 3)].shape == (3,)
+
+
 def test_no_weight_decay_groups_and_layer_ids() -> None:
     model = gcvit.create_model("gcvit_xxtiny", num_classes=10, img_size=32, **TINY)
     groups = param_groups(model, 0.05, layer_decay=0.5)

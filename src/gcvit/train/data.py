@@ -61,7 +61,8 @@ class SeededAugment(Dataset[tuple[Any, int]]):
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
         epoch, index = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * _SEED_STRIDE + epoch) * _SEED_STRIDE + index)
+            # modulo 2**64 (what manual_seed takes): the same seeds as before below that, no overflow above
+            torch.manual_seed(((self.seed * _SEED_STRIDE + epoch) * _SEED_STRIDE + index) % 2**64)
             return self.dataset[index]
 
 

@@ -12,24 +12,28 @@ from torch.optim.lr_scheduler import LambdaLR
 
 def layer_id(name: str, num_layers: int, blocks_before: list[int]) -> int:
     """Layer index of a parameter for layer-wise lr decay: stem 0, blocks 1..num_layers in order, head and final
-    norm num_layers + 1. A stage's global query generator goes with its first block, its downsampling with its last.
+    norm num_layers + 1. GC ViT (`levels.i`): a stage's global query generator goes with its first block, its
+    downsampling with its last. Swin (`layers.i`): the patch merging that opens stage i goes with the block before
+    it. ViT (`blocks.j`): one stage; its class token and position embedding are stem.
 
     Args:
         name: parameter name (official keys).
         num_layers: total number of blocks.
         blocks_before: blocks_before[i] = blocks in the stages before stage i.
     """
-    if name.startswith("patch_embed."):
+    if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
         return 0
-    match = re.match(r"levels\.(\d+)\.(blocks\.(\d+)|q_global_gen|downsample)\.", name)
+    match = re.match(r"(?:(levels|layers)\.(\d+)\.)?(blocks\.(\d+)|q_global_gen|downsample)\.", name)
     if match is None:
         return num_layers + 1  # norm, head
-    stage = int(match.group(1))
-    if match.group(3) is not None:
-        return blocks_before[stage] + int(match.group(3)) + 1
-    if match.group(2) == "q_global_gen":
+    family, stage = match.group(1), int(match.group(2) or 0)
+    if match.group(4) is not None:
+        return blocks_before[stage] + int(match.group(4)) + 1
+    if match.group(3) == "q_global_gen":
         return blocks_before[stage] + 1
-    return blocks_before[stage + 1] if stage + 1 < len(blocks_before) else num_layers  # downsample
+    if family == "layers":  # Swin merges patches at the start of a stage
+        return blocks_before[stage]
+    return blocks_before[stage + 1] if stage + 1 < len(blocks_before) else num_layers  # GC ViT: at its end
 
 
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
@@ -39,7 +43,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     Each group carries 'lr_scale' (multiplied into the scheduled lr by `build_scheduler`).
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    depths = list(getattr(getattr(model, "cfg", None), "depths", []))
+    cfg = getattr(model, "cfg", None)
+    depths = list(getattr(cfg, "depths", None) or [getattr(cfg, "depth", 0)])  # ViT: one stage of `depth` blocks
     blocks_before = [sum(depths[:i]) for i in range(len(depths))]
     num_layers = sum(depths)
     groups: dict[tuple[int, bool], dict] = {}
