@@ -282,6 +282,10 @@ def test_build_loader_distributed_and_workers() -> None:
     halves = [build_loader(data, 2, train=True, distributed=True, num_replicas=2, rank=r) for r in (0, 1)]
     seen = [torch.cat([b for (b,) in loader]).tolist() for loader in halves]
     assert len(seen[0]) == len(seen[1]) == 10 and set(seen[0]).isdisjoint(seen[1])
+    # evaluation split over 7 ranks: every sample exactly once (no padding repeats counted twice in the metrics)
+    shares = [build_loader(data, 4, train=False, distributed=True, num_replicas=7, rank=r) for r in range(7)]
+    counted = sorted(i for loader in shares for (b,) in loader for i in b.tolist())
+    assert counted == list(range(20)) and sum(len(loader.sampler) for loader in shares) == 20
     with pytest.raises(RuntimeError, match="init_process_group"):
         build_loader(data, 2, train=True, distributed=True)
     with pytest.raises(ValueError, match="no full batch"):

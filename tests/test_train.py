@@ -801,6 +801,24 @@ def test_predict_refuses_bad_topk_and_folders_without_images(uninterrupted: Path
         predict([tmp_path], uninterrupted)
 
 
+def test_predict_lists_a_folder_as_training_does(uninterrupted: Path, tmp_path: Path) -> None:
+    """Linked folders are followed; hidden files and folders (.ipynb_checkpoints, macOS ._ files) are skipped."""
+    from PIL import Image
+
+    real = tmp_path / "real"
+    (real / ".ipynb_checkpoints").mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(real / f"d{i}.png")
+    Image.new("RGB", (8, 8)).save(real / ".ipynb_checkpoints" / "d0-checkpoint.png")
+    (real / "._d0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "linked").symlink_to(real, target_is_directory=True)
+    (given / "one.png").symlink_to(real / "d0.png")
+    names = sorted(str(Path(path).relative_to(given)) for path, _ in predict([given], uninterrupted))
+    assert names == ["linked/d0.png", "linked/d1.png", "one.png"]
+
+
 def test_a_folder_run_resumes_from_another_working_directory(shapes: Path, tmp_path: Path) -> None:
     """config.yaml keeps absolute data paths: resuming elsewhere reads the same images, not a namesake folder."""
     (tmp_path / "shapes").symlink_to(shapes)

@@ -149,8 +149,8 @@ def _find_classes(root: Path, classes: Sequence[str] | None) -> list[str]:
     return list(classes)
 
 
-def _class_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Image files under one class folder (recursively, following links), sorted; hidden files and folders skipped.
+def image_files(folder: Path, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[Path]:
+    """Image files under a folder (recursively, following links), sorted; hidden files and folders skipped.
     A folder reached twice (a link back up, or two links to one folder) is read once."""
     files = []
     seen: set[tuple[int, int]] = set()
@@ -170,7 +170,7 @@ def _list_samples(root: Path, classes: list[str], extensions: tuple[str, ...]) -
     samples: list[tuple[Path, int]] = []
     empty = []
     for index, name in enumerate(classes):
-        files = _class_files(root / name, extensions)
+        files = image_files(root / name, extensions)
         if not files:
             empty.append(name)
         samples += [(path, index) for path in files]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,19 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+class _Strided(Sampler[int]):
+    """Indices rank, rank + num_replicas, ... of range(n): one rank's share, no sample repeated."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int) -> None:
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+
 def _sampler(
     dataset: Dataset[Any], train: bool, seed: int, distributed: bool, num_replicas: int | None, rank: int | None
 ) -> Sampler[int]:
@@ -39,8 +52,12 @@ def _sampler(
             raise RuntimeError(
                 "distributed=True needs torch.distributed initialised (init_process_group) or num_replicas and rank"
             )
-        # Evaluation pads by repeating up to num_replicas - 1 samples so every rank gets the same count.
-        return DistributedSampler(dataset, num_replicas, rank, shuffle=train, seed=seed)
+        if train:
+            return DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed)
+        # evaluation: every sample exactly once over all ranks (DistributedSampler would repeat up to
+        # num_replicas - 1 of them to even out the ranks, and the summed metrics would count those twice)
+        replicas = num_replicas if num_replicas is not None else dist.get_world_size()
+        return _Strided(len(dataset), replicas, rank if rank is not None else dist.get_rank())  # type: ignore[arg-type]
     if train:
         return DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
     return SequentialSampler(dataset)  # type: ignore[arg-type]

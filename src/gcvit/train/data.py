@@ -128,5 +128,5 @@ def train_loader(
 
 
 def eval_loader(dataset: Any, batch_size: int, num_workers: int, distributed: bool) -> DataLoader[Any]:
-    """Ordered loader; distributed runs split it across ranks (padding by at most world_size - 1 repeats)."""
+    """Ordered loader; distributed runs split it across ranks, each sample on exactly one rank."""
     return _build_loader(dataset, batch_size, train=False, num_workers=num_workers, distributed=distributed)

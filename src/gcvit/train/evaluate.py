@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import gcvit
-from gcvit.data import IMG_EXTENSIONS, DigitsDataset, ImageFolderDataset, eval_transform, split_image_folder
-from gcvit.data.datasets import load_rgb
+from gcvit.data import DigitsDataset, ImageFolderDataset, eval_transform, split_image_folder
+from gcvit.data.datasets import image_files, load_rgb
 from gcvit.hub import build_from_config
 from gcvit.train import checkpoint as ckpt
 from gcvit.train.distributed import require_cuda
@@ -235,7 +235,7 @@ def _image_files(inputs: Sequence[PathLike]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+            files += image_files(p)  # as training lists a class folder: links followed, hidden entries skipped
         elif p.is_file():
             files.append(p)
         else:
