@@ -69,6 +69,9 @@ def test_attention_columns_follow_the_built_model() -> None:
     [
         (["--bench-batch", "0"], "expected bench_batch of at least 1; got 0"),
         (["--repeats", "0"], "expected repeats of at least 1; got 0"),
+        # the second model's architecture refuses the size: found before the first one trains
+        (["--models", "gcvit_xxtiny", "vit_small", "--img-size", "34"], "vit_small: img_size (34, 34) must be a"),
+        (["--batch-size", "0"], "swin_tiny: batch_size must be >= 1, got 0"),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path: Path, capsys, extra: list[str], message: str) -> None:

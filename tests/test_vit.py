@@ -155,3 +155,17 @@ def test_demo_runs_a_vit_on_the_photos_cropped_to_its_patch_grid(capsys: pytest.
     assert main(["demo", "--model", "vit_tiny", "--pretrained", "false"]) == 0  # 'false': random weights
     out = capsys.readouterr().out
     assert "windows global attention" in out and "own size (416, 640)" in out and "(random weights" in out
+
+
+def test_feature_info_module_outputs_the_map() -> None:
+    """The module `feature_info` names outputs the normalised tokens whose patch part is forward_intermediates' map."""
+    model = gcvit.create_model("vit_tiny", img_size=32, patch_size=4, depth=2, num_classes=3).eval()
+    (info,) = model.feature_info
+    seen = []
+    model.get_submodule(info["module"]).register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        (feat,) = model.forward_intermediates(x)
+    tokens = seen[0][:, 1:]  # (B, L, C) without the class token
+    assert torch.equal(tokens.transpose(1, 2).reshape(feat.shape), feat)

@@ -202,12 +202,17 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
     """
     from gcvit.train.checkpoint import holds_run
     from gcvit.train.evaluate import load_run
+    from gcvit.train.loop import probe_model
 
     # everything that can be wrong fails before hours of training
     for name in cfg.models:
         family_of(name)
         if holds_run(Path(cfg.out_dir, "runs", name)):
             raise ValueError(f"{Path(cfg.out_dir, 'runs', name)} already holds a run; compare into another --out-dir")
+        try:
+            probe_model(_train_config(cfg, name))  # its training settings and architecture at this size
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {e}") from None
     if len(set(cfg.models)) != len(cfg.models):
         raise ValueError(f"each model once, please; got {list(cfg.models)}")
     for field_name in ("bench_batch", "repeats"):

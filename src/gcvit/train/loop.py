@@ -111,6 +111,13 @@ def _saved_architecture(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in (saved.get("config") or {}).items() if k not in drop}
 
 
+def probe_model(cfg: TrainConfig, architecture: dict[str, Any] | None = None) -> nn.Module:
+    """The model cfg describes, on the meta device (no memory, no weights read): its settings are checked and its
+    preprocessing known before any data is read or any training starts."""
+    with torch.device("meta"):
+        return gcvit.create_model(cfg.model, img_size=cfg.img_size, **_model_overrides(cfg, architecture))
+
+
 def _build_model(cfg: TrainConfig, num_classes: int, architecture: dict[str, Any] | None) -> nn.Module:
     """The model to train; a resumed run's (`architecture` given) without pretrained weights, which its checkpoint
     replaces."""
@@ -158,9 +165,7 @@ def _wrap_ddp(model: nn.Module, info: D.DistInfo) -> nn.Module:
 def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | None = None) -> _Run:
     """Data first (data errors surface before any model is built), then model, optimizer, schedule, EMA.
     `architecture`: a resumed run's model config (see `_model_overrides`)."""
-    overrides = _model_overrides(cfg, architecture)
-    with torch.device("meta"):  # only its preprocessing settings are needed
-        probe = gcvit.create_model(cfg.model, img_size=cfg.img_size, **overrides).pretrained_cfg
+    probe = probe_model(cfg, architecture).pretrained_cfg  # only its preprocessing settings are needed
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (probe.crop_pct if cfg.pretrained else 1.0)
     data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation)
     num_classes = cfg.num_classes or len(data.classes)
