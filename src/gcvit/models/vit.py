@@ -167,7 +167,7 @@ class VisionTransformer(HubMixin, nn.Module):
         self.norm = make_norm(cfg.norm_layer, cfg.embed_dim, cfg.norm_eps)
         self.head: nn.Module = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.feature_info = [
-            {"num_chs": cfg.embed_dim, "reduction": cfg.patch_size, "module": "norm"}  # what forward_intermediates gives
+            {"num_chs": cfg.embed_dim, "reduction": cfg.patch_size, "module": "norm"}  # forward_intermediates map
         ]
         self.grad_checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
