@@ -281,6 +281,36 @@ def test_layer_scale_and_reset_classifier() -> None:
     assert "levels.0.blocks.0.attn.relative_position_bias_table" in model.no_weight_decay()
 
 
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [
+        ("gcvit_xxtiny", {"depths": (1, 1, 2, 1)}),
+        ("swin_tiny", {"depths": (1, 1, 2, 1)}),
+        ("vit_tiny", {"patch_size": 8, "depth": 2}),
+    ],
+)
+@pytest.mark.parametrize("grad", [True, False])
+def test_torch_jit_trace_passes_its_check_and_reads_the_parameters(name: str, kw: dict, grad: bool) -> None:
+    """torch.jit.trace re-traces under no_grad to check its graph: the graph must not depend on the grad mode or on
+    kept copies. A traced model then follows new weights (the bias tables included: no gathered constant)."""
+    import copy
+    import warnings
+
+    model = gcvit.create_model(name, img_size=64, **kw).eval()
+    other = copy.deepcopy(model)
+    for p in other.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 64, 64)
+    with warnings.catch_warnings(), torch.set_grad_enabled(grad):
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        model(x)  # a warm-up fills the kept copies, which the trace must not bake in
+        traced = torch.jit.trace(model, x)
+    with torch.no_grad():
+        assert (traced(x) - model(x)).abs().max().item() < 1e-5
+        traced.load_state_dict(other.state_dict())
+        assert (traced(x) - other(x)).abs().max().item() < 1e-5
+
+
 def test_torch_compile_full_graph_matches_eager() -> None:
     """The whole model traces into one graph (fullgraph=True fails on any graph break), with a dynamic batch."""
     model = gcvit.create_model("gcvit_xxtiny").eval()

@@ -111,3 +111,54 @@ def test_forget_prepared_after_an_update_through_data(monkeypatch: pytest.Monkey
         gcvit.layers.forget_prepared()
         out = model(x)
     assert (out - _reference(model, x, monkeypatch)).abs().max().item() < 1e-4
+
+
+def _small() -> gcvit.GCViT:
+    torch.manual_seed(0)
+    return gcvit.create_model("gcvit_xxtiny", img_size=64, depths=(1, 1, 2, 1), num_classes=5).eval()
+
+
+def test_swapping_parameters_after_a_forward_works() -> None:
+    """With PyTorch's swap-on-conversion mode, load_state_dict and .bfloat16() swap parameter tensors; kept copies
+    must not hold weak references (swap_tensors refuses those) and must not outlive the swap."""
+    model, other = _small(), _small()
+    for p in other.parameters():
+        p.data.add_(0.05)
+    x = torch.randn(2, 3, 64, 64)
+    was = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with torch.no_grad():
+            model(x)
+            model.load_state_dict(other.state_dict())
+            assert torch.equal(model(x), other(x))
+            model.bfloat16()
+            assert model(x.bfloat16()).dtype == torch.bfloat16
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(was)
+
+
+def test_nothing_is_kept_for_shared_memory_or_under_torch_distributed(tmp_path) -> None:
+    """Other processes write shared-memory parameters, and collectives (broadcast, all_reduce) write parameters,
+    without bumping version counters: such parameters are prepared afresh on every call."""
+    import torch.distributed as dist
+
+    x = torch.randn(2, 3, 64, 64)
+    shared = _small().share_memory()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = _small()
+        with torch.no_grad():
+            for model in (shared, plain):
+                model(x)
+                dist.broadcast(model.levels[0].blocks[0].mlp.fc1.weight, src=0)  # the collective write path
+                for p in model.parameters():
+                    p.data.mul_(0.5)  # invisible to version counters, as a collective's or another process's write
+            reference = _small()
+            for p in reference.parameters():
+                p.data.mul_(0.5)
+            assert torch.equal(plain(x), reference(x))  # torch.distributed is running: nothing was kept
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad():
+        assert torch.equal(shared(x), reference(x))  # shared memory: nothing kept, with or without torch.distributed

@@ -245,3 +245,19 @@ def test_save_official_helper_roundtrip(tmp_path: Path) -> None:
     path = save_official(model, tmp_path / "x.pth.tar")
     loaded = torch.load(path, weights_only=False)
     assert set(loaded) == {"state_dict", "epoch", "args"}
+
+
+def test_checkpoints_of_wrapped_models_load_back(tmp_path: Path) -> None:
+    """save_checkpoint of a torch.compile'd model, and a DDP-prefixed safetensors or pickle file, load by plain keys."""
+    model = randomize_(gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=3)).eval()
+    compiled = gcvit.save_checkpoint(torch.compile(model), tmp_path / "compiled.safetensors")
+    prefixed = {f"module.{k}": v for k, v in model.state_dict().items()}
+    from gcvit.models.weights import save_safetensors
+
+    save_safetensors(prefixed, tmp_path / "ddp.safetensors")
+    torch.save({"state_dict": prefixed}, tmp_path / "ddp.pth")
+    x = torch.randn(1, 3, 64, 64)
+    for path in (compiled, tmp_path / "ddp.safetensors", tmp_path / "ddp.pth"):
+        loaded = gcvit.create_model("gcvit_xxtiny", img_size=64, pretrained=path).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x)), path

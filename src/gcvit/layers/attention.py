@@ -51,8 +51,8 @@ class _WindowAttentionBase(nn.Module):
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The bias in `dtype`; gathered once and kept while no gradient is needed and the table is unchanged
         (`gcvit.layers.prepared`)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.relative_position_bias().to(dtype)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return self.relative_position_bias().to(dtype)  # a traced graph must read the table, not a constant
         table = self.relative_position_bias_table
         return _GATHERED_BIAS.get(self, (table,), lambda: self.relative_position_bias().to(dtype).contiguous(), dtype)
 
@@ -102,6 +102,8 @@ def _fused_kernel_pays(heads: torch.Tensor, mask: torch.Tensor, tracing: bool) -
     """
     if heads.device.type != "cpu":
         return True
+    if torch.jit.is_tracing():  # torch.jit.trace checks its graph by tracing again under no_grad: one route for both
+        return False
     if heads.dtype != torch.float32 or (mask.requires_grad and torch.is_grad_enabled()):
         return False
     BnW, N = heads.shape[:2]
@@ -124,7 +126,7 @@ def _score_width(N: int, like: torch.Tensor) -> int:
     as long as 64 keys."""
     if like.dtype != torch.bfloat16 or like.device.type != "cpu" or torch.is_grad_enabled() or not N % 32 or N > 160:
         return N
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return N
     return -(-N // 32) * 32
 
@@ -138,7 +140,7 @@ def _attention_batched(
     BnW, heads, N, _ = q.shape
     attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
     scores = attn.view(BnW // nW, nW, heads, N, N)  # the mask broadcasts over images (and windows when 1)
-    if attn.requires_grad or mask.requires_grad:
+    if attn.requires_grad or mask.requires_grad or torch.jit.is_tracing():
         attn = (scores + mask).view(BnW, heads, N, N)  # autograd turns an in-place add on a view into copies
     else:
         scores.add_(mask)

@@ -8,8 +8,12 @@ counters. What none of these can see is an in-place update through `.data` (`p.d
 do): `.data` has a version counter of its own; nor a write through a NumPy or DLPack view of the memory. After such
 an update, call `forget_prepared()`.
 
-Nothing is kept for inference tensors (made under `torch.inference_mode()`: they have no version counter) or under
-torch.func transforms (their tensors have no address); callers then prepare afresh on every call.
+Nothing is kept for inference tensors (made under `torch.inference_mode()`: they have no version counter), under
+torch.func transforms (their tensors have no address), for CPU tensors in shared memory (another process may write
+them) or while torch.distributed is initialised (collectives such as `broadcast` and `all_reduce` write parameters
+without bumping their versions); callers then prepare afresh on every call. The kept entry holds the parameters
+themselves, not weak references, which `torch.utils.swap_tensors` (used by `load_state_dict` and `.to()` when
+`torch.__future__.set_swap_module_params_on_conversion(True)`) would refuse.
 """
 
 from __future__ import annotations
@@ -58,12 +62,22 @@ class PreparedCache:
             state = [(t._version, t.data_ptr()) for t in tensors]
         except RuntimeError:  # an inference tensor (no version counter) or torch.func's (no address): keep nothing
             return make()
+        if _written_elsewhere(tensors):
+            return make()
         if _hook is None:  # registered on first use, so that importing gcvit changes nothing in torch
             _hook = register_optimizer_step_post_hook(_count_step)
         key = (tag, _optimizer_steps, state)
         entry = self._entries.get(module)
-        if entry is not None and entry[0] == key and all(ref() is t for ref, t in zip(entry[1], tensors)):
+        if entry is not None and entry[0] == key and all(kept is t for kept, t in zip(entry[1], tensors)):
             return entry[2]
         value = make()
-        self._entries[module] = (key, [weakref.ref(t) for t in tensors], value)
+        self._entries[module] = (key, list(tensors), value)
         return value
+
+
+def _written_elsewhere(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the tensors may change without their version counters showing it: shared CPU memory (another
+    process), or any tensor while torch.distributed runs (in-place collectives)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    return any(t.device.type == "cpu" and t.is_shared() for t in tensors)

@@ -25,8 +25,10 @@ def stem_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     its output is contiguous (LayerNorm reads it without a copy). A training step would keep a channels-last copy of
     the images alive for the weight gradient, next to the caller's, so there NCHW images stay as they are (the
     training loop hands over channels-last batches). Under torch.func transforms (vmap) the images stay as they are:
-    vmap cannot query a channels-last layout."""
-    if not (torch.is_grad_enabled() and conv.weight.requires_grad) and not torch._C._are_functorch_transforms_active():
+    vmap cannot query a channels-last layout. torch.jit.trace keeps them too: it traces again under no_grad to
+    check its graph, which must not change with the grad mode."""
+    keep = torch._C._are_functorch_transforms_active() or torch.jit.is_tracing()
+    if not (torch.is_grad_enabled() and conv.weight.requires_grad) and not keep:
         x = x.contiguous(memory_format=torch.channels_last)
     return conv(x)  # (B, C, H', W')
 

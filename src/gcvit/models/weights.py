@@ -88,14 +88,14 @@ def _is_text(head: bytes) -> bool:
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file: safetensors, or a torch pickle read with weights_only=True (and unwrapped
-    from 'state_dict'/'model' and a DDP 'module.' prefix)."""
+    from 'state_dict'/'model'); keys lose a DDP 'module.' or torch.compile '_orig_mod.' prefix."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(64)
     is_safetensors = path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{")
     if is_safetensors:
         try:
-            return load_file(str(path))
+            return _unwrapped(load_file(str(path)))
         except Exception as e:
             raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from None
     try:
@@ -113,7 +113,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a mapping of names to tensors (a state dict)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return _unwrapped(obj)
+
+
+def _unwrapped(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys without the prefixes wrappers add when the wrapper itself was saved: DDP's `module.` and
+    torch.compile's `_orig_mod.` (each only when every key has it)."""
+    out = dict(state_dict)
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k.removeprefix(prefix): v for k, v in out.items()}
+    return out
 
 
 def to_official(
@@ -213,5 +223,6 @@ def save_safetensors(
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Save a model's weights (official key names) as safetensors, atomically."""
-    return save_safetensors(model.state_dict(), path, metadata={"format": "gcvit"})
+    """Save a model's weights (official key names) as safetensors, atomically; a DDP or torch.compile wrapper
+    saves the model inside it."""
+    return save_safetensors(_unwrapped(model.state_dict()), path, metadata={"format": "gcvit"})
