@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from gcvit.cli import main
 
@@ -21,10 +22,18 @@ def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]
     rows = (r"infer fp32\s+b1\s", r"infer bf16\s+b1\s", r"train fp32\s+b2\s", r"train fp32 dp0.2\s+b2\s")
     for row in rows:
         assert re.search(rf"gcvit_xxtiny {row}\s*ours img/s [\d.]+\s+timm img/s [\d.]+\s+ratio [\d.]+", out), row
-    # timm's channels-last setting ran beside its default one wherever the ratio is against the faster of the two
-    assert re.search(r"train fp32\s+b2\s.*ratio [\d.]+\s+ratio vs timm default [\d.]+", out)
-    assert re.search(r"infer bf16\s+b1\s.*ratio vs timm default [\d.]+", out)
-    assert "ratio vs timm default" not in re.search(r"infer fp32\s+b1\s.*", out).group(0)
+    # every row ran timm's other settings beside its default one, and names the fastest it is set against
+    settings = {
+        "infer fp32": "timm|timm-cl",
+        "infer bf16": "timm|timm-cl|timm-w|timm-cl-w",
+        "train fp32": "timm|timm-cl",
+    }
+    for row, allowed in settings.items():
+        assert re.search(
+            rf"{row}\s+b\d\s.*ratio [\d.]+\s+ratio vs timm default [\d.]+\s+timm setting ({allowed})\s", out
+        )
+    # timm's bf16 with its weights cast once gives exactly the logits of autocast casting them on every call
+    assert float(out.split("weights cast once vs cast per call: max abs difference ")[1].split()[0]) == 0.0
     ceilings = [float(v) for v in re.findall(r"matmul GFLOP/s ([\d.]+)", out)]
     assert len(ceilings) == 4 and min(ceilings) > 0  # each row timed its own matmul ceiling
     assert "ckpt peak MiB" in re.search(r"train fp32\s+b2\s.*", out).group(0)
@@ -35,3 +44,33 @@ def test_bench_rejects_a_bad_drop_path_rate(capsys: pytest.CaptureFixture[str]) 
     argv = ["bench", "--models", "--train-models", "gcvit_xxtiny", "--train-drop-path", "high", "--device", "cpu"]
     assert main(argv) == 2
     assert "expected a drop path rate in [0, 1) or 'recipe'; got 'high'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--repeats", "0"], "expected repeats of at least 1; got 0"),
+        (["--img-size", "256"], "expected img_size 224, the only size timm's gcvit runs at; got 256"),
+        (["--agreement-images", "0"], "expected agreement_images of at least 1; got 0"),
+    ],
+)
+def test_bench_refuses_settings_it_would_fail_on(extra: list[str], message: str, capsys) -> None:
+    assert main(["bench", "--models", "gcvit_xxtiny", "--train-models", "--device", "cpu", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cpu_peak_memory_counts_what_the_timed_path_allocates() -> None:
+    """The peak comes from the allocator's record, so the fused oneDNN kernels run as when timed, and memory a
+    kernel frees before returning counts too."""
+    from gcvit.bench import peak_memory
+    from gcvit.layers import fused
+
+    calls = []
+    original = fused._OneDNNLinear.apply
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(512, 256, requires_grad=True)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fused._OneDNNLinear, "apply", lambda *a: calls.append(1) or original(*a))
+        peak = peak_memory(lambda: fused.linear(x, layer).sum().backward(), "cpu")
+    assert calls and peak >= 512 * 256 * 4  # the output at least
+    assert 8 * 2**20 <= peak_memory(lambda: torch.ones(2**21).sum(), "cpu") < 9 * 2**20  # 8 MiB, freed inside
