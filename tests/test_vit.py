@@ -68,7 +68,7 @@ def test_other_sizes_resize_the_position_embedding() -> None:
     assert tokens.shape == (2, 1 + 24 * 8, 32)
     assert feat.shape == (2, 32, 24, 8)  # NCHW at stride 4 (the patch size)
     assert torch.equal(feat.flatten(2).transpose(1, 2), tokens[:, 1:])
-    assert model.feature_info == [{"num_chs": 32, "reduction": 4, "module": "blocks.1"}]
+    assert model.feature_info == [{"num_chs": 32, "reduction": 4, "module": "norm"}]
     assert (single - logits).abs().max().item() < 1e-5
     assert torch.equal(model.forward_head(tokens, pre_logits=True), tokens[:, 0])
     with pytest.raises(ValueError, match=r"multiples of the patch size 4; got \(34, 32\)"):
