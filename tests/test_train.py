@@ -59,8 +59,8 @@ def _one_thread() -> Iterator[None]:
 def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("recipe: official\nbatch_size: 1024\nepochs: 7\nlr: 1.0e-3\n")
-    cfg = resolve_config(path, {"epochs": 3})
-    assert cfg.epochs == 3 and cfg.lr == 1e-3 and cfg.batch_size == 1024  # flag > yaml > recipe
+    cfg = resolve_config(path, {"epochs": 30})
+    assert cfg.epochs == 30 and cfg.lr == 1e-3 and cfg.batch_size == 1024  # flag > yaml > recipe
     assert cfg.ema == 0.9998 and cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.warmup_epochs == 20
     assert cfg.randaugment == "rand-m9-mstd0.5-inc1" and cfg.random_erasing == 0.25 and cfg.min_lr == 5e-6
 
@@ -96,6 +96,26 @@ def test_none_flags_turn_settings_off_and_model_overrides_merge(tmp_path: Path) 
 def test_official_recipe_scales_lr_with_batch() -> None:
     assert resolve_config(None, {"recipe": "official", "batch_size": 4096}).lr == pytest.approx(5e-3)
     assert resolve_config(None, {"recipe": "official", "batch_size": 512}).lr == pytest.approx(5e-3 / 8)
+
+
+def test_official_recipe_is_the_papers_imagenet_run() -> None:
+    """224 px, 310 epochs of warmup + cosine then 10 at min_lr, and no colour jitter on top of RandAugment (timm's
+    transform ignores the 0.4 while RandAugment is on)."""
+    cfg = resolve_config(None, {"recipe": "official", "data": "folder", "data_dir": "/data/imagenet"})
+    assert (cfg.img_size, cfg.epochs, cfg.cooldown_epochs, cfg.color_jitter) == (224, 310, 10, None)
+
+
+def test_cooldown_epochs_run_at_min_lr_after_the_schedule(tmp_path: Path, caplog) -> None:
+    """The run lasts epochs + cooldown_epochs; the cooldown's optimizer steps all use min_lr. A warmup longer than
+    the run is named in a warning."""
+    with caplog.at_level("WARNING", logger="gcvit.train.loop"):
+        result = train(_cfg(tmp_path, epochs=1, cooldown_epochs=1, warmup_epochs=0.5, ema=None, batch_size=256))
+    assert result.epochs_done == 2 and [row["epoch"] for row in result.history] == [1, 2]
+    assert result.history[1]["lr"] == pytest.approx(1e-5)  # min_lr
+    assert "exceeds epochs" not in caplog.text
+    with caplog.at_level("WARNING", logger="gcvit.train.loop"):
+        train(_cfg(tmp_path, epochs=1, warmup_epochs=3, ema=None, batch_size=256, out_dir=str(tmp_path / "w")))
+    assert "warmup_epochs (3) exceeds epochs (1)" in caplog.text
 
 
 def test_bad_config_values_are_named(tmp_path: Path) -> None:
@@ -151,6 +171,30 @@ def test_a_seed_of_any_allowed_size_trains(tmp_path: Path) -> None:
 
     images = SeededAugment([torch.rand(3)] * 4, seed=2**32 - 1)
     assert images[(5, 3)].shape == (3,)
+
+
+def test_ema_copies_integer_buffers_and_averages_the_rest_as_torch_does() -> None:
+    """torch's EMA function averages integer buffers in float and truncates (decay 0.9999 turned relative-position
+    index k into k - 1); ours copies them, and gives torch's values for every floating tensor."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from gcvit.train.loop import _ema_update
+
+    model = gcvit.create_model("gcvit_xxtiny", num_classes=3, img_size=32, **TINY)
+    ours = AveragedModel(model, multi_avg_fn=_ema_update(0.9999), use_buffers=True)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    a, b, now = ours.module.state_dict(), torchs.module.state_dict(), model.state_dict()
+    integers = [k for k in a if not a[k].is_floating_point()]
+    assert any("relative_position_index" in k for k in integers)
+    assert all(torch.equal(a[k], now[k]) for k in integers)
+    assert not all(torch.equal(b[k], now[k]) for k in integers)  # what torch's function does
+    assert all(torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
 
 def test_no_weight_decay_groups_and_layer_ids() -> None:

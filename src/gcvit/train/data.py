@@ -74,7 +74,12 @@ class TrainData:
 
 
 def build_datasets(
-    cfg: TrainConfig, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float, interpolation: str
+    cfg: TrainConfig,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    crop_pct: float,
+    interpolation: str,
+    crop_mode: str = "center",
 ) -> TrainData:
     """The train and val datasets of the config; raises DataError (before any training) when the data is unusable."""
     t_train = train_transform(
@@ -88,7 +93,7 @@ def build_datasets(
         color_jitter=cfg.color_jitter,
         random_erasing=cfg.random_erasing,
     )
-    t_val = eval_transform(cfg.img_size, mean, std, interpolation=interpolation, crop_pct=crop_pct)
+    t_val = eval_transform(cfg.img_size, mean, std, interpolation=interpolation, crop_pct=crop_pct, crop_mode=crop_mode)
     if cfg.data == "digits":
         train = DigitsDataset("train", cfg.img_size, cfg.val_fraction, cfg.seed, t_train)
         val = DigitsDataset("val", cfg.img_size, cfg.val_fraction, cfg.seed, t_val)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 import gcvit
 from gcvit.data import DataError, mixup_cutmix
@@ -129,7 +130,9 @@ def _build_model(cfg: TrainConfig, num_classes: int, architecture: dict[str, Any
     )
 
 
-def _model_meta(cfg: TrainConfig, model: nn.Module, classes: list[str], crop_pct: float) -> dict[str, Any]:
+def _model_meta(
+    cfg: TrainConfig, model: nn.Module, classes: list[str], crop_pct: float, crop_mode: str
+) -> dict[str, Any]:
     """config.json of every checkpoint: what `load_run` needs to rebuild the model and prepare its inputs."""
     pc = model.pretrained_cfg
     return {
@@ -142,7 +145,7 @@ def _model_meta(cfg: TrainConfig, model: nn.Module, classes: list[str], crop_pct
         "std": list(pc.std),
         "interpolation": pc.interpolation,
         "crop_pct": crop_pct,
-        "crop_mode": "center",
+        "crop_mode": crop_mode,
     }
 
 
@@ -162,12 +165,30 @@ def _wrap_ddp(model: nn.Module, info: D.DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
+def _ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """AveragedModel's update: floating tensors move to decay * ema + (1 - decay) * current, the others (integer
+    buffers such as the relative-position index, batch norm's step count) are copied. torch's own EMA function
+    averages those too, in float, and truncates: for decays like 0.9999 index k became k - 1."""
+
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        with torch.no_grad():
+            floats = [(e, c) for e, c in zip(ema, current) if e.is_floating_point()]
+            if floats:
+                torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - decay)
+            for e, c in zip(ema, current):
+                if not e.is_floating_point():
+                    e.copy_(c)
+
+    return update
+
+
 def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | None = None) -> _Run:
     """Data first (data errors surface before any model is built), then model, optimizer, schedule, EMA.
     `architecture`: a resumed run's model config (see `_model_overrides`)."""
     probe = probe_model(cfg, architecture).pretrained_cfg  # only its preprocessing settings are needed
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (probe.crop_pct if cfg.pretrained else 1.0)
-    data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation)
+    crop_mode = probe.crop_mode if cfg.crop_pct is None and cfg.pretrained else "center"  # 384/512 px: 'squash'
+    data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation, crop_mode)
     num_classes = cfg.num_classes or len(data.classes)
     if len(data.classes) < 2:
         raise DataError(f"expected at least 2 classes to tell apart; the data has {data.classes}")
@@ -196,7 +217,7 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
         cfg.warmup_lr,
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
     mixer = mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing)
     torch.manual_seed(cfg.seed + info.rank)  # drop path and mixing differ between ranks
     return _Run(
@@ -212,7 +233,7 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
         tl,
         vl,
         data.classes,
-        _model_meta(cfg, model, data.classes, crop_pct),
+        _model_meta(cfg, model, data.classes, crop_pct, crop_mode),
     )
 
 
@@ -456,7 +477,8 @@ def _progress_bar(run: _Run, enabled: bool) -> Any:
     from tqdm import tqdm
 
     steps = len(run.train_loader) // run.cfg.grad_accum * run.cfg.grad_accum
-    return tqdm(total=steps, desc=f"epoch {run.epoch + 1}/{run.cfg.epochs}", unit="it", leave=False, dynamic_ncols=True)
+    total = run.cfg.epochs + run.cfg.cooldown_epochs
+    return tqdm(total=steps, desc=f"epoch {run.epoch + 1}/{total}", unit="it", leave=False, dynamic_ncols=True)
 
 
 def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, progress: bool = False) -> TrainResult:
@@ -498,6 +520,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, pr
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)
     D.barrier(info)
+    if cfg.warmup_epochs > cfg.epochs and info.is_main:
+        logger.warning(
+            "warmup_epochs (%g) exceeds epochs (%d): the lr rises for the whole run and never reaches its peak nor "
+            "decays (--warmup-epochs sets a shorter warmup)",
+            cfg.warmup_epochs,
+            cfg.epochs,
+        )
     found = ckpt.find_checkpoint(run_dir) if resuming else None
     if resuming and found is None:
         _check_nothing_to_lose(run_dir)
@@ -510,7 +539,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, pr
     tb = TensorBoard(run_dir / "tb") if info.is_main else None
     start, first_epoch = time.perf_counter(), run.epoch
     try:
-        while run.epoch < cfg.epochs:
+        while run.epoch < cfg.epochs + cfg.cooldown_epochs:
             bar = _progress_bar(run, progress)
             t0 = time.perf_counter()
             train_loss = _train_epoch(run, run_dir, bar)
@@ -530,12 +559,13 @@ def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, pr
 def _log_epoch(row: dict[str, Any], run: _Run, start: float, first_epoch: int) -> None:
     if not run.info.is_main:
         return
-    eta = (time.perf_counter() - start) / max(1, run.epoch - first_epoch) * (run.cfg.epochs - run.epoch)
+    total = run.cfg.epochs + run.cfg.cooldown_epochs
+    eta = (time.perf_counter() - start) / max(1, run.epoch - first_epoch) * (total - run.epoch)
     ema = f" ema_top1 {row['ema_top1']:.2f}" if row["ema_top1"] is not None else ""
     logger.info(
         "epoch %d/%d  train_loss %.4f  val_loss %.4f  top1 %.2f  top5 %.2f%s  lr %.2e  %.1fs  eta %s",
         row["epoch"],
-        run.cfg.epochs,
+        total,
         row["train_loss"],
         row["val_loss"],
         row["val_top1"],
