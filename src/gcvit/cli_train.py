@@ -39,6 +39,9 @@ _HELP = {
     "layer_decay": "layer-wise lr decay factor, e.g. 0.75 ('none': off)",
     "batch_size": "global batch per optimizer step (split over processes and --grad-accum)",
     "time_limit": "seconds; stop with a checkpoint after the epoch that passes it",
+    "epochs": "length of the warmup + cosine schedule",
+    "cooldown_epochs": "epochs at --min-lr after the schedule (official recipe: 10)",
+    "warmup_epochs": "linear warmup from --warmup-lr to --lr",
     "strict_data": "unreadable images are an error instead of being skipped",
 }
 
