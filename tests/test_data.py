@@ -292,3 +292,45 @@ def test_build_loader_distributed_and_workers() -> None:
         build_loader(data, 32, train=True)
     loader = build_loader(data, 5, train=True, num_workers=2, seed=0)
     assert loader.persistent_workers and sorted(torch.cat([b for (b,) in loader]).tolist()) == list(range(20))
+
+
+def test_randaugment_is_timms() -> None:
+    """timm's rand-m9-mstd0.5-inc1: two ops drawn from 15 (Invert and SolarizeAdd in, no identity), each applied
+    with probability 0.5 at a magnitude drawn around 9 (std 0.5, clipped to 10); posterize keeps 1 bit at m = 9;
+    torch's generator drives it, so a seed repeats an image exactly."""
+    import statistics
+
+    from PIL import Image
+
+    from gcvit.data.randaugment import INCREASING_OPS, RandAugment, _Geometry
+
+    names = set(INCREASING_OPS)
+    assert len(names) == 15 and {"Invert", "SolarizeAdd", "PosterizeIncreasing"} <= names and "Identity" not in names
+    spec = parse_randaugment("rand-m9-mstd0.5-inc1")
+    ra = RandAugment(spec.magnitude, spec.num_ops, spec.magnitude_std, spec.increasing)
+    applied: list[int] = []
+    levels: list[float] = []
+
+    def record(img: Image.Image, level: float, geometry: object) -> Image.Image:
+        applied[-1] += 1
+        levels.append(level)
+        return img
+
+    real_ops, ra.ops = ra.ops, [("record", record)]
+    torch.manual_seed(0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    for _ in range(4000):
+        applied.append(0)
+        ra(image)
+    untouched = applied.count(0) / len(applied)
+    assert 0.22 < untouched < 0.28 and 0.47 < applied.count(1) / len(applied) < 0.53  # Binomial(2, 0.5)
+    assert abs(statistics.mean(levels) - 0.9) < 0.005 and abs(statistics.stdev(levels) - 0.05) < 0.005
+    assert max(levels) <= 1.0
+    posterized = np.asarray(INCREASING_OPS["PosterizeIncreasing"](image, 0.9, _Geometry((0, 0, 0), Image.BICUBIC)))
+    assert set(np.unique(posterized)) <= {0, 128}
+    ra.ops = real_ops
+    outputs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outputs.append(np.asarray(ra(image)))
+    assert np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[0], outputs[2])

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
+from gcvit.data.randaugment import RandAugment
+
 Size = int | tuple[int, int]
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 _CROP_MODES = ("center", "squash")
@@ -58,16 +60,13 @@ class RandAugmentSpec:
     """A parsed timm-style RandAugment string such as 'rand-m9-mstd0.5-inc1'."""
 
     magnitude: int  # m: 0..10, the fraction magnitude/10 of each op's largest strength
-    num_ops: int = 2  # n: ops applied per image
-    magnitude_std: float = 0.0  # mstd: parsed, not applied (torchvision's RandAugment has a fixed magnitude)
+    num_ops: int = 2  # n: ops drawn per image (each applied with probability 0.5)
+    magnitude_std: float = 0.0  # mstd: standard deviation of the magnitude, drawn per op
+    increasing: bool = False  # inc1: the ops whose strength grows with the magnitude
 
 
 def parse_randaugment(spec: str) -> RandAugmentSpec:
-    """Parse 'rand-m<int>[-n<int>][-mstd<float>][-inc<0|1>]'.
-
-    `mstd` (timm's per-image magnitude noise) is read and ignored: torchvision's RandAugment uses one magnitude.
-    `inc` is read and ignored: torchvision's posterize and solarize already grow stronger with the magnitude,
-    as timm's 'inc1' variants do.
+    """Parse 'rand-m<int>[-n<int>][-mstd<float>][-inc<0|1>]', timm's notation (`gcvit.data.randaugment`).
 
     Args:
         spec: the string, e.g. 'rand-m9-mstd0.5'.
@@ -90,7 +89,11 @@ def parse_randaugment(spec: str) -> RandAugmentSpec:
         raise ValueError(f"RandAugment magnitude must be an int in 0..10, got {values['m']!r} in {spec!r}")
     if not values.get("n", "2").isdigit():
         raise ValueError(f"RandAugment op count must be an int, got {values['n']!r} in {spec!r}")
-    return RandAugmentSpec(int(values["m"]), int(values.get("n", "2")), float(values.get("mstd", "0")))
+    if values.get("inc", "0") not in ("0", "1"):
+        raise ValueError(f"RandAugment inc must be 0 or 1, got {values['inc']!r} in {spec!r}")
+    return RandAugmentSpec(
+        int(values["m"]), int(values.get("n", "2")), float(values.get("mstd", "0")), values.get("inc") == "1"
+    )
 
 
 def train_transform(
@@ -129,9 +132,12 @@ def train_transform(
         steps.append(v2.RandomHorizontalFlip(p=hflip))
     if randaugment is not None:
         ra = parse_randaugment(randaugment)
-        fill = [round(255 * m) for m in mean]  # the mean colour, where ops uncover empty pixels
-        # 11 bins put the magnitude on timm's 0..10 scale: bin m is m/10 of each op's maximum.
-        steps.append(v2.RandAugment(ra.num_ops, ra.magnitude, num_magnitude_bins=11, interpolation=mode, fill=fill))
+        fill = [min(255, round(255 * m)) for m in mean]  # the mean colour, where ops uncover empty pixels
+        steps.append(
+            RandAugment(
+                ra.magnitude, ra.num_ops, ra.magnitude_std, ra.increasing, fill=fill, interpolation=interpolation
+            )
+        )
     if color_jitter is not None and color_jitter > 0:
         steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     steps += _to_normalized_tensor(mean, std)
