@@ -334,3 +334,23 @@ def test_randaugment_is_timms() -> None:
         torch.manual_seed(seed)
         outputs.append(np.asarray(ra(image)))
     assert np.array_equal(outputs[0], outputs[1]) and not np.array_equal(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("increasing", [True, False])
+def test_every_randaugment_op_runs_at_both_ends_of_its_range(increasing: bool) -> None:
+    """Level 0 and 1 (magnitude 0 and the clipped 10) for every op: posterize's 0 bits give black (Pillow 13
+    refuses 0 bits), nothing raises, size and mode stay."""
+    from PIL import Image
+
+    from gcvit.data.randaugment import INCREASING_OPS, ORIGINAL_OPS, _Geometry
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    geometry = _Geometry((124, 116, 104), Image.Resampling.BICUBIC)
+    for name, op in (INCREASING_OPS if increasing else ORIGINAL_OPS).items():
+        for level in (0.0, 1.0):
+            out = op(image, level, geometry)
+            assert out.size == image.size and out.mode == "RGB", (name, level)
+    black = (INCREASING_OPS["PosterizeIncreasing"] if increasing else ORIGINAL_OPS["Posterize"])(
+        image, 1.0 if increasing else 0.0, geometry
+    )
+    assert not np.asarray(black).any()

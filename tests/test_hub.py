@@ -70,7 +70,7 @@ def test_config_json_is_the_training_checkpoint_format(small, tmp_path: Path) ->
 
     small.save_pretrained(tmp_path / "run" / "best", classes=CLASSES)
     saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
-    trained = _model_meta(types.SimpleNamespace(model="gcvit_xxtiny", img_size=64), small, CLASSES, 1.0)
+    trained = _model_meta(types.SimpleNamespace(model="gcvit_xxtiny", img_size=64), small, CLASSES, 1.0, "center")
     assert saved.keys() == trained.keys() and saved["config"] == json.loads(json.dumps(trained["config"]))
     model, meta = load_run(tmp_path / "run" / "best")  # as `gcvit eval/predict` read it
     assert meta.classes == CLASSES and meta.img_size == (64, 64)
@@ -136,12 +136,55 @@ def test_save_pretrained_leaves_no_stale_ema_and_spares_training_checkpoints(sma
     small.save_pretrained(folder, classes=CLASSES)
     assert not (folder / "ema.safetensors").exists()
     assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(small))
-    save_checkpoint(small, folder / "ema.safetensors")
-    (folder / "state.pt").write_bytes(b"training state")
+    (folder / "state.pt").write_bytes(b"training state")  # a run trained without EMA has no ema.safetensors
     before = (folder / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="is a training checkpoint .*; save into another folder"):
         small.save_pretrained(folder)
+    save_checkpoint(small, folder / "ema.safetensors")
+    with pytest.raises(ValueError, match="is a training checkpoint .*; save into another folder"):
+        small.save_pretrained(folder)
     assert (folder / "model.safetensors").read_bytes() == before and (folder / "ema.safetensors").exists()
+
+
+def test_a_cached_folder_loads_offline_and_hosts_answering_403_work(small, http_root, cache, tmp_path) -> None:
+    """ema.safetensors is optional: a folder cached before (without the note of its absence) loads with the host
+    gone, and a host that answers 403 for missing files (S3, GCS) counts as 'no EMA weights'."""
+    import functools
+    import http.server
+    import threading
+
+    root, base = http_root
+    small.save_pretrained(root / "m", classes=CLASSES)
+    assert torch.equal(_logits(gcvit.from_pretrained(f"{base}/m")), _logits(small))
+    cached = next(cache.glob("hub/urls/*"))
+    (cached / "ema.safetensors.absent").unlink()  # as cached by an older version
+    shutil.rmtree(root / "m")
+    offline = base.rsplit(":", 1)[0] + ":9"  # nothing listens on port 9
+    (cache / "hub" / "urls" / cached.name).rename(cache / "hub" / "urls" / "kept")
+    import hashlib
+
+    digest = hashlib.sha256(f"{offline}/m".encode()).hexdigest()[:16]
+    (cache / "hub" / "urls" / "kept").rename(cache / "hub" / "urls" / digest)
+    assert torch.equal(_logits(gcvit.from_pretrained(f"{offline}/m")), _logits(small))
+
+    class Forbidden(http.server.SimpleHTTPRequestHandler):
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            super().send_error(403 if code == 404 else code, message, explain)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    small.save_pretrained(tmp_path / "s3" / "m", classes=CLASSES)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Forbidden, directory=str(tmp_path / "s3"))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/m"
+        assert torch.equal(_logits(gcvit.from_pretrained(url)), _logits(small))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_clear_errors(small, tmp_path: Path) -> None:

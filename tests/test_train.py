@@ -824,6 +824,26 @@ def test_resume_does_not_read_the_pretrained_source_again(tmp_path: Path) -> Non
     assert resumed.epochs_done == 2
 
 
+def test_an_optimizer_state_of_other_parameter_groups_is_named_on_resume(tmp_path: Path) -> None:
+    """Runs whose optimizer groups differ from this version's (Swin/ViT with --layer-decay before they got one lr
+    level per block) are refused with a reason and a way on, not torch's bare message."""
+    run = tmp_path / "run"
+    train(_cfg(tmp_path, epochs=1, ema=None, batch_size=256))
+    state = torch.load(run / "last" / "state.pt", weights_only=False)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:-1]
+    torch.save(state, run / "last" / "state.pt")
+    with pytest.raises(ValueError, match="optimizer state does not fit .* Start a new run from its weights"):
+        train(_cfg(tmp_path, epochs=2, ema=None, batch_size=256), resume=run)
+
+
+def test_a_resumed_run_keeps_what_its_saved_config_lacks_at_the_default() -> None:
+    """A run saved before cooldown_epochs existed resumes without the official recipe's 10 cooldown epochs."""
+    old = {k: v for k, v in TrainConfig(recipe="official", lr=1e-4, min_lr=0, warmup_lr=0).to_dict().items()}
+    del old["cooldown_epochs"]
+    assert resolve_config(None, {}, base=old).cooldown_epochs == 0
+    assert resolve_config(None, {"recipe": "official"}).cooldown_epochs == 10
+
+
 def test_unusable_class_counts_and_batches_fail_before_training(shapes: Path, tmp_path: Path) -> None:
     one = tmp_path / "one"
     (one / "circle").mkdir(parents=True)

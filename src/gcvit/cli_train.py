@@ -52,7 +52,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from gcvit.train import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
-        flag, help_ = "--" + f.name.replace("_", "-"), _HELP.get(f.name, f"(default: {f.default!r})")
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{_HELP[f.name]} (default: {f.default!r})" if f.name in _HELP else f"(default: {f.default!r})"
         kind = str(f.type)
         if kind == "bool":
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)

@@ -98,9 +98,9 @@ class HubMixin:
             got = len(values["classes"])
             raise ValueError(f"expected {self.num_classes} class names (the head's outputs); got {got}")
         folder = Path(save_directory)
-        if (folder / EMA_FILE).exists() and (folder / "state.pt").exists():
+        if (folder / "state.pt").exists():
             raise ValueError(
-                f"{folder} is a training checkpoint (its {EMA_FILE} and state.pt go with its {MODEL_FILE}); "
+                f"{folder} is a training checkpoint (its state.pt, and {EMA_FILE} if any, go with its {MODEL_FILE}); "
                 "save into another folder"
             )
         folder.mkdir(parents=True, exist_ok=True)
@@ -178,9 +178,13 @@ def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | 
     try:
         download(f"{base_url.rstrip('/')}/{EMA_FILE}", folder=cache)
     except OSError as e:
-        if ema or getattr(e.__cause__, "code", None) != 404:
+        if ema:
             raise
-        absent.touch()  # no EMA weights there (HTTP 404): model.safetensors is the folder's weights
+        code = getattr(e.__cause__, "code", None)
+        if code in (403, 404):  # not there (S3 and GCS answer 403): model.safetensors is the folder's weights
+            absent.touch()
+        else:  # offline, or the host failed: the folder still loads, with its model.safetensors
+            logger.warning("could not fetch %s/%s (%s); loading %s", base_url.rstrip("/"), EMA_FILE, e, MODEL_FILE)
     return cache
 
 

@@ -52,6 +52,9 @@ def _solarize_add(img: Image.Image, add: int, threshold: int = 128) -> Image.Ima
 
 
 def _posterize(img: Image.Image, bits: int) -> Image.Image:
+    """Keep the top `bits` bits of every channel; 0 bits leave black (Pillow 13 refuses 0, older ones gave black)."""
+    if bits <= 0:
+        return Image.new(img.mode, img.size)
     return img if bits >= 8 else ImageOps.posterize(img, bits)
 
 

@@ -62,8 +62,8 @@ class PreparedCache:
             state = [(t._version, t.data_ptr()) for t in tensors]
         except RuntimeError:  # an inference tensor (no version counter) or torch.func's (no address): keep nothing
             return make()
-        if _written_elsewhere(tensors):
-            return make()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return make()  # collectives (broadcast, all_reduce) write parameters without bumping their versions
         if _hook is None:  # registered on first use, so that importing gcvit changes nothing in torch
             _hook = register_optimizer_step_post_hook(_count_step)
         key = (tag, _optimizer_steps, state)
@@ -71,13 +71,8 @@ class PreparedCache:
         if entry is not None and entry[0] == key and all(kept is t for kept, t in zip(entry[1], tensors)):
             return entry[2]
         value = make()
-        self._entries[module] = (key, list(tensors), value)
+        # shared CPU memory is written by other processes, unseen: not kept (share_memory_() moves a tensor's
+        # storage, so a tensor kept before it was shared misses on its new address)
+        if not any(t.device.type == "cpu" and t.is_shared() for t in tensors):
+            self._entries[module] = (key, list(tensors), value)
         return value
-
-
-def _written_elsewhere(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the tensors may change without their version counters showing it: shared CPU memory (another
-    process), or any tensor while torch.distributed runs (in-place collectives)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return True
-    return any(t.device.type == "cpu" and t.is_shared() for t in tensors)

@@ -251,6 +251,9 @@ def resolve_config(
         The validated TrainConfig.
     """
     from_file = read_yaml(yaml_path) if yaml_path else {}
+    if base is not None:  # a saved run's config is whole: a field it lacks (newer than the run) had its default
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        base = defaults | dict(base)
     given = dict(overrides or {})
     _check_keys(given, "overrides")
     merged = {**(base or {}), **from_file, **given}

@@ -271,7 +271,7 @@ def _save(run: _Run, run_dir: Path, is_best: bool) -> None:
 
 
 # what a resumed run may change: how long it runs and where, not what it computes
-RESUME_MAY_CHANGE = ("epochs", "time_limit", "num_workers", "device", "out_dir", "strict_data")
+RESUME_MAY_CHANGE = ("epochs", "cooldown_epochs", "time_limit", "num_workers", "device", "out_dir", "strict_data")
 
 
 def _same_path(key: str, a: Any, b: Any) -> bool:
@@ -337,7 +337,13 @@ def _restore(run: _Run, folder: Path) -> None:
     state = ckpt.read_training_state(folder)
     _check_resumable(state.get("config", {}), run.cfg, folder, _describes(run.cfg, folder, len(run.classes)))
     run.model.load_state_dict(ckpt.read_weights(folder))
-    run.optimizer.load_state_dict(state["optimizer"])
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # e.g. Swin/ViT runs with --layer-decay from before they got one lr level per block
+        raise ValueError(
+            f"{folder}: its optimizer state does not fit this version's parameter groups ({e}); it cannot resume. "
+            f"Start a new run from its weights (--pretrained {folder / ckpt.MODEL_FILE})"
+        ) from None
     run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state["ema"] is not None:
