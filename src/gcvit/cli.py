@@ -14,8 +14,8 @@ import gcvit
 from gcvit.allocator import keep_freed_memory
 from gcvit.cli_compare import add_subcommands as add_compare_subcommands
 from gcvit.cli_export import add_subcommands as add_export_subcommands
+from gcvit.cli_train import DefaultsFormatter, parse_pretrained
 from gcvit.cli_train import add_subcommands as add_train_subcommands
-from gcvit.cli_train import parse_pretrained
 from gcvit.cli_visualize import add_subcommands as add_visualize_subcommands
 from gcvit.flops import count_macs, count_params
 from gcvit.models import FAMILIES, resolve_name
@@ -25,6 +25,8 @@ def _models(args: argparse.Namespace) -> None:
     rows = []
     order = {arch: i for i, arch in enumerate(a for f in FAMILIES.values() for a in f.variants)}
     names = gcvit.list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no model matches {args.pattern!r}; patterns are shell-style, e.g. '*tiny*'")
     for name in sorted(names, key=lambda n: (order[n.split(".")[0]], n)):
         spec = resolve_name(name)
         if "." not in name and spec.pretrained is not None and name + "." + str(spec.tag) in names:
@@ -81,7 +83,7 @@ def _demo(args: argparse.Namespace) -> None:
         feats = model.forward_intermediates(images)
     print("  feature pyramid at", tuple(images.shape[2:]), ":", ", ".join(str(tuple(f.shape[1:])) for f in feats))
     if not args.pretrained:
-        print("  (random weights: pass --pretrained for NVIDIA's ImageNet weights, which needs the network)")
+        print("  (random weights: pass --pretrained true for NVIDIA's ImageNet weights, which needs the network)")
 
 
 def _digits(args: argparse.Namespace) -> None:
@@ -94,6 +96,8 @@ def _digits(args: argparse.Namespace) -> None:
         raise ValueError(f"expected --count of at least 1; got {args.count}")
     data = DigitsDataset("val", img_size=args.img_size, val_fraction=args.val_fraction, seed=args.seed)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder for the PNG files")
     out.mkdir(parents=True, exist_ok=True)
     for i in range(min(args.count, len(data))):
         image, label = data[i]
@@ -134,13 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="table of variants: params, GFLOPs, resolution, windows, top-1")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'gcvit_large*'")
     p.set_defaults(func=_models)
-    p = sub.add_parser("demo", help="run two real photos through a model and show its outputs and feature maps")
+    p = sub.add_parser(
+        "demo",
+        help="run two real photos through a model and show its outputs and feature maps",
+        formatter_class=DefaultsFormatter,
+    )
     p.add_argument("--model", default="gcvit_xxtiny")
     p.add_argument(
-        "--pretrained", type=parse_pretrained, default=False, help="checkpoint path or URL ('true': official weights)"
+        "--pretrained",
+        type=parse_pretrained,
+        nargs="?",
+        const=True,
+        default=False,
+        help="'true' (or no value) for the official weights, or a checkpoint path or URL",
     )
     p.set_defaults(func=_demo)
-    p = sub.add_parser("digits", help="write held-out digits (the validation split) as PNG files")
+    p = sub.add_parser(
+        "digits", help="write held-out digits (the validation split) as PNG files", formatter_class=DefaultsFormatter
+    )
     p.add_argument("--out", default="runs/digits/held_out")
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--img-size", type=int, default=32)
@@ -151,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_visualize_subcommands(sub)
     add_export_subcommands(sub)
     add_compare_subcommands(sub)
-    p = sub.add_parser("bench", help="speed and memory side by side with timm's GC ViT (needs timm)")
+    p = sub.add_parser(
+        "bench", help="speed and memory side by side with timm's GC ViT (needs timm)", formatter_class=DefaultsFormatter
+    )
     p.add_argument("--models", nargs="*", default=["gcvit_tiny"], help="inference comparisons")
     p.add_argument("--train-models", nargs="*", default=["gcvit_xxtiny", "gcvit_tiny"], help="training steps")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
@@ -181,10 +198,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args.func(args)
+    except ImportError as e:  # an optional dependency (the extras of pyproject.toml)
+        print(f"gcvit: error: {_missing(e)}", file=sys.stderr)
+        return 2
+    except (FileExistsError, NotADirectoryError) as e:  # a file where a folder was to be made or read
+        print(f"gcvit: error: {e.filename} is a file; expected a folder there", file=sys.stderr)
+        return 2
     except (ValueError, OSError, gcvit.ChecksumError, NonFiniteLossError) as e:
         print(f"gcvit: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+_EXTRAS = {"onnx": "test", "onnxruntime": "test", "onnxscript": "test", "timm": "test", "skimage": "test"}
+
+
+def _missing(error: ImportError) -> str:
+    """What to install for a missing optional package: its extra of pyproject.toml."""
+    if "pip install" in str(error):  # the library already said what to install
+        return str(error)
+    name = (error.name or "").split(".")[0]
+    extra = _EXTRAS.get(name, "train")
+    return f"this command needs {name or 'a package'} ({error}); install it with: pip install -e '.[{extra}]'"
 
 
 if __name__ == "__main__":

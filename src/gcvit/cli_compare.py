@@ -11,7 +11,9 @@ def _compare(args: argparse.Namespace) -> None:
 
     from gcvit.compare import CompareConfig, markdown_table, run
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"expected --threads of at least 1; got {args.threads}")
         torch.set_num_threads(args.threads)
     cfg = CompareConfig(
         models=tuple(args.models),
@@ -38,8 +40,12 @@ def add_subcommands(subparsers: Any) -> None:
     from gcvit.compare import CompareConfig
 
     defaults = CompareConfig()
+    from gcvit.cli_train import DefaultsFormatter
+
     p = subparsers.add_parser(
-        "compare", help="train GC ViT, Swin and ViT with one recipe and time budget; table and chart of the results"
+        "compare",
+        help="train GC ViT, Swin and ViT with one recipe and time budget; table and chart of the results",
+        formatter_class=DefaultsFormatter,
     )
     p.add_argument("--models", nargs="+", default=list(defaults.models), help="names from `gcvit models`")
     p.add_argument("--data", default="digits", help="'digits' (bundled) or a folder of class folders")

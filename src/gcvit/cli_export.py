@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from gcvit.cli_train import parse_pretrained
+from gcvit.cli_train import DefaultsFormatter, parse_pretrained
 
 
 def load_for_export(
@@ -52,8 +52,12 @@ def _export(args: argparse.Namespace) -> None:
 
     for noisy in ("onnxscript", "onnx_ir"):  # their graph optimisers log every rewrite at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    net, config = load_for_export(args.model, args.pretrained, args.ema)
     out = Path(args.out) if args.out else _default_out(args.model, args.format)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; expected the file to write (e.g. {out / ('model.' + args.format)})")
+    if not args.atol > 0:
+        raise ValueError(f"expected --atol above 0; got {args.atol:g}")
+    net, config = load_for_export(args.model, args.pretrained, args.ema)
     size = args.img_size or config["img_size"]
     if len(size) > 2:
         raise ValueError(f"expected --img-size H or H W; got {size}")
@@ -80,7 +84,11 @@ def _export(args: argparse.Namespace) -> None:
 
 def add_subcommands(subparsers: Any) -> None:
     """Add `export` to the `gcvit` command's subparsers."""
-    p = subparsers.add_parser("export", help="export to ONNX or torch.export (.pt2), checked against PyTorch")
+    p = subparsers.add_parser(
+        "export",
+        help="export to ONNX or torch.export (.pt2), checked against PyTorch",
+        formatter_class=DefaultsFormatter,
+    )
     p.add_argument(
         "model",
         help="model name (gcvit_tiny, gcvit_tiny.in1k with --pretrained true), a folder from save_pretrained or "
@@ -91,8 +99,10 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument(
         "--pretrained",
         type=parse_pretrained,
+        nargs="?",
+        const=True,
         default=None,
-        help="with a model name: 'true' (official weights) or a checkpoint",
+        help="with a model name: 'true' (or no value) for the official weights, or a checkpoint",
     )
     p.add_argument(
         "--ema",

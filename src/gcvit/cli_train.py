@@ -7,6 +7,7 @@ the command line override the YAML file given with --config, which overrides the
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import sys
@@ -26,6 +27,26 @@ def _optional(parse: Any) -> Any:
 def parse_pretrained(text: str) -> str | bool:
     """--pretrained: 'true' (the official weights), 'false' or 'none' (random weights), else a path or URL."""
     return {"true": True, "false": False, "none": False}.get(text.lower(), text)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends with each option's default, unless the text speaks of its default already or there is none."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse prints no help line for an empty help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
 
 
 _PARSERS = {"int": int, "float": float, "str": str, "str | bool": parse_pretrained}
@@ -179,7 +200,11 @@ def add_subcommands(subparsers: Any) -> None:
     _add_config_flags(p)
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("eval", help="top-1/top-5, per-class accuracy and confusion matrix of a trained model")
+    p = subparsers.add_parser(
+        "eval",
+        help="top-1/top-5, per-class accuracy and confusion matrix of a trained model",
+        formatter_class=DefaultsFormatter,
+    )
     p.add_argument("checkpoint", help="run folder, checkpoint folder (best/, last/) or .safetensors with config.json")
     p.add_argument(
         "--data",
@@ -189,11 +214,13 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=None, help="where confusion.png goes (default: the run's plots folder)")
-    p.add_argument("--val-fraction", type=float, default=None, help="digits split (default: the run's, else 0.2)")
-    p.add_argument("--seed", type=int, default=None, help="digits split seed (default: the run's, else 0)")
+    p.add_argument(
+        "--val-fraction", type=float, default=None, help="validation split of digits or --data-dir (default: the run's)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of that split (default: the run's)")
     p.set_defaults(func=_eval)
 
-    p = subparsers.add_parser("predict", help="classify image files or folders")
+    p = subparsers.add_parser("predict", help="classify image files or folders", formatter_class=DefaultsFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--model", required=True, help="run folder, checkpoint, .safetensors, or a model name")
     p.add_argument("--topk", type=int, default=5)

@@ -7,15 +7,20 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from gcvit.cli_train import DefaultsFormatter, parse_pretrained
 
-def _load(model: str, pretrained: bool, device: str) -> tuple[Any, Any, str]:
+
+def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, str]:
     """(model, RunMeta, description) for a run folder / checkpoint, or a registered name (random weights unless
     `pretrained`)."""
     import torch
 
     import gcvit
+    from gcvit.models.registry import close_names
+    from gcvit.train.distributed import require_cuda
     from gcvit.train.evaluate import RunMeta, load_model
 
+    require_cuda(device)
     if Path(model).exists():
         if pretrained:
             raise ValueError(f"--pretrained applies to model names; {model} holds its own weights")
@@ -25,12 +30,14 @@ def _load(model: str, pretrained: bool, device: str) -> tuple[Any, Any, str]:
         net, meta = load_model(model, device)
         return net, meta, f"{model} (NVIDIA's ImageNet weights)"
     if model.split(".")[0] not in gcvit.list_models():
-        raise FileNotFoundError(f"{model!r} is neither a run folder, a checkpoint nor a model name (gcvit models)")
+        raise FileNotFoundError(
+            f"{model!r} is neither a run folder, a checkpoint nor a model name{close_names(model)} (gcvit models)"
+        )
     torch.manual_seed(0)
     net = gcvit.create_model(model)
     classes = [str(i) for i in range(net.pretrained_cfg.num_classes)]
     meta = RunMeta.from_model(model, net, classes, source="random weights")
-    return net.to(device).eval(), meta, f"{model} (random weights: pass --pretrained for trained ones)"
+    return net.to(device).eval(), meta, f"{model} (random weights: pass --pretrained true for trained ones)"
 
 
 def _read_image(path: str, meta: Any) -> Any:
@@ -39,6 +46,8 @@ def _read_image(path: str, meta: Any) -> Any:
 
     from gcvit.train.evaluate import preprocess
 
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; expected one image file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist; expected an image file")
     try:
@@ -108,10 +117,21 @@ def _visualize(args: argparse.Namespace) -> None:
 
 def add_subcommands(subparsers: Any) -> None:
     """Add `visualize` to the `gcvit` command's subparsers."""
-    p = subparsers.add_parser("visualize", help="PNGs of what a model looks at: global and local attention, Grad-CAM")
+    p = subparsers.add_parser(
+        "visualize",
+        help="PNGs of what a model looks at: global and local attention, Grad-CAM",
+        formatter_class=DefaultsFormatter,
+    )
     p.add_argument("image", help="an image file")
     p.add_argument("--model", default="gcvit_xxtiny", help="model name (random weights unless --pretrained) or run")
-    p.add_argument("--pretrained", action="store_true", help="NVIDIA's ImageNet weights for a model name")
+    p.add_argument(
+        "--pretrained",
+        type=parse_pretrained,
+        nargs="?",
+        const=True,
+        default=False,
+        help="with a model name: 'true' (or no value) for NVIDIA's ImageNet weights, or a checkpoint",
+    )
     p.add_argument("--out-dir", default="visualize", help="folder for the PNGs (default: ./visualize)")
     p.add_argument("--stage", type=int, default=0, help="stage of the local-attention window (default 0)")
     p.add_argument("--window", type=int, nargs=2, metavar=("ROW", "COL"), help="window of --stage (default: centre)")

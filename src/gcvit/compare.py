@@ -205,6 +205,8 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
     from gcvit.train.loop import probe_model
 
     # everything that can be wrong fails before hours of training
+    if not cfg.time_budget > 0:
+        raise ValueError(f"expected --time-budget above 0 minutes; got {cfg.time_budget:g}")
     for name in cfg.models:
         family_of(name)
         if holds_run(Path(cfg.out_dir, "runs", name)):

@@ -217,7 +217,11 @@ def resolve_pretrained(
             return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download, ema)
         except OSError as e:  # a mistyped local path looks like a repo id too
             raise OSError(f"{text!r} is no local folder, and as a hub repo id: {e}") from e
-    raise FileNotFoundError(f"{text!r} is neither an existing folder, an http(s):// URL nor a hub repo id 'user/name'")
+    from gcvit.models.registry import close_names
+
+    raise FileNotFoundError(
+        f"{text!r} is neither an existing folder, an http(s):// URL nor a hub repo id 'user/name'{close_names(text)}"
+    )
 
 
 def from_pretrained(

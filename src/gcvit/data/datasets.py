@@ -24,7 +24,7 @@ from gcvit.data.verify import BadImage, find_bad_images
 
 logger = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 SPLITS = ("train", "val", "all")
 Transform = Callable[[Image.Image], Any]
 _MAX_FALLBACKS = 10  # __getitem__ tries at most this many following samples when an image fails to decode

@@ -77,10 +77,14 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
 
 
-def _unknown(name: str) -> ValueError:
+def close_names(name: str) -> str:
+    """'; did you mean a, b?' for registered names close to `name`, or ''."""
     close = difflib.get_close_matches(name, list_models(), n=4, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown model {name!r}{hint} (gcvit.list_models() lists them all)")
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown model {name!r}{close_names(name)} (gcvit.list_models() lists them all)")
 
 
 def resolve_name(name: str) -> ModelSpec:

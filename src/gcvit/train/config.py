@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,7 @@ class TrainConfig:
             ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
             (
                 "device",
-                self.device is None or self.device == "cpu" or self.device.startswith("cuda"),
+                self.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                 "cpu or cuda[:N]",
             ),
         )
@@ -220,10 +221,14 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder; expected a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not text; expected a YAML file") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -25,9 +26,20 @@ class DistInfo:
         return self.rank == 0
 
 
+def parse_device(device: object) -> torch.device:
+    """`device` ('cpu', 'cuda', 'cuda:N' or a torch.device) as a torch.device; a ValueError naming what was expected
+    for anything else."""
+    if isinstance(device, torch.device):
+        return device
+    text = str(device)
+    if text != "cpu" and not re.fullmatch(r"cuda(:\d+)?", text):
+        raise ValueError(f"expected --device cpu, cuda or cuda:N; got {text!r}")
+    return torch.device(text)
+
+
 def require_cuda(device: object) -> None:
-    """Raise a ValueError naming `device` when it asks for CUDA on a machine without it."""
-    if torch.device(device or "cuda").type == "cuda" and not torch.cuda.is_available():
+    """Raise a ValueError naming `device` when it is no device name, or asks for CUDA on a machine without it."""
+    if parse_device(device or "cuda").type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: no CUDA device is available here (use --device cpu)")
 
 

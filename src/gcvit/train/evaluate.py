@@ -112,7 +112,11 @@ def load_model(
         return load_run(model, device=device)
     if str(model).split(".")[0] in gcvit.list_models():
         return _from_name(str(model), device)
-    raise FileNotFoundError(f"{model!r} is neither a run folder, a checkpoint nor a model name (gcvit.list_models())")
+    from gcvit.models.registry import close_names
+
+    raise FileNotFoundError(
+        f"{model!r} is neither a run folder, a checkpoint nor a model name{close_names(str(model))} (gcvit models)"
+    )
 
 
 def preprocess(meta: RunMeta) -> Any:

@@ -1,0 +1,60 @@
+"""Command-line mistakes end in one line naming what was expected (exit code 2), never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from gcvit.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "README.md", "--model", "gcvit_xxtiny", "--device", "gpu"], "expected --device cpu, cuda or"),
+        (["train", "--device", "cuda:x"], "device must be cpu or cuda[:N], got 'cuda:x'"),
+        (["models", "tiny"], "no model matches 'tiny'; patterns are shell-style, e.g. '*tiny*'"),
+        (["export", "gcvit_tinny"], "did you mean gcvit_tiny"),
+        (["predict", "x.png", "--model", "gcvit_tinny"], "did you mean gcvit_tiny"),
+        (["export", "gcvit_xxtiny", "--out", "{tmp}"], "is a folder; expected the file to write"),
+        (["export", "gcvit_xxtiny", "--atol", "-1"], "expected --atol above 0; got -1"),
+        (["compare", "--models", "gcvit_xxtiny", "--threads", "-1"], "expected --threads of at least 1; got -1"),
+        (["compare", "--models", "gcvit_xxtiny", "--time-budget", "-1", "--out-dir", "{tmp}/c"], "--time-budget"),
+        (["digits", "--out", "{tmp}/afile"], "is a file; expected a folder for the PNG files"),
+        (["eval", "{tmp}/run", "--out-dir", "{tmp}/afile"], "afile is a file; expected a folder there"),
+        (["train", "--config", "{tmp}"], "is a folder; expected a YAML file"),
+        (["train", "--config", "{tmp}/afile.png"], "is not text; expected a YAML file"),
+        (["visualize", "{tmp}", "--model", "gcvit_xxtiny"], "is a folder; expected one image file"),
+    ],
+)
+def test_mistakes_are_one_line_errors(argv: list[str], message: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "afile.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    if argv[0] == "eval":  # a run folder to evaluate
+        import gcvit
+
+        gcvit.create_model("gcvit_xxtiny", img_size=32, num_classes=10).save_pretrained(tmp_path / "run")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_optional_package_names_what_to_install(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the test extra were not installed
+    assert main(["export", "gcvit_xxtiny", "--img-size", "32", "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "this command needs onnx" in err and "pip install -e '.[test]'" in err
+
+
+def test_pretrained_means_the_same_in_every_command() -> None:
+    """`--pretrained` alone or `--pretrained true`: official weights; a path: that checkpoint."""
+    parser = build_parser()
+    for command in (["demo"], ["visualize", "x.png"], ["export", "gcvit_tiny"]):
+        assert parser.parse_args([*command, "--pretrained"]).pretrained is True
+        assert parser.parse_args([*command, "--pretrained", "true"]).pretrained is True
+        assert parser.parse_args([*command, "--pretrained", "w.pth"]).pretrained == "w.pth"
