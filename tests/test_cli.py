@@ -58,3 +58,17 @@ def test_pretrained_means_the_same_in_every_command() -> None:
         assert parser.parse_args([*command, "--pretrained"]).pretrained is True
         assert parser.parse_args([*command, "--pretrained", "true"]).pretrained is True
         assert parser.parse_args([*command, "--pretrained", "w.pth"]).pretrained == "w.pth"
+
+
+def test_visualize_loads_a_checkpoint_given_to_pretrained(tmp_path: Path) -> None:
+    """`gcvit visualize IMAGE --model NAME --pretrained CKPT` uses CKPT's weights (it loaded the official ones)."""
+    import torch
+
+    import gcvit
+    from gcvit.cli_visualize import _load
+
+    trained = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=3)
+    path = gcvit.save_checkpoint(trained, tmp_path / "w.safetensors")
+    net, meta, what = _load("gcvit_xxtiny", str(path), "cpu")
+    assert net.num_classes == 3 and str(path) in what
+    assert torch.equal(net.head.weight, trained.head.weight)

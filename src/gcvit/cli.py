@@ -14,7 +14,7 @@ import gcvit
 from gcvit.allocator import keep_freed_memory
 from gcvit.cli_compare import add_subcommands as add_compare_subcommands
 from gcvit.cli_export import add_subcommands as add_export_subcommands
-from gcvit.cli_train import DefaultsFormatter, parse_pretrained
+from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
 from gcvit.cli_train import add_subcommands as add_train_subcommands
 from gcvit.cli_visualize import add_subcommands as add_visualize_subcommands
 from gcvit.flops import count_macs, count_params
@@ -144,14 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsFormatter,
     )
     p.add_argument("--model", default="gcvit_xxtiny")
-    p.add_argument(
-        "--pretrained",
-        type=parse_pretrained,
-        nargs="?",
-        const=True,
-        default=False,
-        help="'true' (or no value) for the official weights, or a checkpoint path or URL",
-    )
+    add_pretrained_argument(p, False, "")
     p.set_defaults(func=_demo)
     p = sub.add_parser(
         "digits", help="write held-out digits (the validation split) as PNG files", formatter_class=DefaultsFormatter

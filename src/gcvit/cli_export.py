@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from gcvit.cli_train import DefaultsFormatter, parse_pretrained
+from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
 
 
 def load_for_export(
@@ -96,14 +96,7 @@ def add_subcommands(subparsers: Any) -> None:
     )
     p.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
     p.add_argument("--out", default=None, help="output file (default: ./<model>.<format>)")
-    p.add_argument(
-        "--pretrained",
-        type=parse_pretrained,
-        nargs="?",
-        const=True,
-        default=None,
-        help="with a model name: 'true' (or no value) for the official weights, or a checkpoint",
-    )
+    add_pretrained_argument(p, None, "with a model name: ")
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,

@@ -49,6 +49,19 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
 
 
+def add_pretrained_argument(p: argparse.ArgumentParser, default: bool | None, what: str) -> None:
+    """--pretrained as demo, export and visualize take it: no value or 'true' for the official weights, or a
+    checkpoint path or URL."""
+    p.add_argument(
+        "--pretrained",
+        type=parse_pretrained,
+        nargs="?",
+        const=True,
+        default=default,
+        help=f"{what}'true' (or no value) for NVIDIA's ImageNet weights, or a checkpoint path or URL",
+    )
+
+
 _PARSERS = {"int": int, "float": float, "str": str, "str | bool": parse_pretrained}
 _HELP = {
     "model": "model name (gcvit models lists them)",

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from gcvit.cli_train import DefaultsFormatter, parse_pretrained
+from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
 
 
 def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, str]:
@@ -26,7 +26,7 @@ def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, st
             raise ValueError(f"--pretrained applies to model names; {model} holds its own weights")
         net, meta = load_model(model, device)
         return net, meta, f"{meta.model} from {meta.source}"
-    if pretrained:
+    if pretrained is True:
         net, meta = load_model(model, device)
         return net, meta, f"{model} (NVIDIA's ImageNet weights)"
     if model.split(".")[0] not in gcvit.list_models():
@@ -34,10 +34,14 @@ def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, st
             f"{model!r} is neither a run folder, a checkpoint nor a model name{close_names(model)} (gcvit models)"
         )
     torch.manual_seed(0)
-    net = gcvit.create_model(model)
+    net = gcvit.create_model(model, pretrained=pretrained or False)  # a checkpoint path or URL, or random weights
     classes = [str(i) for i in range(net.pretrained_cfg.num_classes)]
-    meta = RunMeta.from_model(model, net, classes, source="random weights")
-    return net.to(device).eval(), meta, f"{model} (random weights: pass --pretrained true for trained ones)"
+    source = str(pretrained) if pretrained else "random weights"
+    meta = RunMeta.from_model(model, net, classes, source=source)
+    what = (
+        f"{model} from {pretrained}" if pretrained else f"{model} (random weights: pass --pretrained for trained ones)"
+    )
+    return net.to(device).eval(), meta, what
 
 
 def _read_image(path: str, meta: Any) -> Any:
@@ -124,14 +128,7 @@ def add_subcommands(subparsers: Any) -> None:
     )
     p.add_argument("image", help="an image file")
     p.add_argument("--model", default="gcvit_xxtiny", help="model name (random weights unless --pretrained) or run")
-    p.add_argument(
-        "--pretrained",
-        type=parse_pretrained,
-        nargs="?",
-        const=True,
-        default=False,
-        help="with a model name: 'true' (or no value) for NVIDIA's ImageNet weights, or a checkpoint",
-    )
+    add_pretrained_argument(p, False, "with a model name: ")
     p.add_argument("--out-dir", default="visualize", help="folder for the PNGs (default: ./visualize)")
     p.add_argument("--stage", type=int, default=0, help="stage of the local-attention window (default 0)")
     p.add_argument("--window", type=int, nargs=2, metavar=("ROW", "COL"), help="window of --stage (default: centre)")
