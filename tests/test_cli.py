@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["predict", "README.md", "--model", "gcvit_xxtiny", "--device", "gpu"], "expected --device cpu, cuda or"),
+        (["predict", str(REPO / "README.md"), "--model", "gcvit_xxtiny", "--device", "gpu"], "expected --device cpu"),
         (["train", "--device", "cuda:x"], "device must be cpu or cuda[:N], got 'cuda:x'"),
         (["models", "tiny"], "no model matches 'tiny'; patterns are shell-style, e.g. '*tiny*'"),
         (["export", "gcvit_tinny"], "did you mean gcvit_tiny"),
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
     ],
 )
 def test_mistakes_are_one_line_errors(argv: list[str], message: str, tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.chdir(REPO)
+    monkeypatch.chdir(tmp_path)  # where a command that should have refused would write
     (tmp_path / "afile").write_text("")
     (tmp_path / "afile.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
     if argv[0] == "eval":  # a run folder to evaluate
@@ -70,5 +70,5 @@ def test_visualize_loads_a_checkpoint_given_to_pretrained(tmp_path: Path) -> Non
     trained = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=3)
     path = gcvit.save_checkpoint(trained, tmp_path / "w.safetensors")
     net, meta, what = _load("gcvit_xxtiny", str(path), "cpu")
-    assert net.num_classes == 3 and str(path) in what
+    assert net.num_classes == 3 and str(path) in what and meta.source == str(path)
     assert torch.equal(net.head.weight, trained.head.weight)
