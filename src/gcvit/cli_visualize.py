@@ -16,9 +16,8 @@ def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, st
     import torch
 
     import gcvit
-    from gcvit.models.registry import close_names
     from gcvit.train.distributed import require_cuda
-    from gcvit.train.evaluate import RunMeta, load_model
+    from gcvit.train.evaluate import RunMeta, load_model, unknown_model
 
     require_cuda(device)
     if Path(model).exists():
@@ -30,9 +29,7 @@ def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, st
         net, meta = load_model(model, device)
         return net, meta, f"{model} (NVIDIA's ImageNet weights)"
     if model.split(".")[0] not in gcvit.list_models():
-        raise FileNotFoundError(
-            f"{model!r} is neither a run folder, a checkpoint nor a model name{close_names(model)} (gcvit models)"
-        )
+        raise unknown_model(model)
     torch.manual_seed(0)
     net = gcvit.create_model(model, pretrained=pretrained or False)  # a checkpoint path or URL, or random weights
     classes = [str(i) for i in range(net.pretrained_cfg.num_classes)]

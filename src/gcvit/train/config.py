@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gcvit.train.distributed import is_device_name
 
 RECIPES = ("default", "official")
 AMP_DTYPES = ("none", "bf16", "fp16")
@@ -125,7 +126,7 @@ class TrainConfig:
             ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
             (
                 "device",
-                self.device is None or re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+                self.device is None or is_device_name(self.device),
                 "cpu or cuda[:N]",
             ),
         )

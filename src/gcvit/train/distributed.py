@@ -26,13 +26,18 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_device_name(text: str) -> bool:
+    """Whether `text` names a device these commands run on: 'cpu', 'cuda' or 'cuda:N'."""
+    return re.fullmatch(r"cpu|cuda(:\d+)?", text) is not None
+
+
 def parse_device(device: object) -> torch.device:
     """`device` ('cpu', 'cuda', 'cuda:N' or a torch.device) as a torch.device; a ValueError naming what was expected
     for anything else."""
     if isinstance(device, torch.device):
         return device
     text = str(device)
-    if text != "cpu" and not re.fullmatch(r"cuda(:\d+)?", text):
+    if not is_device_name(text):
         raise ValueError(f"expected --device cpu, cuda or cuda:N; got {text!r}")
     return torch.device(text)
 

@@ -112,10 +112,15 @@ def load_model(
         return load_run(model, device=device)
     if str(model).split(".")[0] in gcvit.list_models():
         return _from_name(str(model), device)
+    raise unknown_model(str(model))
+
+
+def unknown_model(model: str) -> FileNotFoundError:
+    """The error for a model that is no path and no registered name, with the close names."""
     from gcvit.models.registry import close_names
 
-    raise FileNotFoundError(
-        f"{model!r} is neither a run folder, a checkpoint nor a model name{close_names(str(model))} (gcvit models)"
+    return FileNotFoundError(
+        f"{model!r} is neither a run folder, a checkpoint nor a model name{close_names(model)} (gcvit models)"
     )
 
 

@@ -112,11 +112,14 @@ def _saved_architecture(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in (saved.get("config") or {}).items() if k not in drop}
 
 
-def probe_model(cfg: TrainConfig, architecture: dict[str, Any] | None = None) -> nn.Module:
+def probe_model(
+    cfg: TrainConfig, architecture: dict[str, Any] | None = None, num_classes: int | None = None
+) -> nn.Module:
     """The model cfg describes, on the meta device (no memory, no weights read): its settings are checked and its
     preprocessing known before any data is read or any training starts."""
+    overrides = _model_overrides(cfg, architecture)
     with torch.device("meta"):
-        return gcvit.create_model(cfg.model, img_size=cfg.img_size, **_model_overrides(cfg, architecture))
+        return gcvit.create_model(cfg.model, num_classes=num_classes, img_size=cfg.img_size, **overrides)
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, architecture: dict[str, Any] | None) -> nn.Module:
@@ -279,11 +282,11 @@ def _same_path(key: str, a: Any, b: Any) -> bool:
     return key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, same_model: bool = False) -> None:
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, num_classes: int) -> None:
     """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
-    optimizer, schedule and weights restored from the checkpoint would silently keep the old values. `same_model`:
-    the model built now has the checkpoint's architecture, so `model_overrides` that spell it differently (the
-    digits model by default, or written out as in configs/digits.yaml) are no change."""
+    optimizer, schedule and weights restored from the checkpoint would silently keep the old values.
+    `model_overrides` that spell the checkpoint's architecture differently (the digits model by default, or written
+    out as in configs/digits.yaml) are no change."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))  # tuples read as lists
     changed = [
         f"{k} ({saved[k]!r} -> {now[k]!r})"
@@ -292,7 +295,7 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, same
         and k not in RESUME_MAY_CHANGE
         and saved[k] != now[k]
         and not _same_path(k, saved[k], now[k])
-        and not (k == "model_overrides" and same_model)
+        and not (k == "model_overrides" and _describes(cfg, folder, num_classes))
     ]
     if changed:
         raise ValueError(
@@ -323,10 +326,7 @@ def _check_nothing_to_lose(run_dir: Path) -> None:
 def _describes(cfg: TrainConfig, folder: Path, num_classes: int) -> bool:
     """Whether cfg's model settings build the architecture of the checkpoint in `folder`."""
     try:
-        with torch.device("meta"):
-            model = gcvit.create_model(
-                cfg.model, num_classes=num_classes, img_size=cfg.img_size, **_model_overrides(cfg)
-            )
+        model = probe_model(cfg, num_classes=num_classes)
     except (TypeError, ValueError, OSError):
         return False
     built = json.loads(json.dumps(dataclasses.asdict(model.cfg)))  # tuples read as lists
@@ -335,7 +335,7 @@ def _describes(cfg: TrainConfig, folder: Path, num_classes: int) -> bool:
 
 def _restore(run: _Run, folder: Path) -> None:
     state = ckpt.read_training_state(folder)
-    _check_resumable(state.get("config", {}), run.cfg, folder, _describes(run.cfg, folder, len(run.classes)))
+    _check_resumable(state.get("config", {}), run.cfg, folder, len(run.classes))
     run.model.load_state_dict(ckpt.read_weights(folder))
     try:
         run.optimizer.load_state_dict(state["optimizer"])
