@@ -144,6 +144,20 @@ def test_onednn_linear_equals_f_linear(gelu: bool) -> None:
         assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96)])
+def test_training_linear_weight_gradient_in_either_order(shape: tuple[int, int]) -> None:
+    """A narrowing layer over many tokens (fc2) computes its weight gradient as (x^T grad)^T: the same gradient as
+    F.linear's, laid out like the weight, as an optimizer's foreach kernels expect."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(*shape)
+    x = torch.randn(2, 1100, shape[0], requires_grad=True)  # 2200 tokens, above the switch at 2048
+    weights = torch.randn(2, 1100, shape[1])
+    plain = torch.autograd.grad((torch.nn.functional.linear(x, layer.weight, layer.bias) * weights).sum(), layer.weight)
+    (linear(x, layer) * weights).sum().backward()
+    assert layer.weight.grad.is_contiguous() and layer.weight.grad.shape == (shape[1], shape[0])
+    assert (layer.weight.grad - plain[0]).abs().max().item() < 1e-4
+
+
 def test_training_linear_supports_double_backward() -> None:
     """The oneDNN training route keeps F.linear's second derivatives (gradient penalties, Hessian-vector products)."""
     torch.manual_seed(0)

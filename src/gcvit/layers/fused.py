@@ -95,9 +95,22 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (tokens, out_features)
         grad_x = (grad_2d @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_w = _weight_grad(grad_2d, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         grad_b = grad_2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad^T @ x: grad (tokens, out), x (tokens, in) -> (out, in), contiguous.
+
+    A layer that narrows (out < in, as an MLP's fc2) over many tokens gets (x^T @ grad)^T instead: MKL runs that
+    product 1.14-1.24x faster on GC ViT's fc2 shapes, and the fc2's forward plus backward gets 2-8% faster
+    (gcvit_tiny's stages 0-2 at batch 16: 50176 tokens 192->64, 12544 384->128, 3136 768->256). Widening layers
+    run the other way round 1.13-1.27x slower. Below 2048 tokens the transposing copy (of weight size) costs more
+    than the product saves (stage 3: 784 tokens 1536->512, 4% slower)."""
+    if grad.shape[1] < x.shape[1] and grad.shape[0] >= 2048:
+        return (x.t() @ grad).t().contiguous()
+    return grad.t() @ x
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, act: nn.Module | None = None) -> torch.Tensor:
