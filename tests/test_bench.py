@@ -13,13 +13,16 @@ from gcvit.cli import main
 def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "--models", "gcvit_xxtiny", "--train-models", "gcvit_xxtiny", "--batches", "1"]
     argv += ["--train-batch", "2", "--repeats", "1", "--agreement-images", "16", "--device", "cpu"]
+    argv += ["--train-dtypes", "fp32", "bf16"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     diff = float(out.split("fp32 max abs difference to timm ")[1].split()[0])
     assert diff < 1e-4
     agreement = float(out.split("bf16 top-1 agreement with timm in bf16 ")[1].split("%")[0])
     assert agreement >= 75.0  # 16 images with random weights: a gross bf16 error would show as chance (0.1%)
+    assert re.search(r"^device cpu, torch \S+, timm \S+, threads \d+", out, re.M)
     rows = (r"infer fp32\s+b1\s", r"infer bf16\s+b1\s", r"train fp32\s+b2\s", r"train fp32 dp0.2\s+b2\s")
+    rows += (r"train bf16\s+b2\s", r"train bf16 dp0.2\s+b2\s")
     for row in rows:
         assert re.search(rf"gcvit_xxtiny {row}\s*ours img/s [\d.]+\s+timm img/s [\d.]+\s+ratio [\d.]+", out), row
     # every row ran timm's other settings beside its default one, and names the fastest it is set against
@@ -27,6 +30,7 @@ def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]
         "infer fp32": "timm|timm-cl",
         "infer bf16": "timm|timm-cl|timm-w|timm-cl-w",
         "train fp32": "timm|timm-cl",
+        "train bf16": "timm|timm-cl",
     }
     for row, allowed in settings.items():
         assert re.search(
@@ -35,8 +39,9 @@ def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]
     # timm's bf16 with its weights cast once gives exactly the logits of autocast casting them on every call
     assert float(out.split("weights cast once vs cast per call: max abs difference ")[1].split()[0]) == 0.0
     ceilings = [float(v) for v in re.findall(r"matmul GFLOP/s ([\d.]+)", out)]
-    assert len(ceilings) == 4 and min(ceilings) > 0  # each row timed its own matmul ceiling
-    assert "ckpt peak MiB" in re.search(r"train fp32\s+b2\s.*", out).group(0)
+    assert len(ceilings) == 6 and min(ceilings) > 0  # each row timed its own matmul ceiling
+    for dtype in ("fp32", "bf16"):
+        assert "ckpt peak MiB" in re.search(rf"train {dtype}\s+b2\s.*", out).group(0)
     assert "peak MiB" not in re.search(r"train fp32 dp0.2\s+b2\s.*", out).group(0)  # random draws: not measured
 
 
@@ -74,3 +79,26 @@ def test_cpu_peak_memory_counts_what_the_timed_path_allocates() -> None:
         peak = peak_memory(lambda: fused.linear(x, layer).sum().backward(), "cpu")
     assert calls and peak >= 512 * 256 * 4  # the output at least
     assert 8 * 2**20 <= peak_memory(lambda: torch.ones(2**21).sum(), "cpu") < 9 * 2**20  # 8 MiB, freed inside
+
+
+def test_gpu_runs_name_the_gpu_and_keep_fp32_rows_full_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the run logs the GPU and turns TF32 off for matmuls and cuDNN alike (PyTorch's defaults differ between
+    the two, which would favour the side with more convolutions), restoring both afterwards."""
+    from gcvit.bench import _full_fp32, matmul_size
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (monkeypatch cannot restore these)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    lines: list[str] = []
+    try:
+        with _full_fp32("cuda", lines.append):
+            inside = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert inside == (False, False) and after == (True, True)
+    assert lines and lines[0].startswith("GPU Test GPU, CUDA ") and "TF32 off" in lines[0]
+    with _full_fp32("cpu", lines.append):
+        assert torch.backends.cudnn.allow_tf32
+    assert len(lines) == 1
+    assert (matmul_size("cpu"), matmul_size("cuda")) == (2048, 8192)

@@ -39,6 +39,7 @@ class BenchConfig:
     # xxtiny and tiny), given to both sides; peak memory is measured in the deterministic rows (rate 0)
     train_drop_paths: tuple[str, ...] = ("0", "recipe")
     dtypes: tuple[str, ...] = ("fp32", "bf16")
+    train_dtypes: tuple[str, ...] = ("fp32",)  # the training step in fp32, or under bf16 autocast
     repeats: int = 7  # timed repeats per side; medians reported
     warmup: int = 2
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,8 +86,12 @@ def peak_memory(fn: Callable[[], object], device: str) -> int:
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_MATMUL_N = 2048  # the ceiling: an n x n matrix multiply
-_MATMUL_FLOPS = 2.0 * _MATMUL_N**3
+
+
+def matmul_size(device: str) -> int:
+    """n of the n x n matrix multiply that is the ceiling: 2048 on CPUs; 8192 on GPUs, where a 2048^3 product
+    takes about as long as the synchronisation around it (25 us in bf16 on an H200)."""
+    return 2048 if device == "cpu" else 8192
 
 
 def _sync(device: str) -> None:
@@ -114,9 +119,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
 
 
 def matmul_op(dtype: torch.dtype, device: str) -> Callable[[], object]:
-    """A `_MATMUL_N`^3 matrix multiply in `dtype`: the ceiling a row's GFLOP/s is set against."""
-    a = torch.randn(_MATMUL_N, _MATMUL_N, device=device, dtype=dtype)
-    b = torch.randn(_MATMUL_N, _MATMUL_N, device=device, dtype=dtype)
+    """A `matmul_size`^3 matrix multiply in `dtype`: the ceiling a row's GFLOP/s is set against."""
+    n = matmul_size(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     return lambda: a @ b
 
 
@@ -147,7 +153,7 @@ def _row(cfg: BenchConfig, what: str, batch: int, t: dict[str, float], flops: fl
     """t: median seconds of "ours", "matmul" (the `matmul_op` of the row's dtype) and timm's settings ("timm" as
     created, "timm-cl" channels-last, and in bf16 inference "timm-w"/"timm-cl-w" with weights cast once), all timed in
     the same rounds. The ratio is against timm's fastest setting, and a second one against timm as created."""
-    t_ours, peak = t["ours"], _MATMUL_FLOPS / t["matmul"]
+    t_ours, peak = t["ours"], 2.0 * matmul_size(cfg.device) ** 3 / t["matmul"]
     settings = {k: v for k, v in t.items() if k.startswith("timm")}
     fastest = min(settings, key=settings.__getitem__)
     t_theirs = settings[fastest]
@@ -259,8 +265,12 @@ def _inductor_freezing(on: bool) -> Iterator[None]:
         yield
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = nn.functional.cross_entropy(model(x), y)
+def _train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, dtype: str = "fp32"
+) -> None:
+    """Forward and loss (under autocast for "bf16"), backward, AdamW step."""
+    with _autocast(dtype, x.device.type):
+        loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -279,11 +289,14 @@ def drop_path_rate(name: str, setting: str) -> float:
     return rate
 
 
-def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None], drop_path: float = 0.0) -> None:
-    """Training step (forward, backward, AdamW) in fp32: throughput, and with no stochastic depth peak memory, with
-    and without gradient checkpointing on our side. timm runs as created (NCHW) and channels-last (its faster
-    setting on CPUs); the ratio is against the faster, and a second ratio against timm as created. With stochastic
-    depth both sides draw their own images to drop, so the row's medians average over draws."""
+def bench_train(
+    cfg: BenchConfig, name: str, log: Callable[[str], None], drop_path: float = 0.0, dtype: str = "fp32"
+) -> None:
+    """Training step (forward, backward, AdamW; in fp32, or the forward under bf16 autocast): throughput, and with no
+    stochastic depth peak memory, with and without gradient checkpointing on our side. timm runs as created (NCHW)
+    and channels-last (its faster setting on CPUs); the ratio is against the faster, and a second ratio against timm
+    as created. With stochastic depth both sides draw their own images to drop, so the row's medians average over
+    draws."""
     dev = cfg.device
     ours, theirs = model_pair(name, dev, drop_path)
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
@@ -297,20 +310,21 @@ def bench_train(cfg: BenchConfig, name: str, log: Callable[[str], None], drop_pa
     x_cl = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (cfg.train_batch,), device=dev)
     sides = {
-        "ours": lambda: _train_step(ours, opt_ours, x, y),
-        "timm": lambda: _train_step(theirs, opt_theirs, x, y),
-        "timm-cl": lambda: _train_step(theirs_cl, opt_theirs_cl, x_cl, y),
-        "matmul": matmul_op(torch.float32, dev),
+        "ours": lambda: _train_step(ours, opt_ours, x, y, dtype),
+        "timm": lambda: _train_step(theirs, opt_theirs, x, y, dtype),
+        "timm-cl": lambda: _train_step(theirs_cl, opt_theirs_cl, x_cl, y, dtype),
+        "matmul": matmul_op(_DTYPES[dtype], dev),
     }
     t = interleaved(sides, max(3, cfg.repeats // 2), 1, dev)
-    row = _row(cfg, f"{name} train fp32" + (f" dp{drop_path:g}" if drop_path else ""), cfg.train_batch, t, flops)
+    what = f"{name} train {dtype}" + (f" dp{drop_path:g}" if drop_path else "")
+    row = _row(cfg, what, cfg.train_batch, t, flops)
     if drop_path:
         log(_fmt(row))
         return
-    mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x, y), dev)
-    mem_theirs = peak_memory(lambda: _train_step(theirs, opt_theirs, x, y), dev)
+    mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x, y, dtype), dev)
+    mem_theirs = peak_memory(lambda: _train_step(theirs, opt_theirs, x, y, dtype), dev)
     ours.set_grad_checkpointing(True)
-    mem_ckpt = peak_memory(lambda: _train_step(ours, opt_ours, x, y), dev)
+    mem_ckpt = peak_memory(lambda: _train_step(ours, opt_ours, x, y, dtype), dev)
     mib = 2**20
     row.update({"ours peak MiB": mem_ours / mib, "timm peak MiB": mem_theirs / mib, "ckpt peak MiB": mem_ckpt / mib})
     log(_fmt(row))
@@ -336,7 +350,7 @@ def _check(cfg: BenchConfig) -> None:
         raise ValueError(f"expected warmup >= 0 and batches >= 1; got {cfg.warmup} and {list(cfg.infer_batches)}")
     if cfg.img_size != 224:
         raise ValueError(f"expected img_size 224, the only size timm's gcvit runs at; got {cfg.img_size}")
-    unknown = sorted(set(cfg.dtypes) - set(_DTYPES))
+    unknown = sorted(set(cfg.dtypes + cfg.train_dtypes) - set(_DTYPES))
     if unknown:
         raise ValueError(f"expected dtypes among {sorted(_DTYPES)}; got {unknown}")
 
@@ -344,14 +358,48 @@ def _check(cfg: BenchConfig) -> None:
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     """Run every measurement of `cfg`, logging a line each; returns the rows."""
     _check(cfg)
+    import timm
+
     torch.manual_seed(0)
     malloc = "freed memory kept (gcvit.allocator)" if freed_memory_kept() else "as the system set it"
-    log(f"device {cfg.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, malloc {malloc}")
-    log(f"% of matmul: against a {_MATMUL_N}^3 matrix multiply in the row's dtype, timed in the same rounds as the row")
+    log(
+        f"device {cfg.device}, torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}, "
+        f"malloc {malloc}"
+    )
+    if timm.__version__ != _TIMM_REFERENCE:
+        log(f"note: the reference is timm {_TIMM_REFERENCE}; other versions may run another GC ViT")
+    n = matmul_size(cfg.device)
+    log(f"% of matmul: against a {n}^3 matrix multiply in the row's dtype, timed in the same rounds as the row")
     rates = {name: [drop_path_rate(name, s) for s in cfg.train_drop_paths] for name in cfg.train_models}
-    for name in cfg.models:
-        bench_inference(cfg, name, log)
-    for name, name_rates in rates.items():
-        for rate in dict.fromkeys(name_rates):  # each rate once, in the order given
-            bench_train(cfg, name, log, rate)
+    with _full_fp32(cfg.device, log):
+        for name in cfg.models:
+            bench_inference(cfg, name, log)
+        for name, name_rates in rates.items():
+            for dtype in cfg.train_dtypes:
+                for rate in dict.fromkeys(name_rates):  # each rate once, in the order given
+                    bench_train(cfg, name, log, rate, dtype)
     return cfg.rows
+
+
+_TIMM_REFERENCE = "1.0.31"  # 1.0.29 and 1.0.30 mis-order the global query for batches above one
+
+
+@contextlib.contextmanager
+def _full_fp32(device: str, log: Callable[[str], None]) -> Iterator[None]:
+    """On CUDA, TF32 off for matmuls and cuDNN convolutions while active, so that fp32 rows (both sides and the
+    matmul ceiling) run in full fp32 alike: by default PyTorch lets cuDNN convolutions use TF32 but not matmuls,
+    which would favour whichever side does more of its work in convolutions. Logs the GPU and its software."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    index = torch.device(device).index
+    log(
+        f"GPU {torch.cuda.get_device_name(index)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+        "TF32 off for matmuls and convolutions (fp32 rows are full fp32 on both sides)"
+    )
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -117,6 +117,7 @@ def _bench(args: argparse.Namespace) -> None:
         img_size=args.img_size,
         repeats=args.repeats,
         dtypes=tuple(args.dtypes),
+        train_dtypes=tuple(args.train_dtypes),
         compile=args.compile,
         agreement_images=args.agreement_images,
     )
@@ -173,7 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stochastic depth of the training rows, a row each: a rate, or 'recipe' for the variant's own",
     )
     p.add_argument("--img-size", type=int, default=224, help="timm's GC ViT runs only at 224 with its default windows")
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="inference")
+    p.add_argument(
+        "--train-dtypes",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="training step in fp32 or under bf16 autocast, a row each",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="run our inference side through torch.compile (inductor)")
