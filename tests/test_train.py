@@ -256,7 +256,15 @@ def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
 def test_bad_data_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         train(_cfg(tmp_path, data="folder", data_dir=str(tmp_path / "missing")))
-    assert not (tmp_path / "run" / "last").exists()
+    assert not (tmp_path / "run").exists()  # no empty run folder left behind
+    out = tmp_path / "runs" / "a" / "b"  # nor the parents it made
+    with pytest.raises(DataError, match="does not exist"):
+        train(_cfg(tmp_path, data="folder", data_dir=str(tmp_path / "missing"), out_dir=str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays
+    with pytest.raises(DataError, match="does not exist"):
+        train(_cfg(tmp_path, data="folder", data_dir=str(tmp_path / "missing"), out_dir=str(tmp_path / "kept")))
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -522,10 +522,32 @@ def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, pr
             f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
             "or train into another --out-dir"
         )
+    created = _missing_folders(run_dir) if info.is_main else []
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)
     D.barrier(info)
+    try:
+        return _train_in(cfg, info, run_dir, resuming, progress)
+    except BaseException:
+        for folder in created:  # a run that failed before writing anything leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): it holds what the run wrote, and so do its parents
+                break
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders that `path.mkdir(parents=True)` would create, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, progress: bool) -> TrainResult:
     if cfg.warmup_epochs > cfg.epochs and info.is_main:
         logger.warning(
             "warmup_epochs (%g) exceeds epochs (%d): the lr rises for the whole run and never reaches its peak nor "
