@@ -280,6 +280,7 @@ def test_predict_with_a_model_name_prints_imagenet_names(xxtiny_official, http_r
 def test_reset_classifier_then_save_pretrained_loads_back(name: str, tmp_path: Path) -> None:
     model = gcvit.create_model(name, img_size=64 if name.startswith("gcvit") else 32).eval()
     model.reset_classifier(5)
+    assert model.pretrained_cfg.num_classes == 5
     model.save_pretrained(tmp_path / "five", classes=list("abcde"))
     loaded = gcvit.from_pretrained(tmp_path / "five").eval()
     x = torch.randn(1, 3, *model.cfg.img_size)

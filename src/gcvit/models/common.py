@@ -119,6 +119,8 @@ class PyramidClassifier(HubMixin, nn.Module):
         p = self.norm.weight
         self.num_classes = num_classes
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)  # what save_pretrained records
+        if getattr(self, "pretrained_cfg", None) is not None:  # set by create_model; visualize names classes by it
+            self.pretrained_cfg = dataclasses.replace(self.pretrained_cfg, num_classes=num_classes)
         self.head = (
             nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
         )
