@@ -158,11 +158,12 @@ def test_training_linear_weight_gradient_in_either_order(shape: tuple[int, int])
     assert (layer.weight.grad - plain[0]).abs().max().item() < 1e-4
 
 
-def test_training_linear_supports_double_backward() -> None:
+@pytest.mark.parametrize("tokens", [4, 2200])  # 2200: a narrowing layer's weight gradient in the other order
+def test_training_linear_supports_double_backward(tokens: int) -> None:
     """The oneDNN training route keeps F.linear's second derivatives (gradient penalties, Hessian-vector products)."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 8)
-    x = torch.randn(4, 16, requires_grad=True)
+    x = torch.randn(tokens, 16, requires_grad=True)
 
     def hvp(f: object) -> list[torch.Tensor]:
         (gx,) = torch.autograd.grad(f(x).pow(2).sum(), x, create_graph=True)

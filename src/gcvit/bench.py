@@ -397,6 +397,8 @@ def _full_fp32(device: str, log: Callable[[str], None]) -> Iterator[None]:
         f"GPU {torch.cuda.get_device_name(index)}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
         "TF32 off for matmuls and convolutions (fp32 rows are full fp32 on both sides)"
     )
+    if os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in ("", "0"):
+        log("warning: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set, so cuBLAS matmuls run in TF32 regardless")
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:

@@ -104,7 +104,7 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """grad^T @ x: grad (tokens, out), x (tokens, in) -> (out, in), contiguous.
 
     A layer that narrows (out < in, as an MLP's fc2) over many tokens gets (x^T @ grad)^T instead: MKL runs that
-    product 1.14-1.24x faster on GC ViT's fc2 shapes, and the fc2's forward plus backward gets 2-8% faster
+    product 1.14-1.26x faster on GC ViT's fc2 shapes, and the fc2's forward plus backward gets 2-8% faster
     (gcvit_tiny's stages 0-2 at batch 16: 50176 tokens 192->64, 12544 384->128, 3136 768->256). Widening layers
     run the other way round 1.13-1.27x slower. Below 2048 tokens the transposing copy (of weight size) costs more
     than the product saves (stage 3: 784 tokens 1536->512, 4% slower)."""

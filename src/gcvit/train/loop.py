@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -539,7 +540,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, pr
 
 
 def _missing_folders(path: Path) -> list[Path]:
-    """The folders that `path.mkdir(parents=True)` would create, deepest first."""
+    """The folders that `path.mkdir(parents=True)` would create, deepest first. The path is made absolute and
+    normalised first, so that a '..' in it never leads to an existing folder (mkdir may then create one more, which
+    stays)."""
+    path = Path(os.path.abspath(path))
     missing = []
     while not path.exists() and path != path.parent:
         missing.append(path)
