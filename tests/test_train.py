@@ -265,6 +265,9 @@ def test_bad_data_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         train(_cfg(tmp_path, data="folder", data_dir=str(tmp_path / "missing"), out_dir=str(tmp_path / "kept")))
     assert (tmp_path / "kept").is_dir()
+    with pytest.raises(DataError, match="does not exist"):  # nor one reached through a '..' after a new folder
+        train(_cfg(tmp_path, data="folder", data_dir=str(tmp_path / "missing"), out_dir=str(tmp_path / "new/../kept")))
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
