@@ -84,21 +84,21 @@ def test_cpu_peak_memory_counts_what_the_timed_path_allocates() -> None:
 def test_gpu_runs_name_the_gpu_and_keep_fp32_rows_full_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the run logs the GPU and turns TF32 off for matmuls and cuDNN alike (PyTorch's defaults differ between
     the two, which would favour the side with more convolutions), restoring both afterwards."""
-    from gcvit.bench import _full_fp32, matmul_size
+    from gcvit.bench import full_fp32, matmul_size
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (monkeypatch cannot restore these)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     lines: list[str] = []
     try:
-        with _full_fp32("cuda", lines.append):
+        with full_fp32("cuda", lines.append):
             inside = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert inside == (False, False) and after == (True, True)
     assert lines and lines[0].startswith("GPU Test GPU, CUDA ") and "TF32 off" in lines[0]
-    with _full_fp32("cpu", lines.append):
+    with full_fp32("cpu", lines.append):
         assert torch.backends.cudnn.allow_tf32
     assert len(lines) == 1
     assert (matmul_size("cpu"), matmul_size("cuda")) == (2048, 8192)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gcvit
+from gcvit.bench import full_fp32
 from gcvit.train import TrainConfig, train
 from tests.conftest import randomize_
 
@@ -22,12 +23,10 @@ DEVICE = "cuda"
 
 
 @pytest.fixture(autouse=True)
-def _full_fp32() -> Iterator[None]:
+def _no_tf32() -> Iterator[None]:
     """No TF32 anywhere, so that fp32 on the GPU is compared with fp32 on the CPU, not with 10-bit mantissas."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    with full_fp32(DEVICE, lambda line: None):
+        yield
 
 
 @pytest.mark.parametrize("size", [(224, 224), (200, 264)])  # the native size, and one that pads every stage

@@ -371,7 +371,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     n = matmul_size(cfg.device)
     log(f"% of matmul: against a {n}^3 matrix multiply in the row's dtype, timed in the same rounds as the row")
     rates = {name: [drop_path_rate(name, s) for s in cfg.train_drop_paths] for name in cfg.train_models}
-    with _full_fp32(cfg.device, log):
+    with full_fp32(cfg.device, log):
         for name in cfg.models:
             bench_inference(cfg, name, log)
         for name, name_rates in rates.items():
@@ -385,7 +385,7 @@ _TIMM_REFERENCE = "1.0.31"  # 1.0.29 and 1.0.30 mis-order the global query for b
 
 
 @contextlib.contextmanager
-def _full_fp32(device: str, log: Callable[[str], None]) -> Iterator[None]:
+def full_fp32(device: str, log: Callable[[str], None]) -> Iterator[None]:
     """On CUDA, TF32 off for matmuls and cuDNN convolutions while active, so that fp32 rows (both sides and the
     matmul ceiling) run in full fp32 alike: by default PyTorch lets cuDNN convolutions use TF32 but not matmuls,
     which would favour whichever side does more of its work in convolutions. Logs the GPU and its software."""

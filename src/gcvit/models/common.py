@@ -60,6 +60,18 @@ def check_config(cfg: object, counts: tuple[str, ...] = (), per_stage: tuple[str
     check("mlp_ratio", cfg.mlp_ratio > 0, "positive")
 
 
+def replace_head(model: nn.Module, num_classes: int, like: torch.Tensor) -> None:
+    """A fresh Linear(model.num_features, num_classes) head on `like`'s device and dtype (nn.Identity for 0), with the
+    class count recorded where save_pretrained (`cfg`) and visualize (`pretrained_cfg`, set by create_model) read it."""
+    model.num_classes = num_classes
+    model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
+    if getattr(model, "pretrained_cfg", None) is not None:
+        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, num_classes=num_classes)
+    n = model.num_features
+    model.head = nn.Linear(n, num_classes, device=like.device, dtype=like.dtype) if num_classes else nn.Identity()
+    model.head.apply(init_weights)
+
+
 def init_weights(module: nn.Module) -> None:
     """Linear weights truncated normal (std 0.02) with zero bias; LayerNorm and BatchNorm 1 and 0 (official GC ViT,
     Swin and timm ViT initialisation)."""
@@ -116,15 +128,7 @@ class PyramidClassifier(HubMixin, nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh Linear(8C, num_classes); 0 removes it."""
-        p = self.norm.weight
-        self.num_classes = num_classes
-        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)  # what save_pretrained records
-        if getattr(self, "pretrained_cfg", None) is not None:  # set by create_model; visualize names classes by it
-            self.pretrained_cfg = dataclasses.replace(self.pretrained_cfg, num_classes=num_classes)
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
-        )
-        self.head.apply(init_weights)
+        replace_head(self, num_classes, like=self.norm.weight)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that should get no weight decay beyond norms and biases: the bias tables."""

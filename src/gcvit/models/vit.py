@@ -18,7 +18,6 @@ resized bicubically to the patch grid (sides must be multiples of the patch size
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gcvit.hub import HubMixin
 from gcvit.layers import DropPath, GlobalAttention, Mlp
-from gcvit.models.common import check_config, check_images, init_weights
+from gcvit.models.common import check_config, check_images, init_weights, replace_head
 
 NORM_LAYERS = ("ln", "bn")
 
@@ -229,15 +228,7 @@ class VisionTransformer(HubMixin, nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh Linear(C, num_classes); 0 removes it."""
-        p = self.cls_token
-        self.num_classes = num_classes
-        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)  # what save_pretrained records
-        if getattr(self, "pretrained_cfg", None) is not None:  # set by create_model; visualize names classes by it
-            self.pretrained_cfg = dataclasses.replace(self.pretrained_cfg, num_classes=num_classes)
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype) if num_classes else nn.Identity()
-        )
-        self.head.apply(init_weights)
+        replace_head(self, num_classes, like=self.cls_token)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass, trading compute for memory."""
