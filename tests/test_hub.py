@@ -312,3 +312,18 @@ def test_saved_files_are_readable_by_others(tmp_path: Path) -> None:
         os.umask(mask)
     for path in (tmp_path / "m.safetensors", *(tmp_path / "saved").iterdir()):
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_predict_checks_its_inputs_before_downloading_weights(http_root, cache, monkeypatch, tmp_path):
+    """A mistyped image path fails at once, not after fetching the model's weights (hundreds of MB for large ones)."""
+    from gcvit.train.evaluate import predict
+
+    _, base = http_root
+    tag = PRETRAINED["gcvit_xxtiny"]["in1k"]
+    monkeypatch.setitem(
+        PRETRAINED["gcvit_xxtiny"], "in1k", dataclasses.replace(tag, url=f"{base}/gcvit_1k_xxtiny.pth.tar")
+    )
+    missing = tmp_path / "no-such-photo.png"
+    with pytest.raises(FileNotFoundError, match="no-such-photo.png does not exist; expected image files or folders"):
+        predict([missing], "gcvit_xxtiny")
+    assert not cache.exists() or not any(cache.rglob("*.pth.tar*"))

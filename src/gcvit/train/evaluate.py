@@ -275,9 +275,9 @@ def predict(
     """
     if topk < 1:
         raise ValueError(f"expected topk of at least 1; got {topk}")
+    files = _image_files(inputs)  # a mistyped path fails before any weights are downloaded
     net, meta = load_model(model, device, meta)
     transform = preprocess(meta)
-    files = _image_files(inputs)
     k = min(topk, len(meta.classes))
     results = []
     for start in range(0, len(files), batch_size):
