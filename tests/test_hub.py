@@ -327,3 +327,17 @@ def test_predict_checks_its_inputs_before_downloading_weights(http_root, cache, 
     with pytest.raises(FileNotFoundError, match="no-such-photo.png does not exist; expected image files or folders"):
         predict([missing], "gcvit_xxtiny")
     assert not cache.exists() or not any(cache.rglob("*.pth.tar*"))
+
+
+def test_visualize_checks_its_image_before_downloading_weights(http_root, cache, monkeypatch, tmp_path, capsys):
+    from gcvit.cli import main
+
+    _, base = http_root
+    tag = PRETRAINED["gcvit_xxtiny"]["in1k"]
+    monkeypatch.setitem(
+        PRETRAINED["gcvit_xxtiny"], "in1k", dataclasses.replace(tag, url=f"{base}/gcvit_1k_xxtiny.pth.tar")
+    )
+    missing = tmp_path / "no-such-photo.png"
+    assert main(["visualize", str(missing), "--model", "gcvit_xxtiny", "--pretrained", "--out-dir", str(tmp_path)]) == 2
+    assert f"gcvit: error: {missing} does not exist; expected an image file" in capsys.readouterr().err
+    assert not cache.exists() or not any(cache.rglob("*.pth.tar*"))

@@ -47,15 +47,19 @@ def _read_image(path: str, meta: Any) -> Any:
 
     from gcvit.train.evaluate import preprocess
 
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is a folder; expected one image file")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected an image file")
+    _check_image_path(path)
     try:
         with Image.open(path) as im:
             return preprocess(meta)(im.convert("RGB"))[None]
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image ({e})") from e
+
+
+def _check_image_path(path: str) -> None:
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; expected one image file")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; expected an image file")
 
 
 def _class_index(text: str | None, classes: list[str]) -> int | None:
@@ -79,6 +83,7 @@ def _cam_stage(maps: Any) -> int:
 def _visualize(args: argparse.Namespace) -> None:
     from gcvit import visualize as viz
 
+    _check_image_path(args.image)  # a mistyped path fails before any weights are downloaded
     net, meta, what = _load(args.model, args.pretrained, args.device)
     viz.require_gcvit(net)
     if args.img_size:
