@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
         (["train", "--device", "cuda:x"], "device must be cpu or cuda[:N], got 'cuda:x'"),
         (["models", "tiny"], "no model matches 'tiny'; patterns are shell-style, e.g. '*tiny*'"),
         (["export", "gcvit_tinny"], "did you mean gcvit_tiny"),
-        (["predict", "x.png", "--model", "gcvit_tinny"], "did you mean gcvit_tiny"),
+        (["predict", "afile.png", "--model", "gcvit_tinny"], "did you mean gcvit_tiny"),
         (["export", "gcvit_xxtiny", "--out", "{tmp}"], "is a folder; expected the file to write"),
         (["export", "gcvit_xxtiny", "--atol", "-1"], "expected --atol above 0; got -1"),
         (["compare", "--models", "gcvit_xxtiny", "--threads", "-1"], "expected --threads of at least 1; got -1"),
