@@ -37,11 +37,10 @@ def _compare(args: argparse.Namespace) -> None:
 
 def add_subcommands(subparsers: Any) -> None:
     """Add `compare` to the `gcvit` command's subparsers."""
+    from gcvit.cli_train import DefaultsFormatter
     from gcvit.compare import CompareConfig
 
     defaults = CompareConfig()
-    from gcvit.cli_train import DefaultsFormatter
-
     p = subparsers.add_parser(
         "compare",
         help="train GC ViT, Swin and ViT with one recipe and time budget; table and chart of the results",

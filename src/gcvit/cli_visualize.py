@@ -42,12 +42,11 @@ def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, st
 
 
 def _read_image(path: str, meta: Any) -> Any:
-    """The image as the model's preprocessing makes it: (1, 3, H, W)."""
+    """The image (an existing file: `_check_image_path`) as the model's preprocessing makes it: (1, 3, H, W)."""
     from PIL import Image, UnidentifiedImageError
 
     from gcvit.train.evaluate import preprocess
 
-    _check_image_path(path)
     try:
         with Image.open(path) as im:
             return preprocess(meta)(im.convert("RGB"))[None]
