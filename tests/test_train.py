@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import itertools
@@ -212,6 +213,40 @@ def test_no_weight_decay_groups_and_layer_ids() -> None:
     assert layer_id("head.weight", n, blocks_before) == 5
     scales = {g["lr_scale"] for g in groups}
     assert max(scales) == 1.0 and min(scales) == pytest.approx(0.5**5)
+
+
+def test_optimizer_is_fused_adamw_with_the_per_tensor_updates() -> None:
+    """build_optimizer takes PyTorch's fused AdamW on the CPU; five steps over the layer-decay groups (decay and no
+    decay, scaled lrs) land where the per-tensor loop lands."""
+    torch.manual_seed(0)
+    model = gcvit.create_model(
+        "gcvit_xxtiny", depths=(1, 1, 2, 1), embed_dim=16, num_heads=(1, 2, 2, 4), img_size=32, drop_path_rate=0.0
+    )
+    reference = copy.deepcopy(model)
+    start = model.patch_embed.proj.weight.detach().clone()
+    opt = build_optimizer(model, 1e-2, 0.05, 0.75)
+    twin = dict(zip(model.parameters(), reference.parameters()))
+    groups = [
+        {**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": [twin[p] for p in g["params"]]}
+        for g in opt.param_groups
+    ]  # the same groups, each taking the constructor's per-tensor loop
+    ref_opt = torch.optim.AdamW(groups, fused=False, foreach=False)
+    assert (
+        opt.defaults["fused"]
+        and len({g["lr"] for g in groups}) > 2
+        and {g["weight_decay"] for g in groups} == {0, 0.05}
+    )
+    for _ in range(5):  # both take the model's gradients: Adam turns rounding noise in near-zero gradients into
+        # lr-sized steps (the key bias gets none mathematically), so each side's own backward would part them
+        opt.zero_grad()
+        model(torch.randn(4, 3, 32, 32)).square().mean().backward()
+        for p, q in twin.items():
+            q.grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    assert (model.patch_embed.proj.weight - start).abs().max() > 1e-3  # the steps moved the weights
 
 
 def test_warmup_then_cosine_per_step() -> None:
