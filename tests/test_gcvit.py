@@ -412,6 +412,22 @@ def test_vmap_over_image_batches_equals_a_loop(name: str) -> None:
         ("gcvit_xxtiny", {"window_size": 7}, r"GCViTConfig.window_size must be a tuple of positive integers; got 7"),
         ("gcvit_xxtiny", {"window_size": (0, 7, 14, 7)}, r"window_size must be a tuple of positive integers"),
         ("gcvit_xxtiny", {"in_chans": 0}, r"GCViTConfig.in_chans must be a positive integer; got 0"),
+        (
+            "gcvit_xxtiny",
+            {"depths": (1, 1)},
+            r"GCViTConfig.num_heads needs one value per stage: depths=\(1, 1\) makes 2 stages; got \(2, 4, 8, 16\)",
+        ),
+        (
+            "gcvit_xxtiny",
+            {"global_query_pools": (1, 2)},
+            r"global_query_pools needs one value per stage: depths=\(2, 2, 6, 2\) makes 4 stages; got \(1, 2\)",
+        ),
+        ("gcvit_xxtiny", {"global_query_pools": (0, -1, 0, 0)}, r"global_query_pools must be None or a tuple of int"),
+        (
+            "swin_tiny",
+            {"window_size": (7, 7)},
+            r"SwinConfig.window_size needs one value per stage: depths=\(2, 2, 6, 2\)",
+        ),
         ("gcvit_xxtiny", {"drop_path_rate": -0.1}, r"GCViTConfig.drop_path_rate must be in \[0, 1\); got -0.1"),
         ("gcvit_xxtiny", {"img_size": 64.0}, r"expected img_size as an int or \(H, W\) of at least 32 px; got 64.0"),
         ("swin_tiny", {"mlp_ratio": 0}, r"SwinConfig.mlp_ratio must be positive; got 0"),

@@ -33,13 +33,16 @@ def stem_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv(x)  # (B, C, H', W')
 
 
-def check_config(cfg: object, counts: tuple[str, ...] = (), per_stage: tuple[str, ...] = ()) -> None:
+def check_config(
+    cfg: object, counts: tuple[str, ...] = (), per_stage: tuple[str, ...] = (), optional_per_stage: tuple[str, ...] = ()
+) -> None:
     """Raise a ValueError naming the first field of a model config outside its range: `counts` and embed_dim,
-    in_chans must be positive integers, `per_stage` fields tuples of them (one per stage), num_classes >= 0, img_size
-    (H, W), dropout and drop path rates in [0, 1), mlp_ratio > 0."""
+    in_chans must be positive integers; `per_stage` fields tuples of them, one value per stage (the first of them,
+    depths, sets the stage count); `optional_per_stage` fields None or one integer >= 0 per stage; num_classes >= 0,
+    img_size (H, W), dropout and drop path rates in [0, 1), mlp_ratio > 0."""
 
-    def is_count(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    def is_count(v: object, least: int = 1) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
     def check(field: str, ok: bool, expected: str) -> None:
         if not ok:
@@ -47,9 +50,18 @@ def check_config(cfg: object, counts: tuple[str, ...] = (), per_stage: tuple[str
 
     for field in ("embed_dim", "in_chans", *counts):
         check(field, is_count(getattr(cfg, field)), "a positive integer")
-    for field in per_stage:
+    for field in per_stage + tuple(f for f in optional_per_stage if getattr(cfg, f) is not None):
         v = getattr(cfg, field)
-        check(field, isinstance(v, tuple) and len(v) > 0 and all(map(is_count, v)), "a tuple of positive integers")
+        if field in per_stage:
+            check(field, isinstance(v, tuple) and len(v) > 0 and all(map(is_count, v)), "a tuple of positive integers")
+        else:
+            check(field, isinstance(v, tuple) and all(is_count(i, 0) for i in v), "None or a tuple of integers >= 0")
+        stages = getattr(cfg, per_stage[0])
+        if len(v) != len(stages):
+            raise ValueError(
+                f"{type(cfg).__name__}.{field} needs one value per stage: {per_stage[0]}={stages} makes {len(stages)} "
+                f"stages; got {v!r}"
+            )
     n = cfg.num_classes
     check("num_classes", isinstance(n, int) and not isinstance(n, bool) and n >= 0, "an integer >= 0")
     size = cfg.img_size

@@ -57,13 +57,7 @@ class GCViTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        check_config(self, per_stage=("depths", "num_heads", "window_size"))
-        n = len(self.depths)
-        for field in ("num_heads", "window_size"):
-            if len(getattr(self, field)) != n:
-                raise ValueError(f"{field} needs one value per stage ({n}); got {getattr(self, field)}")
-        if self.global_query_pools is not None and len(self.global_query_pools) != n:
-            raise ValueError(f"global_query_pools needs one value per stage ({n}); got {self.global_query_pools}")
+        check_config(self, per_stage=("depths", "num_heads", "window_size"), optional_per_stage=("global_query_pools",))
 
     @property
     def pools(self) -> tuple[int, ...]:

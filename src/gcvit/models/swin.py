@@ -49,10 +49,6 @@ class SwinConfig:
 
     def __post_init__(self) -> None:
         check_config(self, counts=("patch_size",), per_stage=("depths", "num_heads", "window_size"))
-        n = len(self.depths)
-        for field in ("num_heads", "window_size"):
-            if len(getattr(self, field)) != n:
-                raise ValueError(f"{field} needs one value per stage ({n}); got {getattr(self, field)}")
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
