@@ -292,18 +292,18 @@ def drop_path_rate(name: str, setting: str) -> float:
 def bench_train(
     cfg: BenchConfig, name: str, log: Callable[[str], None], drop_path: float = 0.0, dtype: str = "fp32"
 ) -> None:
-    """Training step (forward, backward, AdamW; in fp32, or the forward under bf16 autocast): throughput, and with no
-    stochastic depth peak memory, with and without gradient checkpointing on our side. timm runs as created (NCHW)
-    and channels-last (its faster setting on CPUs); the ratio is against the faster, and a second ratio against timm
-    as created. With stochastic depth both sides draw their own images to drop, so the row's medians average over
-    draws."""
+    """Training step (forward, backward, fused AdamW; in fp32, or the forward under bf16 autocast): throughput, and
+    with no stochastic depth peak memory, with and without gradient checkpointing on our side. timm runs as created
+    (NCHW) and channels-last (its faster setting on CPUs); the ratio is against the faster, and a second ratio against
+    timm as created. With stochastic depth both sides draw their own images to drop, so the row's medians average
+    over draws."""
     dev = cfg.device
     ours, theirs = model_pair(name, dev, drop_path)
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
     for model in (ours, theirs, theirs_cl):
         model.train()
-    opt_ours, opt_theirs, opt_theirs_cl = (
-        torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (ours, theirs, theirs_cl)
+    opt_ours, opt_theirs, opt_theirs_cl = (  # fused, as `gcvit train` runs it; a timm user can pass fused=True too
+        torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True) for m in (ours, theirs, theirs_cl)
     )
     flops = 3 * 2 * count_macs(ours, (cfg.img_size, cfg.img_size))  # backward ~ 2x forward
     x = torch.randn(cfg.train_batch, 3, cfg.img_size, cfg.img_size, device=dev)
