@@ -174,6 +174,30 @@ def test_a_seed_of_any_allowed_size_trains(tmp_path: Path) -> None:
     assert images[(5, 3)].shape == (3,)
 
 
+def test_seeded_augment_draws_each_sample_from_its_own_seed_and_leaves_the_callers_stream() -> None:
+    """Sample (epoch, index) draws what torch.manual_seed((seed * S + epoch) * S + index) would give (runs started by
+    earlier versions resume with the same augmentations), and the caller's random stream goes on as if untouched."""
+    from gcvit.train.data import _SEED_STRIDE, SeededAugment
+
+    class Draws:
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(4)
+
+        def __len__(self) -> int:
+            return 10
+
+    images = SeededAugment(Draws(), seed=7)
+    torch.manual_seed(123)
+    got = [images[(epoch, index)] for epoch, index in ((0, 0), (0, 9), (3, 9))]
+    after = torch.rand(2)
+    for (epoch, index), drawn in zip(((0, 0), (0, 9), (3, 9)), got):
+        torch.manual_seed((7 * _SEED_STRIDE + epoch) * _SEED_STRIDE + index)
+        assert torch.equal(drawn, torch.rand(4))
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(2))
+    assert not torch.equal(got[0], got[1]) and not torch.equal(got[1], got[2])
+
+
 def test_ema_copies_integer_buffers_and_averages_the_rest_as_torch_does() -> None:
     """torch's EMA function averages integer buffers in float and truncates (decay 0.9999 turned relative-position
     index k into k - 1); ours copies them, and gives torch's values for every floating tensor."""
