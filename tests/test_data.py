@@ -114,6 +114,83 @@ def test_image_folder_reads_good_files(tmp_path: Path) -> None:
     assert image.shape == (3, 16, 16) and label == 1
 
 
+def test_every_image_name_pillow_opens_counts_and_other_files_are_counted_in_the_log(tmp_path: Path, caplog) -> None:
+    """.jfif and .jpe are JPEGs (Windows saves them), .pnm/.pbm, .tga and .ico are images too: none is left out
+    without a word. Files with other names are ignored and counted in one log line."""
+    _make_folder(tmp_path, per_class=2)
+    for name, fmt in (("a.jfif", "JPEG"), ("b.JPE", "JPEG"), ("c.pnm", "PPM"), ("d.tga", "TGA"), ("e.ico", "ICO")):
+        _save(tmp_path / "cat" / name, fmt, seed=len(name))
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    (tmp_path / "dog" / "labels.csv").write_text("x")
+    (tmp_path / "dog" / "README").write_text("x")
+    with caplog.at_level(logging.INFO, logger="gcvit.data"):
+        dataset = ImageFolderDataset(tmp_path)
+    assert dataset.targets == [0] * 7 + [1] * 2 and dataset.skipped == []
+    assert "ignored 3 files not named as images (1 .csv, 1 .txt, 1 no extension)" in caplog.text
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped_and_named(tmp_path: Path, monkeypatch, caplog) -> None:
+    """os.walk drops a sub-folder it cannot list (no permission) without a word unless asked: its images are now
+    reported like unreadable files, and a strict run stops naming the folder."""
+    import os
+
+    _make_folder(tmp_path, per_class=2)
+    _save(tmp_path / "cat" / "locked" / "x.png", "PNG", seed=7)
+    scandir = os.scandir
+
+    def locked(path: str | os.PathLike = "."):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked)
+    with caplog.at_level(logging.WARNING, logger="gcvit.data"):
+        dataset = ImageFolderDataset(tmp_path)
+    assert len(dataset) == 4 and dataset.skipped == [tmp_path / "cat" / "locked"]
+    assert "skipped 1 folders that cannot be listed" in caplog.text and "PermissionError" in caplog.text
+    with pytest.raises(DataError, match=r"1 folders cannot be listed:\n  .*locked: PermissionError: Permission denied"):
+        ImageFolderDataset(tmp_path, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "expected"),
+    [
+        ("float 0-1", np.linspace(0, 1, 8, dtype=np.float32), [0, 36, 73, 109, 146, 182, 219, 255]),
+        ("float 0-255", np.linspace(0, 255, 8, dtype=np.float32), [0, 36, 73, 109, 146, 182, 219, 255]),
+        ("int32 0-255", np.linspace(0, 255, 8).astype(np.int32), [0, 36, 72, 109, 145, 182, 218, 255]),
+        ("int32 16-bit", np.linspace(0, 65535, 8).astype(np.int32), [0, 36, 73, 109, 146, 182, 219, 255]),
+        ("int32 wider", np.linspace(0, 1e6, 8).astype(np.int32), [0, 36, 73, 109, 146, 182, 219, 255]),
+        (
+            "float nan inf",
+            np.array([np.nan, np.inf, -np.inf, 0, 0.5, 1, 1, 1], np.float32),
+            [0, 255, 0, 0, 128] + [255] * 3,
+        ),
+    ],
+)
+def test_float_and_32_bit_images_are_scaled_by_their_range(tmp_path: Path, name: str, values, expected) -> None:
+    """A float or 32-bit integer TIFF holding 0-255 used to come out black (scaled as 16-bit), and one NaN pixel
+    blackened the whole image."""
+    from gcvit.data import load_rgb
+
+    Image.fromarray(np.tile(values, (2, 1))).save(tmp_path / "x.tif")
+    assert np.asarray(load_rgb(tmp_path / "x.tif"))[1, :, 0].tolist() == expected, name
+
+
+def test_transforms_take_pil_images_of_any_mode_and_name_a_wrong_tensor() -> None:
+    """An RGBA PNG opened by the user crashed deep in torch (4 channels against 3 means); it is made RGB first. A
+    channels-last tensor is refused by name."""
+    for transform in (eval_transform(16, MEAN, STD), train_transform(16, MEAN, STD, randaugment="rand-m9")):
+        for image in (Image.new("RGBA", (20, 24), (10, 200, 30, 128)), Image.new("I;16", (20, 24), 65535)):
+            out = transform(image)
+            assert out.shape == (3, 16, 16)
+        with pytest.raises(
+            ValueError, match=r"expected a PIL image or a \(3, H, W\) tensor .* got a tensor of shape \(24, 20, 3\)"
+        ):
+            transform(torch.zeros(24, 20, 3, dtype=torch.uint8))
+    white = eval_transform(16, (0, 0, 0), (1, 1, 1))(Image.new("I;16", (20, 24), 65535))
+    assert torch.allclose(white, torch.ones(3, 16, 16))  # 16-bit full scale is white, not clipped
+
+
 def test_linked_folders_are_followed_and_read_once(tmp_path: Path) -> None:
     """Links inside class folders are followed (a shared folder of extra images counts), but a link back up to the
     class folder, or a second link to a folder already read, adds no duplicate images (a loop used to add each

@@ -27,7 +27,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
 
 import gcvit
-from gcvit.data import DataError
+from gcvit.data import DataError, split_image_folder
 from gcvit.train import TrainConfig, resolve_config, train
 from gcvit.train import checkpoint as ckpt
 from gcvit.train.evaluate import evaluate, load_run, predict
@@ -660,6 +660,11 @@ def test_fine_tune_digits_run_on_three_classes_then_eval_and_predict(
     assert own.returncode == 0, own.stderr
     assert 0 < int(own.stdout.split()[0]) < 33  # of the 33 readable shapes
 
+    # the same folder under --data with a split asked for: the run's own split, not all 36 images
+    split = _gcvit("eval", str(run), "--data", str(shapes), "--val-fraction", "0.2", "--seed", "0")
+    assert split.returncode == 0, split.stderr
+    assert split.stdout.splitlines()[0] == own.stdout.splitlines()[0]
+
     evaluated = _gcvit("eval", str(run), "--data", str(shapes))
     assert evaluated.returncode == 0, evaluated.stderr
     lines = evaluated.stdout.splitlines()
@@ -931,8 +936,23 @@ def test_unusable_class_counts_and_batches_fail_before_training(shapes: Path, tm
 def test_predict_refuses_bad_topk_and_folders_without_images(uninterrupted: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected topk of at least 1; got 0"):
         predict([tmp_path], uninterrupted, topk=0)
+    for size in (0, -1):  # -1 used to claim the folder held no readable images, 0 failed inside range()
+        with pytest.raises(ValueError, match=f"expected batch_size of at least 1; got {size}"):
+            predict([tmp_path], uninterrupted, batch_size=size)
     with pytest.raises(ValueError, match="no readable images in"):
         predict([tmp_path], uninterrupted)
+
+
+def test_eval_checks_its_settings_before_reading_any_image(tmp_path: Path) -> None:
+    """A bad batch size or split share is named first: before the model is loaded and every image decoded (hours
+    on ImageNet), not after."""
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(ValueError, match="expected batch_size of at least 1; got 0"):
+        evaluate(missing, "digits", batch_size=0)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
+        evaluate(missing, tmp_path, split=True, val_fraction=1.5)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.5"):
+        split_image_folder(missing, 1.5)
 
 
 def test_predict_lists_a_folder_as_training_does(uninterrupted: Path, tmp_path: Path) -> None:

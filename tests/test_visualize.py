@@ -320,3 +320,25 @@ def test_cli_rejects_missing_and_unreadable_images(tmp_path: Path, capsys: pytes
     bad.write_text("not a picture")
     assert main(["visualize", str(bad), "--out-dir", str(tmp_path)]) == 2
     assert f"gcvit: error: {bad} is not a readable image" in capsys.readouterr().err
+
+
+def test_the_image_is_read_as_training_and_predict_read_it(tmp_path: Path) -> None:
+    """visualize reads its image through load_rgb, as training and `gcvit predict` do: a mid-grey 16-bit PNG is
+    mid-grey (PIL's own conversion clipped it to white) and an EXIF-rotated photo is upright."""
+    import numpy as np
+    from PIL import Image
+
+    from gcvit.cli_visualize import _read_image
+    from gcvit.data import load_rgb
+    from gcvit.train.evaluate import RunMeta, preprocess
+
+    meta = RunMeta("gcvit_xxtiny", ["a", "b"], (32, 32), (0, 0, 0), (1, 1, 1), crop_pct=1.0)
+    Image.fromarray(np.full((20, 24), 32896, np.uint16)).save(tmp_path / "grey16.png")
+    assert torch.allclose(_read_image(str(tmp_path / "grey16.png"), meta), torch.full((1, 3, 32, 32), 128 / 255))
+    stored = Image.fromarray(np.tile(np.linspace(0, 255, 30, dtype=np.uint8), (20, 1))).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    expected = preprocess(meta)(load_rgb(tmp_path / "phone.jpg"))[None]
+    assert load_rgb(tmp_path / "phone.jpg").size == (20, 30)
+    assert torch.equal(_read_image(str(tmp_path / "phone.jpg"), meta), expected)

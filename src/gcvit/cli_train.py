@@ -180,17 +180,19 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _eval_data(args: argparse.Namespace, run_dir: Any) -> tuple[str, bool]:
-    """What `gcvit eval` scores: --data if given, else the validation data of the run (its config.yaml), as trained:
-    the digits or folder split with the run's val_fraction and seed, or its val_dir. Fills in --val-fraction and
-    --seed from the run where they were not given. Returns (data, whether to take the folder's seeded val split)."""
+    """What `gcvit eval` scores: --data if given (a folder whole, or its seeded val split when --val-fraction or
+    --seed is given too), else the validation data of the run (its config.yaml), as trained: the digits or folder
+    split with the run's val_fraction and seed, or its val_dir. Fills in --val-fraction and --seed from the run where
+    they were not given. Returns (data, whether to take the folder's seeded val split)."""
     from gcvit.train.config import read_yaml
 
     saved = run_dir / "config.yaml"
     run = read_yaml(saved) if saved.is_file() else {}
+    split_asked = args.val_fraction is not None or args.seed is not None
     args.val_fraction = run.get("val_fraction", 0.2) if args.val_fraction is None else args.val_fraction
     args.seed = run.get("seed", 0) if args.seed is None else args.seed
     if args.data is not None:
-        return args.data, False
+        return args.data, split_asked and args.data != "digits"
     if run.get("data") == "folder":
         return (run["val_dir"], False) if run.get("val_dir") else (run["data_dir"], True)
     return "digits", False
@@ -228,7 +230,11 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=None, help="where confusion.png goes (default: the run's plots folder)")
     p.add_argument(
-        "--val-fraction", type=float, default=None, help="validation split of digits or --data-dir (default: the run's)"
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="validation split of the digits, of the run's --data-dir, or of a --data folder (given with --data: "
+        "score only that folder's seeded val split, as training would split it; default: the run's)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of that split (default: the run's)")
     p.set_defaults(func=_eval)

@@ -42,16 +42,16 @@ def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, st
 
 
 def _read_image(path: str, meta: Any) -> Any:
-    """The image (an existing file: `_check_image_path`) as the model's preprocessing makes it: (1, 3, H, W)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """The image (an existing file: `_check_image_path`) read as training and `gcvit predict` read it (upright, any
+    bit depth: `load_rgb`), as the model's preprocessing makes it: (1, 3, H, W)."""
+    from gcvit.data import load_rgb
     from gcvit.train.evaluate import preprocess
 
     try:
-        with Image.open(path) as im:
-            return preprocess(meta)(im.convert("RGB"))[None]
-    except (UnidentifiedImageError, OSError) as e:
+        image = load_rgb(path)
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for files it cannot read
         raise ValueError(f"{path} is not a readable image ({e})") from e
+    return preprocess(meta)(image)[None]
 
 
 def _check_image_path(path: str) -> None:

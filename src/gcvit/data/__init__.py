@@ -12,6 +12,8 @@ from gcvit.data.datasets import (
     DigitsDataset,
     ImageFolderDataset,
     check_same_classes,
+    check_val_fraction,
+    load_rgb,
     split_image_folder,
     stratified_split,
 )
@@ -23,6 +25,7 @@ from gcvit.data.transforms import (
     mixup_cutmix,
     parse_randaugment,
     to_hw,
+    to_rgb,
     train_transform,
 )
 from gcvit.data.verify import BadImage, check_image, find_bad_images
@@ -38,8 +41,10 @@ __all__ = [
     "build_loader",
     "check_image",
     "check_same_classes",
+    "check_val_fraction",
     "eval_transform",
     "find_bad_images",
+    "load_rgb",
     "mixup_cutmix",
     "parse_randaugment",
     "seed_worker",
@@ -47,5 +52,6 @@ __all__ = [
     "split_image_folder",
     "stratified_split",
     "to_hw",
+    "to_rgb",
     "train_transform",
 ]

@@ -19,12 +19,17 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from gcvit.data.transforms import Size, to_hw
+from gcvit.data.transforms import Size, to_hw, to_rgb
 from gcvit.data.verify import BadImage, find_bad_images
 
 logger = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# the still-image formats Pillow opens (AVIF and QOI with Pillow 11.2 and 9.5 on); a file whose name ends otherwise is
+# not an image to the datasets and `gcvit predict`, and is counted in one log line
+IMG_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp", ".tif", ".tiff", ".webp",
+    ".gif", ".avif", ".jp2", ".qoi", ".tga", ".ico",
+)  # fmt: skip
 SPLITS = ("train", "val", "all")
 Transform = Callable[[Image.Image], Any]
 _MAX_FALLBACKS = 10  # __getitem__ tries at most this many following samples when an image fails to decode
@@ -41,6 +46,12 @@ def _require_sklearn(what: str) -> None:
         raise ImportError(f"{what} needs scikit-learn: pip install 'gcvit-torch[train]'") from error
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    """Raise unless 0 < val_fraction < 1."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+
 def stratified_split(
     targets: Sequence[int], val_fraction: float, seed: int, classes: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +66,7 @@ def stratified_split(
     Returns:
         (train positions, val positions), each sorted ascending, int64.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     _require_sklearn("a stratified split")
     from sklearn.model_selection import train_test_split
 
@@ -149,34 +159,59 @@ def _find_classes(root: Path, classes: Sequence[str] | None) -> list[str]:
     return list(classes)
 
 
-def image_files(folder: Path, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[Path]:
+def image_files(
+    folder: Path, extensions: tuple[str, ...] = IMG_EXTENSIONS, unlisted: list[BadImage] | None = None
+) -> list[Path]:
     """Image files under a folder (recursively, following links), sorted; hidden files and folders skipped.
-    A folder reached twice (a link back up, or two links to one folder) is read once."""
+    A folder reached twice (a link back up, or two links to one folder) is read once. Files with other endings are
+    counted in one log line. A folder that cannot be listed (no permission) goes into `unlisted`, or without it
+    into a warning: never silently."""
     files = []
+    ignored: Counter[str] = Counter()
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def cannot_list(error: OSError) -> None:
+        bad = BadImage(Path(error.filename or folder), f"{type(error).__name__}: {error.strerror or error}")
+        if unlisted is None:
+            logger.warning("cannot list folder %s (%s): its images are left out", bad.path, bad.reason)
+        else:
+            unlisted.append(bad)
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        files += [Path(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(extensions)]
+        for name in filenames:
+            if name.lower().endswith(extensions) and not name.startswith("."):
+                files.append(Path(dirpath, name))
+            elif not name.startswith("."):
+                ignored[Path(name).suffix.lower() or "no extension"] += 1
+    if ignored:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(ignored.items(), key=lambda kn: (-kn[1], kn[0])))
+        logger.info("%s: ignored %d files not named as images (%s)", folder, ignored.total(), kinds)
     return sorted(files)
 
 
-def _list_samples(root: Path, classes: list[str], extensions: tuple[str, ...]) -> list[tuple[Path, int]]:
-    """(path, class index) for every image file; raises naming every class folder with no image file."""
+def _list_samples(
+    root: Path, classes: list[str], extensions: tuple[str, ...]
+) -> tuple[list[tuple[Path, int]], list[BadImage]]:
+    """(path, class index) for every image file, and the folders that could not be listed; raises naming every
+    class folder with no image file."""
     samples: list[tuple[Path, int]] = []
+    unlisted: list[BadImage] = []
     empty = []
     for index, name in enumerate(classes):
-        files = image_files(root / name, extensions)
+        files = image_files(root / name, extensions, unlisted)
         if not files:
             empty.append(name)
         samples += [(path, index) for path in files]
     if empty:
-        raise DataError(f"{root}: class folders with no image files ({', '.join(extensions)}): {empty}")
-    return samples
+        why = f"; folders that cannot be listed:\n{_describe(unlisted)}" if unlisted else ""
+        raise DataError(f"{root}: class folders with no image files ({', '.join(extensions)}): {empty}{why}")
+    return samples, unlisted
 
 
 def _describe(bad: list[BadImage]) -> str:
@@ -184,20 +219,12 @@ def _describe(bad: list[BadImage]) -> str:
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """The image at `path` as 8-bit RGB, upright: turned as its EXIF orientation says (phone photos are stored
-    sideways), alpha dropped, grey and palette images expanded, and 16-bit, 32-bit integer and float images scaled to
-    0-255 (PIL's own conversion clips them: a 16-bit photo would come out white)."""
+    """The image at `path` as 8-bit RGB (`to_rgb`), upright: turned as its EXIF orientation says (phone photos are
+    stored sideways)."""
     with Image.open(path) as image:
         ImageOps.exif_transpose(image, in_place=True)
-        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
-            values = np.asarray(image, dtype=np.float64)
-            top = values.max(initial=0.0)
-            if image.mode == "F" and top <= 1.0:
-                scale = 255.0  # a float image in [0, 1]
-            else:
-                scale = 255.0 / (65535.0 if image.mode.startswith("I;16") or top <= 65535 else top)
-            return Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-        return image.convert("RGB")
+        image.load()
+        return to_rgb(image) if image.mode != "RGB" else image.copy()
 
 
 class ImageFolderDataset(Dataset[tuple[Any, int]]):
@@ -218,7 +245,7 @@ class ImageFolderDataset(Dataset[tuple[Any, int]]):
         class_to_idx: name -> label.
         samples: (path, label) for every usable file, sorted by class then path.
         targets: the label of each sample.
-        skipped: files dropped by the check before training.
+        skipped: files dropped by the check before training, and folders that could not be listed.
         load_failures: files that failed to decode in `__getitem__` (non-strict mode).
     """
 
@@ -250,26 +277,38 @@ class ImageFolderDataset(Dataset[tuple[Any, int]]):
         self.extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         self.classes = _find_classes(self.root, classes)
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
-        self.samples = _list_samples(self.root, self.classes, self.extensions)
+        self.samples, unlisted = _list_samples(self.root, self.classes, self.extensions)
         self.skipped: list[Path] = []
         self.load_failures: list[Path] = []
-        if verify:
-            self._drop_bad(find_bad_images([path for path, _ in self.samples], verify_workers))
+        bad = find_bad_images([path for path, _ in self.samples], verify_workers) if verify else []
+        self._drop_bad(bad, unlisted)
         self.targets = [label for _, label in self.samples]
 
-    def _drop_bad(self, bad: list[BadImage]) -> None:
-        """Raise on bad files (strict), or drop them, record them in `skipped` and warn."""
-        if not bad:
+    def _drop_bad(self, bad: list[BadImage], unlisted: list[BadImage]) -> None:
+        """Raise on bad files and folders that cannot be listed (strict), or drop the files, record both in
+        `skipped` and warn."""
+        if not bad and not unlisted:
             return
         if self.strict:
-            counts = f"{len(bad)} of {len(self.samples)}"
-            raise DataError(f"{self.root}: {counts} image files cannot be read:\n{_describe(bad)}")
+            problems = (
+                [f"{len(bad)} of {len(self.samples)} image files cannot be read:\n{_describe(bad)}"] if bad else []
+            )
+            problems += [f"{len(unlisted)} folders cannot be listed:\n{_describe(unlisted)}"] if unlisted else []
+            raise DataError(f"{self.root}: " + "\n".join(problems))
         bad_paths = {b.path for b in bad}
         self.samples = [(path, label) for path, label in self.samples if path not in bad_paths]
-        self.skipped = [b.path for b in bad]
-        logger.warning(
-            "%s: skipped %d unreadable image files (see dataset.skipped):\n%s", self.root, len(bad), _describe(bad)
-        )
+        self.skipped = [b.path for b in bad + unlisted]
+        if bad:
+            logger.warning(
+                "%s: skipped %d unreadable image files (see dataset.skipped):\n%s", self.root, len(bad), _describe(bad)
+            )
+        if unlisted:
+            logger.warning(
+                "%s: skipped %d folders that cannot be listed (see dataset.skipped):\n%s",
+                self.root,
+                len(unlisted),
+                _describe(unlisted),
+            )
         emptied = sorted(set(self.classes) - {self.classes[label] for _, label in self.samples})
         if emptied:
             raise DataError(f"{self.root}: class folders with no readable image: {emptied}")
@@ -340,6 +379,7 @@ def split_image_folder(
     Returns:
         (train, val); their samples are disjoint and together are every usable file.
     """
+    check_val_fraction(val_fraction)  # before every file is decoded
     full = ImageFolderDataset(root, None, classes, strict, extensions, verify=verify)
     train, val = stratified_split(full.targets, val_fraction, seed, full.classes)
     return full.subset(train, train_transform), full.subset(val, val_transform)

@@ -1,17 +1,19 @@
 """Image transforms for training and evaluation, and batch-level MixUp / CutMix, built on torchvision's v2 API.
 
-Per-sample transforms take an RGB PIL image (or a uint8 tensor (3, H, W)) and return a normalised float tensor
-(3, H, W). `MixupCutmix` works on a whole batch after collation.
+Per-sample transforms take a PIL image (any mode: it is made RGB first, `to_rgb`) or a uint8 tensor (3, H, W) and
+return a normalised float tensor (3, H, W). `MixupCutmix` works on a whole batch after collation.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torchvision.transforms import v2
 
@@ -46,6 +48,38 @@ def _interpolation(name: str) -> v2.InterpolationMode:
     if name not in _INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {name!r}")
     return v2.InterpolationMode(name)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB: alpha dropped, grey and palette images expanded, and 16-bit, 32-bit integer and float
+    images scaled to 0-255 (PIL's own conversion clips them: a 16-bit photo would come out white). 16-bit modes span
+    0-65535; for 32-bit integer and float images the largest finite value tells the range: up to 1 (floats only),
+    255, 65535, or the value itself. Negative values become 0; NaN and -inf 0, +inf the top."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max(initial=0.0, where=np.isfinite(values)))
+        values = np.nan_to_num(values, nan=0.0, posinf=top, neginf=0.0)
+        if image.mode.startswith("I;16"):
+            full = 65535.0
+        else:
+            full = next(r for r in (1.0, 255.0, 65535.0, top) if top <= r and (r > 1.0 or image.mode == "F"))
+        return Image.fromarray(np.clip(values * (255.0 / full) + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+class _RGBInput:
+    """The first step of both transforms: a PIL image in any mode becomes RGB (`to_rgb`); a tensor must be an image
+    (3, H, W). Anything else is refused by name, not deep inside torchvision."""
+
+    def __call__(self, image: Image.Image | Tensor) -> Image.Image | Tensor:
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        if isinstance(image, Tensor) and image.ndim == 3 and image.shape[0] == 3:
+            return image
+        got = f"a tensor of shape {tuple(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"expected a PIL image or a (3, H, W) tensor (RGB, channels first); got {got}")
 
 
 def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
@@ -124,10 +158,13 @@ def train_transform(
         random_erasing: probability of erasing one rectangle with per-pixel normal noise (timm's 'pixel' mode).
 
     Returns:
-        A callable: RGB PIL image (or uint8 (3, h, w)) -> float32 tensor (3, H, W).
+        A callable: PIL image (or uint8 (3, h, w)) -> float32 tensor (3, H, W).
     """
     mode = _interpolation(interpolation)
-    steps: list[v2.Transform] = [v2.RandomResizedCrop(to_hw(img_size), scale=scale, ratio=ratio, interpolation=mode)]
+    steps: list[Callable] = [
+        _RGBInput(),
+        v2.RandomResizedCrop(to_hw(img_size), scale=scale, ratio=ratio, interpolation=mode),
+    ]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(p=hflip))
     if randaugment is not None:
@@ -171,7 +208,7 @@ def eval_transform(
         crop_mode: 'center' or 'squash'.
 
     Returns:
-        A callable: RGB PIL image (or uint8 (3, h, w)) -> float32 tensor (3, H, W).
+        A callable: PIL image (or uint8 (3, h, w)) -> float32 tensor (3, H, W).
     """
     if crop_mode not in _CROP_MODES:
         raise ValueError(f"crop_mode must be one of {_CROP_MODES}, got {crop_mode!r}")
@@ -184,7 +221,9 @@ def eval_transform(
         resize = v2.Resize(scaled[0], interpolation=mode)  # int size: the shorter side, aspect ratio kept
     else:
         resize = v2.Resize(scaled, interpolation=mode)
-    return v2.Compose([resize, v2.CenterCrop((h, w)), *_to_normalized_tensor(mean, std), v2.ToPureTensor()])
+    return v2.Compose(
+        [_RGBInput(), resize, v2.CenterCrop((h, w)), *_to_normalized_tensor(mean, std), v2.ToPureTensor()]
+    )
 
 
 class MixupCutmix:

@@ -19,7 +19,7 @@ from torch import nn
 
 import gcvit
 from gcvit.data import DigitsDataset, ImageFolderDataset, eval_transform, split_image_folder
-from gcvit.data.datasets import image_files, load_rgb
+from gcvit.data.datasets import check_val_fraction, image_files, load_rgb
 from gcvit.hub import build_from_config
 from gcvit.train import checkpoint as ckpt
 from gcvit.train.distributed import require_cuda
@@ -185,6 +185,10 @@ def evaluate(
     Returns:
         An EvalReport.
     """
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size of at least 1; got {batch_size}")
+    if split or str(data) == "digits":
+        check_val_fraction(val_fraction)  # before any image is decoded
     net, meta = load_model(model, device, meta)
     dataset = _dataset(data, meta, val_fraction, seed, split)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -275,6 +279,8 @@ def predict(
     """
     if topk < 1:
         raise ValueError(f"expected topk of at least 1; got {topk}")
+    if batch_size < 1:
+        raise ValueError(f"expected batch_size of at least 1; got {batch_size}")
     files = _image_files(inputs)  # a mistyped path fails before any weights are downloaded
     net, meta = load_model(model, device, meta)
     transform = preprocess(meta)
