@@ -29,9 +29,11 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     out = tmp_path / "cmp"
     models = ["gcvit_xxtiny", "swin_tiny", "vit_tiny"]
     argv = ["compare", "--models", *models, "--data", str(data), "--epochs", "1", "--batch-size", "4"]
-    argv += ["--bench-batch", "2", "--repeats", "1", "--size", "digits", "--out-dir", str(out)]
+    argv += ["--bench-batch", "2", "--repeats", "1", "--size", "digits", "--out-dir", str(out), "--drop-path", "0.1"]
     assert main(argv) == 0
-    table = (out / "compare.md").read_text().split("\n")
+    markdown = (out / "compare.md").read_text()
+    assert "seed 0, drop path 0.1." in markdown and "medians of 1 inference and 3 training repeats" in markdown
+    table = markdown.split("\n")
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:3] == ["model", "built as", "params (M)"] and "coverage" in header
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:] if line.startswith("|")]
@@ -41,7 +43,8 @@ def test_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     results = json.loads((out / "compare.json").read_text())["results"]
     assert [r["epochs"] for r in results] == [1, 1, 1]
     assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 and r["peak_train_mib"] > 0 for r in results)
-    assert results[1]["built_as"] == "C=32, depths 2-2-2-2, windows 4-4-2-1, mlp x2"  # the digits-size Swin
+    assert results[1]["built_as"] == "C=32, depths 2-2-2-2, windows 4-4-2-1, mlp x2, drop path 0.1"  # digits-size Swin
+    assert all(r["built_as"].endswith("drop path 0.1") for r in results)  # one rate for all (ViT's own is 0)
     assert (out / "runs" / "swin_tiny" / "best").is_dir()
     assert "| vit_tiny |" in capsys.readouterr().out
 
@@ -70,7 +73,10 @@ def test_attention_columns_follow_the_built_model() -> None:
         (["--bench-batch", "0"], "expected bench_batch of at least 1; got 0"),
         (["--repeats", "0"], "expected repeats of at least 1; got 0"),
         # the second model's architecture refuses the size: found before the first one trains
-        (["--models", "gcvit_xxtiny", "vit_small", "--img-size", "34"], "vit_small: img_size (34, 34) must be a"),
+        (["--models", "gcvit_xxtiny", "vit_small", "--img-size", "34"], "vit_small: ViTConfig.img_size must be a mul"),
+        # Swin too: it used to pass the check and fail at its first forward, after GC ViT had trained
+        (["--models", "gcvit_xxtiny", "swin_tiny", "--img-size", "34"], "swin_tiny: SwinConfig.img_size must be a mu"),
+        (["--drop-path", "1.5"], "swin_tiny: SwinConfig.drop_path_rate must be in [0, 1); got 1.5"),
         (["--batch-size", "0"], "swin_tiny: batch_size must be >= 1, got 0"),
     ],
 )

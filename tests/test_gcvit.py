@@ -431,6 +431,8 @@ def test_vmap_over_image_batches_equals_a_loop(name: str) -> None:
         ("gcvit_xxtiny", {"drop_path_rate": -0.1}, r"GCViTConfig.drop_path_rate must be in \[0, 1\); got -0.1"),
         ("gcvit_xxtiny", {"img_size": 64.0}, r"expected img_size as an int or \(H, W\) of at least 32 px; got 64.0"),
         ("swin_tiny", {"mlp_ratio": 0}, r"SwinConfig.mlp_ratio must be positive; got 0"),
+        ("vit_tiny", {"mlp_ratio": 0.001}, r"ViTConfig.mlp_ratio must be at least 1 / embed_dim \(192\); got 0.001"),
+        ("swin_tiny", {"img_size": 34}, r"SwinConfig.img_size must be a multiple of patch_size 4; got \(34, 34\)"),
         ("vit_tiny", {"patch_size": 0}, r"ViTConfig.patch_size must be a positive integer; got 0"),
     ],
 )

@@ -28,6 +28,7 @@ def _compare(args: argparse.Namespace) -> None:
         out_dir=args.out_dir,
         device=args.device,
         size=args.size,
+        train_overrides={} if args.drop_path is None else {"drop_path": args.drop_path},
     )
     results = run(cfg, log=print)
     print()
@@ -62,6 +63,12 @@ def add_subcommands(subparsers: Any) -> None:
         default=defaults.size,
         choices=["auto", "digits", "native"],
         help="digits: each family's 32 px model; native: the variants as named; auto: digits on the digits data",
+    )
+    p.add_argument(
+        "--drop-path",
+        type=float,
+        default=None,
+        help="one stochastic depth rate for every model (default: each model's own, shown under 'built as')",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.set_defaults(func=_compare)

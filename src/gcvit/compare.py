@@ -109,11 +109,12 @@ def attention_summary(model: nn.Module, img_size: int) -> tuple[str, str, str, s
 def built_as(model: nn.Module) -> str:
     """Width, depth and windows of a built model, in one cell."""
     cfg = model.cfg
+    drop = f"drop path {cfg.drop_path_rate:g}"
     if type(model).__name__ == "VisionTransformer":
-        return f"C={cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}"
+        return f"C={cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}, {drop}"
     depths = "-".join(map(str, cfg.depths))
     windows = "-".join(map(str, cfg.window_size))
-    return f"C={cfg.embed_dim}, depths {depths}, windows {windows}, mlp x{cfg.mlp_ratio:g}"
+    return f"C={cfg.embed_dim}, depths {depths}, windows {windows}, mlp x{cfg.mlp_ratio:g}, {drop}"
 
 
 def _train_config(cfg: CompareConfig, name: str) -> Any:
@@ -167,6 +168,11 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     opt.zero_grad(set_to_none=True)
 
 
+def _train_repeats(cfg: CompareConfig) -> int:
+    """Timed training steps per model: fewer than inference's repeats (a step costs about three forwards)."""
+    return max(3, cfg.repeats // 2 + 1)
+
+
 def _measure(cfg: CompareConfig, models: dict[str, nn.Module], device: str) -> dict[str, dict[str, float]]:
     """Throughput of inference and of a training step (AdamW, fp32), round-robin over the models; peak memory."""
     x = torch.randn(cfg.bench_batch, 3, cfg.img_size, cfg.img_size, device=device)
@@ -181,7 +187,7 @@ def _measure(cfg: CompareConfig, models: dict[str, nn.Module], device: str) -> d
         steps[name] = lambda m=trainee, o=opt, y=y: _train_step(m, o, x, y)
     with torch.inference_mode():
         t_infer = interleaved(infer, cfg.repeats, 2, device)
-    t_train = interleaved(steps, max(3, cfg.repeats // 2 + 1), 1, device)
+    t_train = interleaved(steps, _train_repeats(cfg), 1, device)
     out = {}
     for name in models:
         trainee, opt, y = trainees[name]
@@ -269,16 +275,18 @@ def markdown_table(results: list[ModelResult]) -> str:
 
 
 def write_table(results: list[ModelResult], cfg: CompareConfig, device: str, path: Path) -> None:
-    data = "the bundled digits (32 px, 10 classes)" if cfg.data == "digits" else f"`{cfg.data}`"
+    data = f"the bundled digits ({cfg.img_size} px, 10 classes)" if cfg.data == "digits" else f"`{cfg.data}`"
+    drop = cfg.train_overrides.get("drop_path")
+    drop = "each model's own stochastic depth (built as)" if drop is None else f"drop path {drop:g}"
     notes = (
         f"\nData: {data}. Same recipe for every model: up to {cfg.epochs} epochs, at most {cfg.time_budget:g} min "
         f"of training each (stopping at the end of the epoch that passes it), batch {cfg.batch_size}, seed "
-        f"{cfg.seed}. top-1: best validation accuracy of the EMA weights (the recipe's choice) and of the trained "
-        f"weights themselves (the EMA lags behind on short runs). Throughput: batch {cfg.bench_batch} at "
+        f"{cfg.seed}, {drop}. top-1: best validation accuracy of the EMA weights (the recipe's choice) and of the "
+        f"trained weights themselves (the EMA lags behind on short runs). Throughput: batch {cfg.bench_batch} at "
         f"{cfg.img_size} px on {device} ({torch.get_num_threads()} threads), fp32, medians of {cfg.repeats} "
-        "repeats timed round-robin over the models; a training step is forward, backward and AdamW. Peak MiB: "
-        "tensor memory of one training step. GFLOPs: multiply-adds per image. Attention columns: the first "
-        "(highest-resolution) stage.\n"
+        f"inference and {_train_repeats(cfg)} training repeats timed round-robin over the models; a training step "
+        "is forward, backward and AdamW. Peak MiB: tensor memory of one training step. GFLOPs: multiply-adds per "
+        "image. Attention columns: the first (highest-resolution) stage.\n"
     )
     path.write_text(markdown_table(results) + notes)
 

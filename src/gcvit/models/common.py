@@ -39,7 +39,8 @@ def check_config(
     """Raise a ValueError naming the first field of a model config outside its range: `counts` and embed_dim,
     in_chans must be positive integers; `per_stage` fields tuples of them, one value per stage (the first of them,
     depths, sets the stage count); `optional_per_stage` fields None or one integer >= 0 per stage; num_classes >= 0,
-    img_size (H, W), dropout and drop path rates in [0, 1), mlp_ratio > 0."""
+    img_size (H, W), a multiple of patch_size where there is one; dropout and drop path rates in [0, 1); mlp_ratio
+    giving at least one hidden unit."""
 
     def is_count(v: object, least: int = 1) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= least
@@ -66,10 +67,13 @@ def check_config(
     check("num_classes", isinstance(n, int) and not isinstance(n, bool) and n >= 0, "an integer >= 0")
     size = cfg.img_size
     check("img_size", isinstance(size, tuple) and len(size) == 2 and all(map(is_count, size)), "(H, W) in pixels")
+    patch = getattr(cfg, "patch_size", None)  # Swin, ViT: the native size must cut into whole patches
+    check("img_size", patch is None or not any(s % patch for s in size), f"a multiple of patch_size {patch}")
     for field in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         v = getattr(cfg, field)
         check(field, isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
     check("mlp_ratio", cfg.mlp_ratio > 0, "positive")
+    check("mlp_ratio", int(cfg.embed_dim * cfg.mlp_ratio) >= 1, f"at least 1 / embed_dim ({cfg.embed_dim})")
 
 
 def replace_head(model: nn.Module, num_classes: int, like: torch.Tensor) -> None:

@@ -56,8 +56,6 @@ class ViTConfig:
             raise ValueError(f"norm_layer must be one of {NORM_LAYERS}; got {self.norm_layer!r}")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1); got {self.mask_ratio}")
-        if any(s % self.patch_size for s in self.img_size):
-            raise ValueError(f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
