@@ -113,10 +113,13 @@ def test_cooldown_epochs_run_at_min_lr_after_the_schedule(tmp_path: Path, caplog
         result = train(_cfg(tmp_path, epochs=1, cooldown_epochs=1, warmup_epochs=0.5, ema=None, batch_size=256))
     assert result.epochs_done == 2 and [row["epoch"] for row in result.history] == [1, 2]
     assert result.history[1]["lr"] == pytest.approx(1e-5)  # min_lr
-    assert "exceeds epochs" not in caplog.text
+    assert "is not below epochs" not in caplog.text
     with caplog.at_level("WARNING", logger="gcvit.train.loop"):
         train(_cfg(tmp_path, epochs=1, warmup_epochs=3, ema=None, batch_size=256, out_dir=str(tmp_path / "w")))
-    assert "warmup_epochs (3) exceeds epochs (1)" in caplog.text
+    assert "warmup_epochs (3) is not below epochs (1)" in caplog.text
+    with caplog.at_level("WARNING", logger="gcvit.train.loop"):  # equal: the lr peaks at the very end, no decay
+        train(_cfg(tmp_path, epochs=1, warmup_epochs=1, ema=None, batch_size=256, out_dir=str(tmp_path / "w1")))
+    assert "warmup_epochs (1) is not below epochs (1)" in caplog.text
 
 
 def test_bad_config_values_are_named(tmp_path: Path) -> None:
@@ -343,6 +346,107 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: Path, monkeypatch: p
     with pytest.raises(loop.NonFiniteLossError, match="no epoch had finished, so no checkpoint was written"):
         train(_cfg(tmp_path, out_dir=str(tmp_path / "fresh")))
     assert not (tmp_path / "fresh" / "last").exists()
+
+
+def test_weights_gone_nan_on_an_epochs_last_step_are_never_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step whose gradients are infinite leaves a finite loss behind it; the epoch-end check of the weights stops the
+    run before they are checkpointed: last/ keeps epoch 1, and a first epoch writes nothing."""
+    from gcvit.train import loop
+
+    train(_cfg(tmp_path, epochs=1, ema=0.9, clip_grad=None))
+    good = ckpt.read_weights(tmp_path / "run" / "last")
+    step = loop._optimizer_step
+
+    def poisoned(run: loop._Run) -> None:  # the epoch's last step: no later loss sees the damage
+        if (run.step + 1) % len(run.train_loader) == 0:
+            next(p for p in run.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
+        step(run)
+
+    monkeypatch.setattr(loop, "_optimizer_step", poisoned)
+    with pytest.raises(
+        loop.NonFiniteLossError, match=r"weights became NaN or infinite during epoch 2 .* keeps epoch 1"
+    ):
+        train(_cfg(tmp_path, epochs=2, ema=0.9, clip_grad=None), resume=tmp_path / "run")
+    after = ckpt.read_weights(tmp_path / "run" / "last")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+    assert ckpt.read_training_state(tmp_path / "run" / "last")["epoch"] == 1
+    with pytest.raises(loop.NonFiniteLossError, match="during epoch 1 .* no checkpoint was written"):
+        train(_cfg(tmp_path, epochs=1, clip_grad=None, out_dir=str(tmp_path / "fresh")))
+    assert not (tmp_path / "fresh" / "last").exists() and not (tmp_path / "fresh" / "best").exists()
+
+
+def test_fp16_on_the_cpu_is_refused_before_anything_is_read_or_written(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="amp='fp16' needs CUDA; use 'bf16' or 'none' on the CPU"):
+        train(_cfg(tmp_path, amp="fp16", device="cpu", data="folder", data_dir=str(tmp_path / "missing")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_rewrites_metrics_the_kill_left_an_epoch_behind(tmp_path: Path) -> None:
+    """Killed after the last epoch's checkpoint but before its CSV row: the resume, with no epoch left to run, writes
+    metrics.csv and the plots from the checkpoint's history."""
+    train(_cfg(tmp_path, epochs=2))
+    csv_path = tmp_path / "run" / "metrics.csv"
+    full = csv_path.read_text()
+    csv_path.write_text("".join(full.splitlines(keepends=True)[:2]))  # header and epoch 1
+    (tmp_path / "run" / "plots" / "loss.png").unlink()
+    result = train(None, resume=tmp_path / "run")
+    assert result.epochs_done == 2 and csv_path.read_text() == full
+    assert (tmp_path / "run" / "plots" / "loss.png").is_file()
+
+
+def test_a_data_dir_alone_means_a_folder_and_digits_with_one_is_refused(tmp_path: Path) -> None:
+    """A YAML file naming only data_dir used to train on the digits without a word."""
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))
+    assert resolve_config(path).data == "folder" and TrainConfig().data == "digits"
+    with pytest.raises(ValueError, match="data='digits' .* takes no data_dir, train_dir or val_dir"):
+        TrainConfig(data="digits", data_dir=str(tmp_path))
+
+
+def test_a_resumed_optimizer_stays_fused(tmp_path: Path) -> None:
+    """Loading a state dict replaces each param group whole: a checkpoint from the per-tensor optimizer turned fused
+    AdamW off again (and broke fp16's GradScaler, which steps a fused optimizer differently)."""
+    from gcvit.train.optim import load_optimizer_state, param_groups
+
+    model = gcvit.create_model("gcvit_xxtiny", img_size=32, num_classes=3, **TINY)
+    old = torch.optim.AdamW(param_groups(model, 0.05, 0.75), lr=1e-3, foreach=False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    old.step()
+    new = build_optimizer(model, 1e-3, 0.05, 0.75)
+    load_optimizer_state(new, old.state_dict())
+    assert all(g["fused"] and g["foreach"] is None for g in new.param_groups)
+    assert all(
+        torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"]) for p in model.parameters() if p in old.state
+    )
+    scaler = torch.amp.GradScaler("cpu")  # the step fp16 training takes after clipping
+    scaler.scale(model(torch.randn(2, 3, 32, 32)).sum()).backward()
+    scaler.unscale_(new)
+    scaler.step(new)
+
+
+def test_a_cuda_index_is_honoured_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda:1 in a single process trains on cuda:1 (it went to cuda:LOCAL_RANK, i.e. cuda:0); an index
+    the machine lacks, or one that fights torchrun's LOCAL_RANK, is named. CUDA is simulated: two devices."""
+    from gcvit.train import distributed as D
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert D.setup("cuda:1").device == torch.device("cuda", 1) and chosen == [1]
+    assert D.setup("cuda").device == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="device 'cuda:5': this machine has 2 CUDA devices"):
+        D.setup("cuda:5")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"under torchrun each process trains on cuda:LOCAL_RANK \(here cuda:0\)"):
+        D.setup("cuda:1")
 
 
 def test_digits_quick_run_reaches_95(tmp_path: Path) -> None:
@@ -781,6 +885,7 @@ def test_cli_parses_every_config_field() -> None:
         "pretrained": True,
         "amp": "fp16",
     }
+    assert _overrides(parser.parse_args(["train", "--no-strict-data"])) == {"strict_data": False}  # over a YAML true
     args = parser.parse_args(["predict", "a.png", "--model", "runs/x", "--topk", "3"])
     assert args.topk == 3 and args.inputs == ["a.png"]
 

@@ -66,7 +66,7 @@ _PARSERS = {"int": int, "float": float, "str": str, "str | bool": parse_pretrain
 _HELP = {
     "model": "model name (gcvit models lists them)",
     "pretrained": "'true' for the official weights, or a checkpoint path / URL",
-    "data": "'digits' (default, bundled) or 'folder' (implied by --data-dir / --train-dir)",
+    "data": "'digits' (bundled) or 'folder'; none: folder when --data-dir / --train-dir is given, else digits",
     "recipe": "'default' (small data) or 'official' (the paper's ImageNet settings; lr scaled to the batch)",
     "amp": "autocast dtype: none, bf16 (CPU or GPU), fp16 (GPU, with a GradScaler)",
     "ema": "EMA decay per step, e.g. 0.9998 ('none': off)",
@@ -89,8 +89,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{_HELP[f.name]} (default: {f.default!r})" if f.name in _HELP else f"(default: {f.default!r})"
         kind = str(f.type)
-        if kind == "bool":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_)
+        if kind == "bool":  # --strict-data and --no-strict-data: either overrides the YAML file
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         elif f.name == "model_overrides":
             p.add_argument(
                 "--model-override",
@@ -121,7 +121,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--model-override needs KEY=VALUE, got {given['model_overrides']}")
         given["model_overrides"] = {k: yaml.safe_load(v) for k, v in pairs}
     if ("data_dir" in given or "train_dir" in given) and "data" not in given:
-        given["data"] = "folder"
+        given["data"] = "folder"  # over a --config file's data: digits
     return given
 
 

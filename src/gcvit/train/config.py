@@ -29,7 +29,7 @@ class TrainConfig:
     img_size: int = 32  # training and evaluation resolution (square)
     model_overrides: dict[str, Any] | None = None  # GCViTConfig fields; None: the small digits model on digits
     # data
-    data: str = "digits"  # 'digits' or 'folder'
+    data: str | None = None  # 'digits' or 'folder'; None: 'folder' when data_dir or train_dir is set, else 'digits'
     data_dir: str | None = None  # one folder of class sub-folders, split by val_fraction
     train_dir: str | None = None  # or separate train and val folders
     val_dir: str | None = None
@@ -80,8 +80,15 @@ class TrainConfig:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {AMP_DTYPES}, got {self.amp!r}")
+        if self.data is None:  # a YAML file that names only data_dir trains on that folder, as the flag does
+            self.data = "folder" if self.data_dir or self.train_dir else "digits"
         if self.data not in ("digits", "folder"):
             raise ValueError(f"data must be 'digits' or 'folder', got {self.data!r}")
+        if self.data == "digits" and (self.data_dir or self.train_dir or self.val_dir):
+            raise ValueError(
+                "data='digits' (the bundled digits) takes no data_dir, train_dir or val_dir: drop data, or set it "
+                "to 'folder', to train on your folder"
+            )
         if self.data == "folder" and not (self.data_dir or self.train_dir):
             raise ValueError("data='folder' needs data_dir, or train_dir and val_dir")
         if self.train_dir and not self.val_dir:

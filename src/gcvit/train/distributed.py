@@ -44,15 +44,19 @@ def parse_device(device: object) -> torch.device:
 
 def require_cuda(device: object) -> None:
     """Raise a ValueError naming `device` when it is no device name, or asks for CUDA on a machine without it."""
-    if parse_device(device or "cuda").type == "cuda" and not torch.cuda.is_available():
+    dev = parse_device(device or "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: no CUDA device is available here (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA devices")
 
 
 def setup(device: str | None = None) -> DistInfo:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and start the process group (nccl on CUDA, gloo on CPU).
 
     Args:
-        device: 'cpu', 'cuda' or None (CUDA when available).
+        device: 'cpu', 'cuda', 'cuda:N' (a single process only; under torchrun each takes cuda:LOCAL_RANK) or None
+            (CUDA when available).
 
     Returns:
         This process's rank, world size and device; a single process when WORLD_SIZE is unset or 1.
@@ -63,8 +67,15 @@ def setup(device: str | None = None) -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        asked = torch.device(device).index if device is not None else None
+        if asked is not None and world_size > 1 and asked != local_rank:
+            raise ValueError(
+                f"under torchrun each process trains on cuda:LOCAL_RANK (here cuda:{local_rank}); pass --device cuda, "
+                f"not {device}, and choose GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        index = local_rank if asked is None else asked
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

@@ -33,13 +33,13 @@ from gcvit.train import distributed as D
 from gcvit.train.config import PATH_FIELDS, TrainConfig, load_run_config, save_yaml
 from gcvit.train.data import build_datasets, eval_loader, train_loader
 from gcvit.train.metrics import TensorBoard, plot_history, write_csv
-from gcvit.train.optim import build_optimizer, build_scheduler
+from gcvit.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and RUN/last/ keeps the last good epoch."""
+    """The loss or the weights became NaN or infinite; the run stopped and RUN/last/ keeps the last good epoch."""
 
 
 @dataclass
@@ -73,11 +73,14 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _check_amp(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ValueError("amp='fp16' needs CUDA; use 'bf16' or 'none' on the CPU")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     if cfg.amp == "none":
         return contextlib.nullcontext()
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs CUDA; use 'bf16' or 'none' on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
@@ -339,7 +342,7 @@ def _restore(run: _Run, folder: Path) -> None:
     _check_resumable(state.get("config", {}), run.cfg, folder, len(run.classes))
     run.model.load_state_dict(ckpt.read_weights(folder))
     try:
-        run.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(run.optimizer, state["optimizer"])
     except ValueError as e:  # e.g. Swin/ViT runs with --layer-decay from before they got one lr level per block
         raise ValueError(
             f"{folder}: its optimizer state does not fit this version's parameter groups ({e}); it cannot resume. "
@@ -371,6 +374,19 @@ def _check_finite(loss: torch.Tensor, run: _Run, run_dir: Path) -> None:
         raise NonFiniteLossError(
             f"the training loss became {loss.item()} at epoch {run.epoch + 1}, step {run.step}; stopped. "
             f"{kept}. Try a lower lr, amp='none' or clip_grad."
+        )
+
+
+def _check_finite_weights(run: _Run, run_dir: Path) -> None:
+    """The loss is checked before each backward; a step whose gradients overflowed (the epoch's last, say) shows only
+    in the weights. They are checked before every checkpoint, so that last/ and best/ never hold NaN."""
+    weights = [p.detach() for p in run.model.parameters()]
+    finite = bool(torch.stack([torch.isfinite(w).all() for w in weights]).all()) if weights else True
+    if D.any_rank(not finite, run.info):
+        kept = f"{run_dir / 'last'} keeps epoch {run.epoch - 1}" if run.epoch > 1 else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"the weights became NaN or infinite during epoch {run.epoch} (at step {run.step} or before); stopped "
+            f"before saving them. {kept}. Try a lower lr, amp='none' or clip_grad."
         )
 
 
@@ -466,6 +482,7 @@ def _epoch_end(run: _Run, run_dir: Path, train_loss: float, seconds: float, tb: 
         "epoch_time": seconds,
     }
     run.history.append(row)
+    _check_finite_weights(run, run_dir)
     metric = ema_top1 if ema_top1 is not None else val["top1"]
     is_best = metric > run.best
     run.best = max(run.best, metric)
@@ -518,6 +535,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, p
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, progress: bool) -> TrainResult:
+    _check_amp(cfg, info.device)  # before the data is read and anything is written
     if not resuming and ckpt.holds_run(run_dir):
         raise ValueError(
             f"{run_dir} already holds a run's checkpoints; continue it with --resume {run_dir}, "
@@ -552,10 +570,10 @@ def _missing_folders(path: Path) -> list[Path]:
 
 
 def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, progress: bool) -> TrainResult:
-    if cfg.warmup_epochs > cfg.epochs and info.is_main:
+    if cfg.warmup_epochs >= cfg.epochs and info.is_main:
         logger.warning(
-            "warmup_epochs (%g) exceeds epochs (%d): the lr rises for the whole run and never reaches its peak nor "
-            "decays (--warmup-epochs sets a shorter warmup)",
+            "warmup_epochs (%g) is not below epochs (%d): the lr rises for the whole run and never decays "
+            "(--warmup-epochs sets a shorter warmup)",
             cfg.warmup_epochs,
             cfg.epochs,
         )
@@ -568,6 +586,9 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
         _restore(run, found)
     if info.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
+        if run.history:  # as the checkpoint has it: a kill between checkpoint and CSV left them an epoch behind
+            write_csv(run_dir / "metrics.csv", run.history)
+            plot_history(run_dir / "plots", run.history)
     tb = TensorBoard(run_dir / "tb") if info.is_main else None
     start, first_epoch = time.perf_counter(), run.epoch
     try:

@@ -74,6 +74,16 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_deca
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, keeping this optimizer's implementation: loading replaces each param
+    group whole, so a checkpoint from before fused AdamW would turn it off (and, with fp16's GradScaler, which talks to
+    a fused optimizer differently, fail in the first step)."""
+    kept = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keys in zip(optimizer.param_groups, kept):
+        group.update(keys)
+
+
 def _has_fused_adamw(param: torch.Tensor) -> bool:
     return param.is_floating_point() and param.device.type in ("cpu", "cuda")  # both since torch 2.4
 
