@@ -3,6 +3,7 @@ one, Grad-CAM matches its closed form on the last stage, and the command writes 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
@@ -342,3 +343,41 @@ def test_the_image_is_read_as_training_and_predict_read_it(tmp_path: Path) -> No
     expected = preprocess(meta)(load_rgb(tmp_path / "phone.jpg"))[None]
     assert load_rgb(tmp_path / "phone.jpg").size == (20, 30)
     assert torch.equal(_read_image(str(tmp_path / "phone.jpg"), meta), expected)
+
+
+def test_maps_sit_on_the_receptive_field_centres_of_their_tokens() -> None:
+    """Token r of a stride-s map is centred on pixel r*s (3x3 convolutions of stride 2, padding 1, all the way
+    down): measured as the centroid of |d token / d input| through the stem and the downsamplings, it is where
+    `to_image` puts a one-token map's peak. The maps used to be drawn half a token down and right (16 px at stride
+    32 on a 224 px image)."""
+    torch.manual_seed(0)
+    net = gcvit.create_model("gcvit_xxtiny", img_size=224).eval()
+    x = torch.randn(1, 3, 224, 224, requires_grad=True)
+    feats = net.patch_embed(x)
+    for stage in range(4):
+        if stage:
+            feats = net.levels[stage - 1].downsample(feats)  # NHWC (1, H_i, W_i, C)
+        stride, token = 4 * 2**stage, 3
+        (grad,) = torch.autograd.grad(feats[0, token, token].abs().sum(), x, retain_graph=True)
+        weight = grad.abs().sum((0, 1))  # (224, 224)
+        rows = torch.arange(224.0)
+        centre = float((weight.sum(1) * rows).sum() / weight.sum()), float((weight.sum(0) * rows).sum() / weight.sum())
+        assert abs(centre[0] - token * stride) < 0.2 * stride and abs(centre[1] - token * stride) < 0.2 * stride
+        one = torch.zeros(1, *feats.shape[1:3])
+        one[0, token, token] = 1
+        peak = int(viz.to_image(one, stride, (224, 224))[0].argmax())
+        assert divmod(peak, 224) == (token * stride, token * stride), (stride, divmod(peak, 224), centre)
+
+
+def test_grad_cam_of_a_frozen_model_under_inference_mode(model: gcvit.GCViT) -> None:
+    """A frozen model (requires_grad False everywhere) and a caller's inference_mode gave bare autograd errors; both
+    now give the Grad-CAM of the model as it is. A class_idx list of the wrong length is named."""
+    images = _photo((64, 96)).expand(3, -1, -1, -1)
+    reference = viz.grad_cam(model, images, class_idx=[0, 1, 2])
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    with torch.inference_mode():
+        cam = viz.grad_cam(frozen, images, class_idx=[0, 1, 2])
+    torch.testing.assert_close(cam.cam, reference.cam, rtol=0, atol=1e-5)
+    assert all(p.grad is None for p in frozen.parameters())
+    with pytest.raises(ValueError, match="expected one class_idx for all 3 images or one per image; got 2"):
+        viz.grad_cam(model, images, class_idx=[1, 2])

@@ -13,6 +13,7 @@ inside the window), (H_i, W_i) the map of stage i, (H, W) the image.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -306,11 +307,21 @@ def local_attention(
 
 
 def to_image(stage_map: torch.Tensor, stride: int, image_size: tuple[int, int]) -> torch.Tensor:
-    """A stage map (B, H_i, W_i) -> (B, H, W) on the image: token (r, c) covers pixels [r*stride, (r+1)*stride),
-    bilinearly smoothed, cropped to the image."""
+    """A stage map (B, H_i, W_i) -> (B, H, W) on the image: token (r, c) sits at pixel (r*stride, c*stride), the
+    centre of its receptive field (the stem and every downsampling are 3x3 convolutions of stride 2 and padding 1,
+    so output i is centred on input 2i), with bilinear values between tokens and the edge tokens' values beyond."""
     _, h, w = stage_map.shape
-    up = F.interpolate(stage_map[:, None].float(), size=(h * stride, w * stride), mode="bilinear", align_corners=False)
-    return up[:, 0, : image_size[0], : image_size[1]]
+    H, W = image_size
+    size = ((h - 1) * stride + 1, (w - 1) * stride + 1)  # pixel r*stride <-> token r exactly
+    up = F.interpolate(stage_map[:, None].float(), size=size, mode="bilinear", align_corners=True)
+    up = F.pad(up, (0, max(0, W - size[1]), 0, max(0, H - size[0])), mode="replicate")
+    return up[:, 0, :H, :W]
+
+
+def _cell_edge(token: float, stride: int) -> float:
+    """Where token `token`'s cell begins in plot coordinates (pixel k spans [k - 0.5, k + 0.5]): half a stride
+    before the token's centre pixel, token * stride."""
+    return token * stride - stride / 2
 
 
 # --- Grad-CAM -----------------------------------------------------------------------------------------------------
@@ -341,17 +352,27 @@ def grad_cam(
         raise ValueError("Grad-CAM needs a classification head; this model has none (num_classes=0)")
     last = stage == len(model.levels) - 1
     target = model.norm if last else model.levels[stage].blocks[-1]  # output NHWC (B, H_i, W_i, C)
+    given = 0 if class_idx is None else torch.as_tensor(class_idx).numel()
+    if class_idx is not None and given not in (1, len(images)):
+        raise ValueError(f"expected one class_idx for all {len(images)} images or one per image; got {given}")
     captured: list[torch.Tensor] = []
-    handle = target.register_forward_hook(lambda m, a, out: captured.append(out))
+
+    def capture(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if not out.requires_grad:  # a frozen model: the map itself is what the gradient is taken against
+            out = out.detach().requires_grad_()
+        captured.append(out)
+        return out
+
+    handle = target.register_forward_hook(capture)
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
-            logits = model(images).float()
+        with torch.inference_mode(False), torch.enable_grad():  # also when called under inference_mode
+            logits = model(images.clone()).float()
             if class_idx is None:
                 idx = logits.argmax(-1)
             else:
-                idx = torch.as_tensor(class_idx, dtype=torch.long).expand(len(images)).to(logits.device)
+                idx = torch.as_tensor(class_idx, dtype=torch.long).reshape(-1).expand(len(images)).to(logits.device)
             if ((idx < 0) | (idx >= logits.shape[-1])).any():
                 raise ValueError(f"class_idx {class_idx!r} out of range: the model has {logits.shape[-1]} classes")
             score = logits.gather(1, idx[:, None]).sum()
@@ -398,13 +419,16 @@ def _overlay(ax: Any, image: torch.Tensor, heat: torch.Tensor | None, title: str
 
 
 def _window_lines(ax: Any, stage: StageAttention, image_size: tuple[int, int]) -> None:
-    """Thin white lines between the stage's windows, in image pixels."""
+    """Thin white lines between the stage's windows, in image pixels (between the cells of their edge tokens)."""
     H, W = image_size
-    step = stage.window_size * stage.stride
-    for y in range(step, H, step):
-        ax.axhline(y - 0.5, color="white", lw=0.6, alpha=0.8)
-    for x in range(step, W, step):
-        ax.axvline(x - 0.5, color="white", lw=0.6, alpha=0.8)
+    ws, s = stage.window_size, stage.stride
+    rows, cols = stage.grid
+    for k in range(1, rows):
+        if 0 <= _cell_edge(k * ws, s) < H:
+            ax.axhline(_cell_edge(k * ws, s), color="white", lw=0.6, alpha=0.8)
+    for k in range(1, cols):
+        if 0 <= _cell_edge(k * ws, s) < W:
+            ax.axvline(_cell_edge(k * ws, s), color="white", lw=0.6, alpha=0.8)
 
 
 def plot_global_attention(
@@ -472,18 +496,27 @@ def plot_local_attention(
     heat = local_attention(maps, stage, window, query)[index]  # (ws, ws)
     h, w = _real_extent(st, window)
     s, ws = st.stride, st.window_size
-    y0, x0 = window[0] * ws * s, window[1] * ws * s
-    y1, x1 = min(y0 + h * s, maps.image_size[0]), min(x0 + w * s, maps.image_size[1])
-    qy, qx = y0 + (query[0] + 0.5) * s, x0 + (query[1] + 0.5) * s
+    r0, c0 = window[0] * ws, window[1] * ws  # the window's first token
+    y0, x0, y1, x1 = _cell_edge(r0, s), _cell_edge(c0, s), _cell_edge(r0 + h, s), _cell_edge(c0 + w, s)
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4))
     title = f"stage {st.stage}, window {tuple(window)}, query {tuple(query)}"
-    _overlay(left, image, heat[:h, :w], title, extent=(x0 - 0.5, x1 - 0.5, y1 - 0.5, y0 - 0.5))
+    _overlay(left, image, heat[:h, :w], title, extent=(x0, x1, y1, y0))
     left.set_xlim(-0.5, maps.image_size[1] - 0.5)
     left.set_ylim(maps.image_size[0] - 0.5, -0.5)
-    left.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="cyan", lw=1.5))
-    left.plot([qx - 0.5], [qy - 0.5], "wx", ms=8, mew=2)
-    right.imshow(image[y0:y1, x0:x1].numpy(), extent=(0, w, h, 0))  # the window, one unit per token
+    left.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="cyan", lw=1.5))
+    left.plot([(c0 + query[1]) * s], [(r0 + query[0]) * s], "wx", ms=8, mew=2)  # the query token's centre
+    # the window zoomed in, one unit per token: the image pixels under its cells, placed where the cells put them
+    rows = slice(max(0, math.ceil(y0)), min(maps.image_size[0], math.ceil(y1)))
+    cols = slice(max(0, math.ceil(x0)), min(maps.image_size[1], math.ceil(x1)))
+
+    def units(pixel: int, edge: float) -> float:  # pixel's top/left edge in tokens from the window's cell edge
+        return (pixel - 0.5 - edge) / s
+
+    crop_extent = (units(cols.start, x0), units(cols.stop, x0), units(rows.stop, y0), units(rows.start, y0))
+    right.imshow(image[rows, cols].numpy(), extent=crop_extent)
     im = right.imshow(heat[:h, :w].numpy(), cmap="jet", alpha=0.45, extent=(0, w, h, 0))
+    right.set_xlim(0, w)
+    right.set_ylim(h, 0)
     right.set_title("local attention (blocks, heads averaged)", fontsize=9)
     right.set_axis_off()
     right.plot([query[1] + 0.5], [query[0] + 0.5], "wx", ms=10, mew=2)
