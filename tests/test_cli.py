@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
         (["compare", "--models", "gcvit_xxtiny", "--time-budget", "-1", "--out-dir", "{tmp}/c"], "--time-budget"),
         (["digits", "--out", "{tmp}/afile"], "is a file; expected a folder for the PNG files"),
         (["eval", "{tmp}/run", "--out-dir", "{tmp}/afile"], "afile is a file; expected a folder there"),
+        (["digits", "--out", "{tmp}/afile/sub"], "afile is a file; expected a folder there"),  # not afile/sub
         (["train", "--config", "{tmp}"], "is a folder; expected a YAML file"),
         (["train", "--config", "{tmp}/afile.png"], "is not text; expected a YAML file"),
         (["visualize", "{tmp}", "--model", "gcvit_xxtiny"], "is a folder; expected one image file"),

@@ -108,16 +108,42 @@ def test_the_format_not_the_file_name_picks_the_checker(saved_and_onnx, tmp_path
     model, _, out, _ = saved_and_onnx
     renamed = tmp_path / "model.bin"
     renamed.write_bytes(out.read_bytes())
-    assert verify(renamed, model, (64, 64), (2,), format="onnx")[0].max_abs_diff <= 1e-4
+    assert verify(renamed, model, (64, 64), (2,), format="ONNX")[0].max_abs_diff <= 1e-4
+    with pytest.raises(ValueError, match=r"expected format one of \('onnx', 'pt2'\); got 'tflite'"):
+        verify(renamed, model, (64, 64), (2,), format="tflite")
     result = export(model, tmp_path / "model.ONNX", "pt2", batches=(1,))
     assert result.path == tmp_path / "model.ONNX" and result.checks[0].max_abs_diff <= 1e-5
 
 
-def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path: Path) -> None:
-    """torch.onnx writes opset 18 when it cannot convert down (with a warning only): refused, nothing written."""
-    with pytest.raises(ValueError, match="expected an ONNX graph of opset 13; torch.onnx could only write opset 18"):
-        export(_small(), tmp_path / "old.onnx", opset=13)
+def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path: Path, capsys) -> None:
+    """torch.onnx writes opset 18 and converts upwards, to what onnx knows: another opset is refused by name before
+    the model is traced (in the command before the model is loaded), and nothing is written."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in (13, newest + 1):
+        with pytest.raises(ValueError, match=f"expected --opset between 18 and {newest} .*; got {opset}"):
+            export(_small(), tmp_path / "old.onnx", opset=opset)
     assert not (tmp_path / "old.onnx").exists()
+    assert main(["export", "gcvit_no_such_model", "--opset", "13"]) == 2
+    err = capsys.readouterr().err
+    assert "expected --opset between 18" in err and "Traceback" not in err
+
+
+def test_the_pt2_batch_has_no_upper_bound(saved_and_onnx, tmp_path: Path) -> None:
+    """The dynamic batch used to be capped at 4096 (a larger one failed a guard after export)."""
+    from torch.utils._sympy.numbers import int_oo
+
+    model, _, _, _ = saved_and_onnx
+    export(model, tmp_path / "m.pt2", "pt2", batches=(1,))
+    (bounds,) = torch.export.load(tmp_path / "m.pt2").range_constraints.values()
+    assert (bounds.lower, bounds.upper) == (1, int_oo)
+
+
+def test_the_default_output_of_a_folder_given_as_dot_is_named_after_it(tmp_path: Path, monkeypatch) -> None:
+    from gcvit.cli_export import _default_out
+
+    (tmp_path / "saved").mkdir()
+    monkeypatch.chdir(tmp_path / "saved")
+    assert _default_out(".", "pt2") == Path("saved.pt2") and _default_out("..", "onnx") == Path(f"{tmp_path.name}.onnx")
 
 
 def test_a_named_safetensors_file_is_the_one_exported(saved_and_onnx, tmp_path: Path) -> None:

@@ -341,3 +341,21 @@ def test_visualize_checks_its_image_before_downloading_weights(http_root, cache,
     assert main(["visualize", str(missing), "--model", "gcvit_xxtiny", "--pretrained", "--out-dir", str(tmp_path)]) == 2
     assert f"gcvit: error: {missing} does not exist; expected an image file" in capsys.readouterr().err
     assert not cache.exists() or not any(cache.rglob("*.pth.tar*"))
+
+
+def test_the_preprocessing_size_survives_every_round_trip(small, tmp_path: Path) -> None:
+    """config.json's img_size is the preprocessing's, as its other entries: a loaded model saved again kept cfg's
+    size instead, and a plain int (what create_model takes) loaded, then broke export and visualize."""
+    from gcvit.cli_export import load_for_export
+
+    small.save_pretrained(tmp_path / "a", config={"img_size": [80, 80], "crop_pct": 0.9, "interpolation": "bilinear"})
+    loaded = gcvit.from_pretrained(tmp_path / "a")
+    loaded.save_pretrained(tmp_path / "b")
+    again = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert (again["img_size"], again["crop_pct"], again["interpolation"]) == ([80, 80], 0.9, "bilinear")
+    small.save_pretrained(tmp_path / "c", config={"img_size": 96})
+    assert gcvit.from_pretrained(tmp_path / "c").pretrained_cfg.img_size == (96, 96)
+    assert load_for_export(str(tmp_path / "c"))[1]["img_size"] == [96, 96]
+    small.save_pretrained(tmp_path / "d", config={"img_size": "big"})
+    with pytest.raises(ValueError, match=r"img_size must be an int or \[H, W\] in pixels; got 'big'"):
+        gcvit.from_pretrained(tmp_path / "d")

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -88,8 +89,6 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _digits(args: argparse.Namespace) -> None:
     """Write held-out (validation split) digits as PNG files named after their true label."""
-    from pathlib import Path
-
     from gcvit.data import DigitsDataset
 
     if args.count < 1:
@@ -203,12 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gcvit: error: {_missing(e)}", file=sys.stderr)
         return 2
     except (FileExistsError, NotADirectoryError) as e:  # a file where a folder was to be made or read
-        print(f"gcvit: error: {e.filename} is a file; expected a folder there", file=sys.stderr)
+        print(f"gcvit: error: {_the_file(e.filename)} is a file; expected a folder there", file=sys.stderr)
         return 2
     except (ValueError, OSError, gcvit.ChecksumError, NonFiniteLossError) as e:
         print(f"gcvit: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _the_file(path: str | None) -> str | None:
+    """The file in the way of `path` (afile/sub/x: afile), or `path` itself."""
+    if path is None:
+        return None
+    return str(next((p for p in (Path(path), *Path(path).parents) if p.is_file()), Path(path)))
 
 
 _EXTRAS = {"onnx": "test", "onnxruntime": "test", "onnxscript": "test", "timm": "test", "skimage": "test"}

@@ -42,12 +42,12 @@ def load_for_export(
 
 
 def _default_out(model: str, fmt: str) -> Path:
-    stem = Path(model.rstrip("/")).name if Path(model).exists() else re.sub(r"[^\w.-]+", "_", model)
+    stem = Path(model).resolve().name if Path(model).exists() else re.sub(r"[^\w.-]+", "_", model)  # '.' too
     return Path(f"{stem}.{fmt}")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from gcvit.export import ExportMismatchError, export
+    from gcvit.export import ExportMismatchError, check_opset, export
     from gcvit.flops import count_params
 
     for noisy in ("onnxscript", "onnx_ir"):  # their graph optimisers log every rewrite at INFO
@@ -57,6 +57,8 @@ def _export(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} is a folder; expected the file to write (e.g. {out / ('model.' + args.format)})")
     if not args.atol > 0:
         raise ValueError(f"expected --atol above 0; got {args.atol:g}")
+    if args.format == "onnx":
+        check_opset(args.opset)  # before any weights are read (or downloaded)
     net, config = load_for_export(args.model, args.pretrained, args.ema)
     size = args.img_size or config["img_size"]
     if len(size) > 2:

@@ -34,7 +34,6 @@ FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 _EXAMPLE_BATCH = 2  # traced batch; 0 and 1 would be specialised by torch.export
-_MAX_BATCH = 4096
 _ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights above which ONNX needs an external data file (2 GB)
 
 
@@ -65,7 +64,18 @@ def _example(model: nn.Module, batch: int, img_size: tuple[int, int], seed: int 
 
 
 def _batch_dim() -> Any:
-    return torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    return torch.export.Dim("batch", min=1)  # no upper bound: any batch the machine holds
+
+
+def check_opset(opset: int) -> None:
+    """Raise unless torch.onnx can be asked for `opset`: it writes 18 and converts upwards, to what onnx knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not DEFAULT_OPSET <= opset <= newest:
+        raise ValueError(
+            f"expected --opset between {DEFAULT_OPSET} and {newest} (onnx {onnx.__version__}); got {opset}"
+        )
 
 
 def export_onnx(
@@ -80,28 +90,36 @@ def export_onnx(
     dynamo exporter; `metadata` goes into the model's metadata_props."""
     import onnx
 
+    check_opset(opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    with torch.no_grad():
-        program = torch.onnx.export(
-            model.eval(),
-            (_example(model, _EXAMPLE_BATCH, img_size),),
-            dynamo=True,
-            dynamic_shapes=({0: _batch_dim()},),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            verbose=False,
-        )
+    converter = logging.getLogger("onnxscript.version_converter")
+    level = converter.level
+    converter.setLevel(logging.CRITICAL)  # a failed conversion logs a traceback; the check below says what failed
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                model.eval(),
+                (_example(model, _EXAMPLE_BATCH, img_size),),
+                dynamo=True,
+                dynamic_shapes=({0: _batch_dim()},),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                verbose=False,
+            )
+    finally:
+        converter.setLevel(level)
     if program is None:
         raise RuntimeError("torch.onnx.export returned no program")
     proto = program.model_proto
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:  # torch's exporter falls back to its own opset where it cannot convert, with a warning only
         raise ValueError(
-            f"expected an ONNX graph of opset {opset}; torch.onnx could only write opset {written} for this model "
-            f"(its exporter converts from opset {written} and failed); pass --opset {written} or higher"
+            f"expected an ONNX graph of opset {opset}; torch.onnx writes opset {written} and could not convert this "
+            f"model to {opset} (onnx {onnx.__version__} lacks an adapter for one of its ops); pass --opset {written}, "
+            f"or another between {written} and {opset - 1}"
         )
     onnx.helper.set_model_props(proto, dict(metadata or {}))
     if size > _ONNX_SINGLE_FILE_LIMIT:  # the weights go to path.data, written before the graph file appears
@@ -158,7 +176,9 @@ def verify(
         ExportMismatchError: some max abs difference exceeds `atol` (the message lists all of them).
     """
     path = Path(path)
-    format = format or ("onnx" if path.suffix.lower() == ".onnx" else "pt2")
+    format = (format or ("onnx" if path.suffix.lower() == ".onnx" else "pt2")).lower()
+    if format not in FORMATS:
+        raise ValueError(f"expected format one of {FORMATS}; got {format!r}")
     runner = _onnx_runner(path) if format == "onnx" else _pt2_runner(path)
     checks = []
     model.eval()

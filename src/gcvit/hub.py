@@ -58,7 +58,7 @@ def model_config(model: nn.Module, classes: Sequence[str] | None = None, name: s
         "config": dataclasses.asdict(model.cfg),
         "classes": classes,
         "num_classes": len(classes),
-        "img_size": list(model.cfg.img_size),
+        "img_size": list(pc.img_size),  # the preprocessing's size, as the other entries (cfg's may differ)
         "mean": list(pc.mean),
         "std": list(pc.std),
         "interpolation": pc.interpolation,
@@ -135,6 +135,11 @@ def build_from_config(config: Mapping[str, Any], source: str = "config.json") ->
     model.classes = classes
     keys = ("mean", "std", "interpolation", "crop_pct", "crop_mode", "img_size")
     pc = {k: tuple(config[k]) if isinstance(config[k], list) else config[k] for k in keys if k in config}
+    size = pc.get("img_size", (1, 1))
+    if isinstance(size, int) and not isinstance(size, bool):
+        pc["img_size"] = size = (size, size)  # one int is a square
+    if not (len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"{source}: img_size must be an int or [H, W] in pixels; got {config['img_size']!r}")
     model.pretrained_cfg = dataclasses.replace(
         getattr(model, "pretrained_cfg", PretrainedCfg(url="")), **pc, num_classes=model.num_classes
     )
