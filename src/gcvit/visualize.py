@@ -506,8 +506,8 @@ def plot_local_attention(
     left.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="cyan", lw=1.5))
     left.plot([(c0 + query[1]) * s], [(r0 + query[0]) * s], "wx", ms=8, mew=2)  # the query token's centre
     # the window zoomed in, one unit per token: the image pixels under its cells, placed where the cells put them
-    rows = slice(max(0, math.ceil(y0)), min(maps.image_size[0], math.ceil(y1)))
-    cols = slice(max(0, math.ceil(x0)), min(maps.image_size[1], math.ceil(x1)))
+    rows = slice(max(0, math.ceil(y0 - 0.5)), min(maps.image_size[0], math.floor(y1 + 0.5) + 1))  # every pixel
+    cols = slice(max(0, math.ceil(x0 - 0.5)), min(maps.image_size[1], math.floor(x1 + 0.5) + 1))  # a cell touches
 
     def units(pixel: int, edge: float) -> float:  # pixel's top/left edge in tokens from the window's cell edge
         return (pixel - 0.5 - edge) / s
