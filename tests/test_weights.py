@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.server
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +72,9 @@ def test_files_that_are_not_weights_are_named_in_one_short_line(tmp_path: Path) 
         run / "state.pt": f"a run's training state .*, not its weights, which are {run / 'model.safetensors'}",
         run / "config.json": "a text file",
         tmp_path / "cut.pt": "unreadable: PytorchStreamReader failed",
+        tmp_path / "junk.pth": r"unreadable: corrupt, or not a torch checkpoint \(Unsupported operand",  # not "code"
     }
+    (tmp_path / "junk.pth").write_bytes(b"\x00\x01garbage" * 10)
     for path, reason in expected.items():
         with pytest.raises(gcvit.CheckpointError, match=f"{path}: {reason}") as info:
             gcvit.create_model("gcvit_xxtiny", pretrained=str(path))
@@ -261,3 +265,79 @@ def test_checkpoints_of_wrapped_models_load_back(tmp_path: Path) -> None:
         loaded = gcvit.create_model("gcvit_xxtiny", img_size=64, pretrained=path).eval()
         with torch.no_grad():
             assert torch.equal(loaded(x), model(x)), path
+
+
+def test_create_model_says_when_it_bends_a_checkpoint_to_other_windows(xxtiny_official, caplog) -> None:
+    """create_model used to resize every bias table of a checkpoint trained with other windows without a word."""
+    _, path = xxtiny_official
+    with caplog.at_level("WARNING", logger="gcvit.models.registry"):
+        gcvit.create_model("gcvit_xxtiny", pretrained=path, img_size=384, window_size=(12, 12, 24, 12))
+    assert "trained with other window or input sizes: 12 position tensors were resized" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gcvit.models.registry"):
+        gcvit.create_model("gcvit_xxtiny", pretrained=path)
+    assert "resized" not in caplog.text
+
+
+def test_an_ema_saved_by_torchs_averaged_model_loads(tmp_path: Path) -> None:
+    """torch.optim.swa_utils.AveragedModel (torchvision's reference scripts' model_ema) adds `module.` and an
+    `n_averaged` counter: both go."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = randomize_(gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=3)).eval()
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+    torch.save({"model_ema": ema.state_dict()}, tmp_path / "ema.pth")
+    loaded = gcvit.create_model("gcvit_xxtiny", img_size=64, pretrained=tmp_path / "ema.pth").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+class _Truncating(http.server.BaseHTTPRequestHandler):
+    """Announces 1000 bytes and sends 500 (chunked: a cut-off chunk), then closes: a download cut off midway."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path.endswith("chunked.pth"):
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"3e8\r\n" + b"x" * 500)  # a chunk of 1000 bytes, cut at 500
+        else:
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 500)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_download_cut_off_midway_is_an_error_and_leaves_no_file(cache) -> None:
+    """torch.hub's downloader kept a short file as if complete (no digest is known for NVIDIA's files), and every
+    later load reused it; a cut chunked reply was a bare http.client traceback."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Truncating)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(
+            OSError, match=rf"could not download {base}/cut\.pth: the connection closed after 500 of 1000"
+        ):
+            gcvit.models.weights.resolve(f"{base}/cut.pth")
+        with pytest.raises(OSError, match=rf"could not download {base}/chunked\.pth: .*IncompleteRead"):
+            gcvit.models.weights.resolve(f"{base}/chunked.pth")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not cache.exists() or not [p for p in cache.rglob("*") if p.is_file()]
+
+
+def test_a_cache_folder_given_with_a_tilde_is_the_home_one(http_root, monkeypatch, tmp_path: Path) -> None:
+    root, base = http_root
+    (root / "w.pth").write_bytes(b"weights")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GCVIT_CACHE", "~/gcvit-cache")
+    monkeypatch.chdir(tmp_path)
+    path = gcvit.models.weights.resolve(f"{base}/w.pth")
+    assert path.is_file() and path.is_relative_to(tmp_path / "home" / "gcvit-cache")
+    assert not (tmp_path / "~").exists()

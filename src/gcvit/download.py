@@ -1,21 +1,27 @@
 """Checkpoint download into a local cache, with SHA-256 check and atomic writes.
 
-The cache is `$GCVIT_CACHE` if set, else `<torch hub dir>/gcvit`. A file reaches its cache name only once complete and
-verified: torch.hub's downloader writes to a temporary file in the same folder and renames it at the end.
+The cache is `$GCVIT_CACHE` if set, else `<torch hub dir>/gcvit`. A file reaches its cache name only once complete
+(as many bytes as the server announced) and verified: it is written to a temporary file in the same folder and
+renamed at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
+import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
-from urllib.request import url2pathname
+from urllib.request import Request, url2pathname, urlopen
 
 import torch.hub
 
 log = logging.getLogger(__name__)
+
+TIMEOUT = 60.0  # seconds without a byte from the server before a download is given up
 
 
 class ChecksumError(RuntimeError):
@@ -24,7 +30,7 @@ class ChecksumError(RuntimeError):
 
 def cache_dir() -> Path:
     """The folder downloads are cached in: $GCVIT_CACHE, else <torch hub dir>/gcvit."""
-    return Path(os.environ.get("GCVIT_CACHE") or Path(torch.hub.get_dir()) / "gcvit")
+    return Path(os.environ.get("GCVIT_CACHE") or Path(torch.hub.get_dir()) / "gcvit").expanduser()
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -80,20 +86,54 @@ def download(url: str, sha256: str | None = None, *, progress: bool = True, fold
     if dst.exists():
         if expected is None or sha256_of(dst).startswith(expected):
             return dst
-        log.warning("cached %s fails its hash check; downloading it again", dst)
-        dst.unlink()
+        log.warning("cached %s fails its hash check; downloading it again", dst)  # the rename below replaces it
     dst.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", url, dst)
     try:
-        torch.hub.download_url_to_file(url, str(dst), hash_prefix=expected, progress=progress)
-    except RuntimeError as e:
-        if "invalid hash value" in str(e):
-            raise ChecksumError(
-                f"download of {url} has the wrong SHA-256 (expected {expected}...); it was discarded: {e}"
-            ) from None
-        raise
-    except OSError as e:
+        digest = _fetch(url, dst, expected, progress)
+    except (OSError, http.client.HTTPException) as e:  # HTTP errors, refused or cut connections, timeouts
         raise OSError(f"could not download {url}: {e}") from e
     if expected is None:
-        log.warning("no known SHA-256 for %s; downloaded file has %s", url, sha256_of(dst))
+        log.warning("no known SHA-256 for %s; downloaded file has %s", url, digest)
     return dst
+
+
+def _fetch(url: str, dst: Path, expected: str | None, progress: bool) -> str:
+    """Stream `url` into a temporary file beside `dst`; rename it to `dst` when every announced byte came and the
+    digest starts with `expected`. Returns the SHA-256 hex digest. Concurrent downloads of one file each write their
+    own temporary file; the last rename wins, with the same bytes."""
+    tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex[:8]}.partial")
+    digest = hashlib.sha256()
+    try:
+        with urlopen(Request(url, headers={"User-Agent": "gcvit"}), timeout=TIMEOUT) as response, open(tmp, "wb") as f:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            bar = _progress_bar(total, dst.name) if progress else None
+            done = 0
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        if total is not None and done != total:
+            raise OSError(f"the connection closed after {done} of {total} bytes")
+        if expected is not None and not digest.hexdigest().startswith(expected):
+            raise ChecksumError(
+                f"download of {url} has the wrong SHA-256 {digest.hexdigest()} (expected {expected}...); discarded"
+            )
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest.hexdigest()
+
+
+def _progress_bar(total: int | None, name: str) -> Any:
+    """A tqdm bar in bytes, or None without tqdm (an optional dependency)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024)

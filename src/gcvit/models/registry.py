@@ -186,4 +186,13 @@ def _load_pretrained(model: nn.Module, state_dict: dict, source: str) -> None:
         logger.info("%s has %s: the model's %d-class head is freshly initialised", source, had, model.num_classes)
         fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")} | fresh
-    load_state_dict_into(model, state_dict, source, strict=True)
+    resized = load_state_dict_into(model, state_dict, source, strict=True).resized
+    if resized:  # a checkpoint of other windows (e.g. a 384 px one under the 224 px variant) is bent to fit
+        logger.warning(
+            "%s was trained with other window or input sizes: %d position tensors were resized to this model's (%s%s); "
+            "pass the checkpoint's own window_size (and img_size) to use them unchanged",
+            source,
+            len(resized),
+            resized[0],
+            ", ..." if len(resized) > 1 else "",
+        )

@@ -68,9 +68,12 @@ def _why_unreadable(path: Path, head: bytes, error: Exception) -> str:
         return "a text file (JSON, YAML or the like), not a checkpoint"
     text = str(error)
     _, found, detail = text.partition("WeightsUnpickler error:")
-    if found:
+    if found and ("Unsupported global" in detail or head[:1] == b"\x80"):  # a pickle (PROTO opcode first) that
+        # names a class or function, or uses opcodes the safe loader does not take: loading it could run code
         reason = " ".join(detail.split("\n\n", 2)[:2]).split(". Please use")[0].strip()
         return f"refused: {reason[:300]} (a pickle of more than plain tensors could run code)"
+    if found:  # bytes the unpickler cannot parse at all
+        return f"unreadable: corrupt, or not a torch checkpoint ({detail.strip().splitlines()[0][:200]})"
     first = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(error).__name__
     return f"unreadable: {first[:300]}"
 
@@ -117,9 +120,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def _unwrapped(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys without the prefixes wrappers add when the wrapper itself was saved: DDP's `module.` and
-    torch.compile's `_orig_mod.` (each only when every key has it)."""
+    """Keys without the prefixes wrappers add when the wrapper itself was saved: DDP's and AveragedModel's `module.`
+    (AveragedModel's `n_averaged` dropped) and torch.compile's `_orig_mod.` (each only when every key has it)."""
     out = dict(state_dict)
+    if "n_averaged" in out and all(k.startswith("module.") for k in out if k != "n_averaged"):
+        del out["n_averaged"]  # torch's AveragedModel (an EMA, as torchvision's scripts save it): its step count
     for prefix in ("module.", "_orig_mod.", "module."):
         if out and all(k.startswith(prefix) for k in out):
             out = {k.removeprefix(prefix): v for k, v in out.items()}
