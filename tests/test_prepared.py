@@ -162,3 +162,67 @@ def test_nothing_is_kept_for_shared_memory_or_under_torch_distributed(tmp_path) 
         dist.destroy_process_group()
     with torch.no_grad():
         assert torch.equal(shared(x), reference(x))  # shared memory: nothing kept, with or without torch.distributed
+
+
+def test_what_was_kept_before_torch_distributed_started_is_dropped(tmp_path) -> None:
+    """Copies made before init_process_group matched again after destroy_process_group, though a collective had
+    rewritten the weights meanwhile without bumping a version (rank 1 then served rank 1's old weights)."""
+    import torch.distributed as dist
+
+    x = torch.randn(2, 3, 64, 64)
+    model = _small()
+    with torch.no_grad():
+        model(x)  # kept
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        try:
+            model(x)
+            for p in model.parameters():
+                p.data.mul_(0.5)  # as a broadcast from another rank would write them: unseen by version counters
+        finally:
+            dist.destroy_process_group()
+        reference = _small()
+        for p in reference.parameters():
+            p.data.mul_(0.5)
+        assert torch.equal(model(x), reference(x))
+
+
+def test_a_fake_tensor_run_keeps_nothing(tmp_path) -> None:
+    """A run under FakeTensorMode (shape or memory estimation) kept fake copies that later real calls returned."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    x = torch.randn(2, 3, 64, 64)
+    model, reference = _small(), _small()
+    with torch.no_grad():
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model(torch.empty(2, 3, 64, 64))
+        out = model(x)
+        assert not isinstance(out, FakeTensor) and torch.equal(out, reference(x))
+
+
+def test_a_weight_given_new_memory_twice_is_not_served_from_the_old_copy() -> None:
+    """`p.data = t` keeps the version counter; the freed memory could come back at the kept address for the second
+    new tensor, which then matched the stale packed copy (seen in a review; whether the address comes back depends
+    on the allocator, so on this machine the old code may pass too: the entry now holds the old storage, so it
+    cannot)."""
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        linear(x, layer)
+        for _ in range(3):
+            layer.weight.data = layer.weight.data * 2
+            layer.weight.data = layer.weight.data * 2
+            want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            torch.testing.assert_close(linear(x, layer), want, rtol=1e-4, atol=1e-3)  # a stale copy is 4x off
+
+
+def test_a_replaced_pointwise_conv_takes_effect_in_fused_mbconv() -> None:
+    """The fused path used only the pointwise conv's weight: a replacement's bias (or stride, groups) was dropped."""
+    from gcvit.layers.conv import FusedMBConv
+
+    block = FusedMBConv(16).eval()
+    block[3] = torch.nn.Conv2d(16, 16, 1, bias=True)
+    torch.nn.init.constant_(block[3].bias, 0.5)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        expected = x + block[3](block[2](block[1](block[0](x))))
+        torch.testing.assert_close(block(x), expected)

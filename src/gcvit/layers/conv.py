@@ -58,7 +58,7 @@ class FusedMBConv(nn.Sequential):
         replaced modules are called one after the other."""
         dw, act, se, pw = self
         y = conv2d_gelu(x, dw, act)  # (B, C, H, W)
-        if not is_plain(pw, se, kinds=(SqueezeExcite,)):
+        if not is_plain(pw, se, kinds=(SqueezeExcite,)) or not _is_pointwise(pw):
             return x + pw(se(y))
         B, C, H, W = y.shape
         # pw(y * gate) = y @ (gate * pw's weight), one weight per image: the gate scales the small weight instead of
@@ -67,6 +67,18 @@ class FusedMBConv(nn.Sequential):
         weight = gate[:, :, None] * pw.weight.view(-1, C).t().to(gate.dtype)  # (B, C, C)
         out = torch.baddbmm(_nhwc(x), _nhwc(y), weight)  # (B, H*W, C)
         return out.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    """A bias-free 1x1 convolution of stride 1 over all channels: what the fused product computes."""
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+    )
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:

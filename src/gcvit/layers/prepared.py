@@ -9,9 +9,10 @@ do): `.data` has a version counter of its own; nor a write through a NumPy or DL
 an update, call `forget_prepared()`.
 
 Nothing is kept for inference tensors (made under `torch.inference_mode()`: they have no version counter), under
-torch.func transforms (their tensors have no address), for CPU tensors in shared memory (another process may write
-them) or while torch.distributed is initialised (collectives such as `broadcast` and `all_reduce` write parameters
-without bumping their versions); callers then prepare afresh on every call. The kept entry holds the parameters
+torch.func transforms (their tensors have no address), under a dispatch mode (fake tensors, FLOP counters), for CPU
+tensors in shared memory (another process may write them) or while torch.distributed is initialised (collectives
+such as `broadcast` and `all_reduce` write parameters without bumping their versions; what was kept before is
+dropped); callers then prepare afresh on every call. The kept entry holds the parameters
 themselves, not weak references, which `torch.utils.swap_tensors` (used by `load_state_dict` and `.to()` when
 `torch.__future__.set_swap_module_params_on_conversion(True)`) would refuse.
 """
@@ -25,6 +26,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 T = TypeVar("T")
 
@@ -62,17 +64,21 @@ class PreparedCache:
             state = [(t._version, t.data_ptr()) for t in tensors]
         except RuntimeError:  # an inference tensor (no version counter) or torch.func's (no address): keep nothing
             return make()
+        if _get_current_dispatch_mode() is not None:
+            return make()  # fake tensors, FLOP counters: their values are none to keep
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return make()  # collectives (broadcast, all_reduce) write parameters without bumping their versions
+            forget_prepared()  # collectives (broadcast, all_reduce) write parameters without bumping their versions,
+            return make()  # so copies made before init may be stale after it: none outlives it
         if _hook is None:  # registered on first use, so that importing gcvit changes nothing in torch
             _hook = register_optimizer_step_post_hook(_count_step)
         key = (tag, _optimizer_steps, state)
         entry = self._entries.get(module)
         if entry is not None and entry[0] == key and all(kept is t for kept, t in zip(entry[1], tensors)):
-            return entry[2]
+            return entry[3]
         value = make()
         # shared CPU memory is written by other processes, unseen: not kept (share_memory_() moves a tensor's
-        # storage, so a tensor kept before it was shared misses on its new address)
+        # storage, so a tensor kept before it was shared misses on its new address). The entry holds the storages
+        # too: after `p.data = new` the old address could otherwise come back, with the same version, for new values.
         if not any(t.device.type == "cpu" and t.is_shared() for t in tensors):
-            self._entries[module] = (key, list(tensors), value)
+            self._entries[module] = (key, list(tensors), [t.untyped_storage() for t in tensors], value)
         return value
