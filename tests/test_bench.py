@@ -57,11 +57,22 @@ def test_bench_rejects_a_bad_drop_path_rate(capsys: pytest.CaptureFixture[str]) 
         (["--repeats", "0"], "expected repeats of at least 1; got 0"),
         (["--img-size", "256"], "expected img_size 224, the only size timm's gcvit runs at; got 256"),
         (["--agreement-images", "0"], "expected agreement_images of at least 1; got 0"),
+        # names timm lacks failed with a bare traceback, a training one only after the inference rows had run
+        (["--models", "nope"], "expected models timm 1.0.31 has too (gcvit_base, "),
+        (["--train-models", "gcvit_tiny2"], "expected models timm 1.0.31 has too (gcvit_base, "),
+        (["--device", "bogus"], "expected --device cpu, cuda or cuda:N; got 'bogus'"),
     ],
 )
 def test_bench_refuses_settings_it_would_fail_on(extra: list[str], message: str, capsys) -> None:
     assert main(["bench", "--models", "gcvit_xxtiny", "--train-models", "--device", "cpu", *extra]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_bench_on_cuda_without_a_gpu_is_one_line(capsys) -> None:
+    assert main(["bench", "--models", "gcvit_xxtiny", "--train-models", "--device", "cuda"]) == 2
+    assert "device 'cuda': no CUDA device is available here (use --device cpu)" in capsys.readouterr().err
 
 
 def test_cpu_peak_memory_counts_what_the_timed_path_allocates() -> None:

@@ -431,3 +431,26 @@ def test_every_randaugment_op_runs_at_both_ends_of_its_range(increasing: bool) -
         image, 1.0 if increasing else 0.0, geometry
     )
     assert not np.asarray(black).any()
+
+
+def test_mixing_takes_any_integer_labels_and_names_what_it_cannot_mix() -> None:
+    """int32 labels (collated from NumPy) failed inside one_hot; uint8 images, an empty batch and bool labels failed
+    deep in torch."""
+    mix = mixup_cutmix(5, 0.8, 1.0, label_smoothing=0.1)
+    images = torch.rand(4, 3, 8, 8)
+    _, targets = mix(images, torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    for bad_images, labels, message in (
+        (images.to(torch.uint8), torch.arange(4), "expected a batch of float images .* got torch.uint8"),
+        (images[:0], torch.arange(0), "expected a batch of float images .* 0 images"),
+        (images[:2], torch.tensor([True, False]), r"labels must be int class indices in \[0, 5\), got torch.bool"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            mix(bad_images, labels)
+
+
+def test_distributed_evaluation_refuses_a_rank_outside_the_world() -> None:
+    """Rank 5 of 2 used to get rank 1's share, counted twice in the summed metrics; 0 replicas failed in range()."""
+    for replicas, rank in ((2, 5), (2, -1), (0, 0)):
+        with pytest.raises(ValueError, match=r"expected num_replicas >= 1 and rank in \[0, num_replicas\)"):
+            build_loader(list(range(10)), 4, train=False, distributed=True, num_replicas=replicas, rank=rank)

@@ -26,6 +26,7 @@ from gcvit.allocator import freed_memory_kept
 from gcvit.flops import count_macs
 from gcvit.models.registry import resolve_name
 from gcvit.models.weights import load_state_dict_into
+from gcvit.train.distributed import require_cuda
 
 
 @dataclass
@@ -353,6 +354,13 @@ def _check(cfg: BenchConfig) -> None:
     unknown = sorted(set(cfg.dtypes + cfg.train_dtypes) - set(_DTYPES))
     if unknown:
         raise ValueError(f"expected dtypes among {sorted(_DTYPES)}; got {unknown}")
+    import timm
+
+    missing = [name for name in dict.fromkeys(cfg.models + cfg.train_models) if not timm.is_model(name)]
+    if missing:  # found before the first row, not after minutes of them
+        known = ", ".join(timm.list_models("gcvit_*"))
+        raise ValueError(f"expected models timm {timm.__version__} has too ({known}); got {missing}")
+    require_cuda(cfg.device)  # a device name, and CUDA where it asks for it
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:

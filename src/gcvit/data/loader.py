@@ -34,6 +34,8 @@ class _Strided(Sampler[int]):
     """Indices rank, rank + num_replicas, ... of range(n): one rank's share, no sample repeated."""
 
     def __init__(self, n: int, num_replicas: int, rank: int) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:  # a wrong rank would count another rank's share twice
+            raise ValueError(f"expected num_replicas >= 1 and rank in [0, num_replicas); got {num_replicas} and {rank}")
         self.n, self.num_replicas, self.rank = n, num_replicas, rank
 
     def __iter__(self) -> Iterator[int]:

@@ -278,7 +278,12 @@ class MixupCutmix:
             raise ValueError(
                 f"expected images (B, C, H, W) and labels (B,), got {tuple(images.shape)} and {tuple(labels.shape)}"
             )
-        if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= self.num_classes:
+        if not images.is_floating_point() or len(images) == 0:
+            raise ValueError(f"expected a batch of float images (normalised); got {images.dtype}, {len(images)} images")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be int class indices in [0, {self.num_classes}), got {labels.dtype}")
+        labels = labels.long()  # int32 (from NumPy) and other integer types: one_hot takes int64 only
+        if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"labels must be int class indices in [0, {self.num_classes}), got {labels.tolist()}")
         if self.mix is None:
             targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
