@@ -138,7 +138,11 @@ def build_from_config(config: Mapping[str, Any], source: str = "config.json") ->
     size = pc.get("img_size", (1, 1))
     if isinstance(size, int) and not isinstance(size, bool):
         pc["img_size"] = size = (size, size)  # one int is a square
-    if not (len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+    if not (
+        isinstance(size, tuple)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
         raise ValueError(f"{source}: img_size must be an int or [H, W] in pixels; got {config['img_size']!r}")
     model.pretrained_cfg = dataclasses.replace(
         getattr(model, "pretrained_cfg", PretrainedCfg(url="")), **pc, num_classes=model.num_classes

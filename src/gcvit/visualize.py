@@ -423,12 +423,10 @@ def _window_lines(ax: Any, stage: StageAttention, image_size: tuple[int, int]) -
     H, W = image_size
     ws, s = stage.window_size, stage.stride
     rows, cols = stage.grid
-    for k in range(1, rows):
-        if 0 <= _cell_edge(k * ws, s) < H:
-            ax.axhline(_cell_edge(k * ws, s), color="white", lw=0.6, alpha=0.8)
-    for k in range(1, cols):
-        if 0 <= _cell_edge(k * ws, s) < W:
-            ax.axvline(_cell_edge(k * ws, s), color="white", lw=0.6, alpha=0.8)
+    for line, count, extent in ((ax.axhline, rows, H), (ax.axvline, cols, W)):
+        for edge in (_cell_edge(k * ws, s) for k in range(1, count)):
+            if 0 <= edge < extent:
+                line(edge, color="white", lw=0.6, alpha=0.8)
 
 
 def plot_global_attention(

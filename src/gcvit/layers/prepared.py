@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 T = TypeVar("T")
 
 _optimizer_steps = 0  # optimizer steps taken in this process since the hook below was registered
+_kept_any = False  # whether any cache may hold an entry (forget_prepared clears it)
 _hook: object | None = None
 _caches: weakref.WeakSet[PreparedCache] = weakref.WeakSet()
 
@@ -42,8 +43,10 @@ def _count_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) 
 
 def forget_prepared() -> None:
     """Drop every kept copy, for parameters changed in a way their version counters do not show (through `.data`)."""
+    global _kept_any
     for cache in list(_caches):
         cache.clear()
+    _kept_any = False
 
 
 class PreparedCache:
@@ -59,7 +62,7 @@ class PreparedCache:
     def get(self, module: nn.Module, tensors: Sequence[torch.Tensor], make: Callable[[], T], tag: Hashable) -> T:
         """`make()`, or the value kept for `module` if it was made from these very tensors, unchanged, with the same
         `tag` (e.g. the dtype it was made in)."""
-        global _hook
+        global _hook, _kept_any
         try:
             state = [(t._version, t.data_ptr()) for t in tensors]
         except RuntimeError:  # an inference tensor (no version counter) or torch.func's (no address): keep nothing
@@ -67,8 +70,9 @@ class PreparedCache:
         if _get_current_dispatch_mode() is not None:
             return make()  # fake tensors, FLOP counters: their values are none to keep
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            forget_prepared()  # collectives (broadcast, all_reduce) write parameters without bumping their versions,
-            return make()  # so copies made before init may be stale after it: none outlives it
+            if _kept_any:  # collectives (broadcast, all_reduce) write parameters without bumping their versions, so
+                forget_prepared()  # copies made before init may be stale after it: none outlives it (dropped once)
+            return make()
         if _hook is None:  # registered on first use, so that importing gcvit changes nothing in torch
             _hook = register_optimizer_step_post_hook(_count_step)
         key = (tag, _optimizer_steps, state)
@@ -81,4 +85,5 @@ class PreparedCache:
         # too: after `p.data = new` the old address could otherwise come back, with the same version, for new values.
         if not any(t.device.type == "cpu" and t.is_shared() for t in tensors):
             self._entries[module] = (key, list(tensors), [t.untyped_storage() for t in tensors], value)
+            _kept_any = True
         return value
