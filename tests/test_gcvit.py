@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gcvit
+from gcvit.flops import count_macs
 from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask, window_partition, window_reverse
 from gcvit.models import VARIANTS
 
@@ -35,6 +36,24 @@ def test_parameter_count(name: str) -> None:
     with torch.device("meta"):
         model = gcvit.create_model(name)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == PARAMS_M[name]
+
+
+@pytest.mark.parametrize(
+    "name, gmacs",
+    [("gcvit_xxtiny", 2.12), ("gcvit_xtiny", 2.91), ("gcvit_tiny", 4.76), ("gcvit_small", 8.53), ("gcvit_base", 14.82)],
+)
+def test_macs_match_the_counted_ones(name: str, gmacs: float) -> None:
+    """The spec's counts of timm's port at 224 (torch's FLOP counter, multiply-adds)."""
+    with torch.device("meta"):
+        model = gcvit.create_model(name)
+    assert round(count_macs(model, (224, 224)) / 1e9, 2) == gmacs
+
+
+def test_macs_follow_the_input_channels() -> None:
+    """Only the stem's 3x3 conv (stride 2, to 64 channels at 112x112) sees the input channels."""
+    with torch.device("meta"):
+        rgb, gray = (gcvit.create_model("gcvit_xxtiny", in_chans=c) for c in (3, 1))
+    assert count_macs(rgb, (224, 224)) - count_macs(gray, (224, 224)) == 112 * 112 * 64 * 9 * 2
 
 
 def test_list_models() -> None:
