@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
         (["compare", "--models", "gcvit_xxtiny", "--time-budget", "-1", "--out-dir", "{tmp}/c"], "--time-budget"),
         (["digits", "--out", "{tmp}/afile"], "is a file; expected a folder for the PNG files"),
         (["eval", "{tmp}/run", "--out-dir", "{tmp}/afile"], "afile is a file; expected a folder there"),
+        (["eval", "{tmp}/afile"], "afile has no config.json beside it; expected a run folder"),
         (["digits", "--out", "{tmp}/afile/sub"], "afile is a file; expected a folder there"),  # not afile/sub
         (["train", "--config", "{tmp}"], "is a folder; expected a YAML file"),
         (["train", "--config", "{tmp}/afile.png"], "is not text; expected a YAML file"),
@@ -45,11 +46,31 @@ def test_mistakes_are_one_line_errors(argv: list[str], message: str, tmp_path: P
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize(
+    "argv", [["digits", "--seed", "-1"], ["eval", "run", "--seed", "5000000000"], ["compare", "--seed", "x"]]
+)
+def test_seeds_outside_what_numpy_takes_are_refused_by_the_parser(argv: list[str], capsys) -> None:
+    """As `gcvit train` refuses them, not with scikit-learn's message about a split that was never the problem."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert f"argument --seed: expected an integer in [0, 2**32); got '{argv[-1]}'" in capsys.readouterr().err
+
+
+def test_help_shows_zero_defaults() -> None:
+    """A default of 0 is shown (0 == False had hidden it), and one the help text merely mentions too."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices  # type: ignore[attr-defined]
+    assert "(default: 0)" in " ".join(sub["digits"].format_help().split())
+    assert "(default: 224)" in " ".join(sub["bench"].format_help().split())
+
+
 def test_a_missing_optional_package_names_what_to_install(capsys, monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the test extra were not installed
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the export extra were not installed
     assert main(["export", "gcvit_xxtiny", "--img-size", "32", "--out", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "this command needs onnx" in err and "pip install -e '.[test]'" in err
+    assert "this command needs onnx" in err
+    assert "pip install 'gcvit-torch[export]' (in a checkout: pip install -e '.[export]')" in err
 
 
 def test_pretrained_means_the_same_in_every_command() -> None:

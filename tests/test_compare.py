@@ -78,12 +78,19 @@ def test_attention_columns_follow_the_built_model() -> None:
         (["--models", "gcvit_xxtiny", "swin_tiny", "--img-size", "34"], "swin_tiny: SwinConfig.img_size must be a mu"),
         (["--drop-path", "1.5"], "swin_tiny: SwinConfig.drop_path_rate must be in [0, 1); got 1.5"),
         (["--batch-size", "0"], "swin_tiny: batch_size must be >= 1, got 0"),
+        (["--data", "no/such/folder"], "--data no/such/folder: no such folder; expected 'digits' or a folder of"),
+        pytest.param(
+            ["--device", "cuda"],
+            "device 'cuda': no CUDA device is available here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+        ),
     ],
 )
 def test_bad_settings_fail_before_training(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
-    argv = ["compare", "--models", "swin_tiny", "--epochs", "1", "--out-dir", str(tmp_path), *extra]
+    """Named before anything is trained or written: no --out-dir is made."""
+    argv = ["compare", "--models", "swin_tiny", "--epochs", "1", "--out-dir", str(tmp_path / "c"), *extra]
     assert main(argv) == 2
-    assert message in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert message in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_a_model_that_already_has_a_run_fails_before_training_the_others(tmp_path: Path, capsys) -> None:

@@ -143,6 +143,13 @@ def test_bad_config_values_are_named(tmp_path: Path) -> None:
     for field, value in (("hflip", 2.0), ("random_erasing", 1.5), ("seed", -1), ("time_limit", -5.0)):
         with pytest.raises(ValueError, match=f"^{field} must be"):
             TrainConfig(**{field: value})
+    for field, value in (("warmup_epochs", "inf"), ("lr", float("inf")), ("min_lr", "nan"), ("mixup", "inf")):
+        with pytest.raises(ValueError, match=f"^{field} must be a finite number; got {value!r}"):
+            TrainConfig(**{field: value})
+    assert TrainConfig(time_limit="inf").time_limit == float("inf")  # no limit
+    for batch, message in ((None, "int; got None"), ("abc", "int; got .abc."), (0, ">= 1, got 0")):
+        with pytest.raises(ValueError, match=f"^batch_size must be {message}"):
+            resolve_config(None, {"recipe": "official", "batch_size": batch})
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -294,16 +301,39 @@ def test_warmup_then_cosine_per_step() -> None:
 
 
 def test_checkpoint_swap_is_atomic_and_recoverable(tmp_path: Path) -> None:
-    meta = {"model": "x"}
-    ckpt.write_checkpoint(tmp_path, "last", {"w": torch.ones(2)}, meta, {"epoch": 1})
+    meta, state = {"model": "x"}, {k: None for k in ckpt.STATE_KEYS} | {"epoch": 1}
+    ckpt.write_checkpoint(tmp_path, "last", {"w": torch.ones(2)}, meta, state)
     assert ckpt.find_checkpoint(tmp_path) == tmp_path / "last"
     # a crash between moving the old folder aside and renaming the new one in: both halves are on disk
     os.replace(tmp_path / "last", tmp_path / "last.old-123")
     (tmp_path / "last.tmp-123").mkdir()
     (tmp_path / "last.tmp-123" / ckpt.MODEL_FILE).write_bytes(b"half")
     assert ckpt.find_checkpoint(tmp_path) == tmp_path / "last.old-123"
+    (tmp_path / ".metrics.k2j_x.tmp.csv").write_text("epoch\n")  # atomic writes a kill interrupted
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / ".loss.abc.tmp.png").write_bytes(b"")
     ckpt.clean_stale(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last", "plots"] and not any((tmp_path / "plots").iterdir())
+    assert ckpt.read_training_state(tmp_path / "last")["epoch"] == 1
+
+
+def test_a_failed_checkpoint_write_names_the_folder_and_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = {k: None for k in ckpt.STATE_KEYS} | {"epoch": 1}
+    ckpt.write_checkpoint(tmp_path, "last", {"w": torch.ones(2)}, {"model": "x"}, state)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "atomic_torch_save", full)
+    with pytest.raises(
+        OSError,
+        match=r"writing the checkpoint .*last failed \(No space left on device\); .*last "
+        r"still holds the previous checkpoint",
+    ):
+        ckpt.write_checkpoint(tmp_path, "last", {"w": torch.zeros(2)}, {"model": "x"}, state | {"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # no half-written last.tmp-*
     assert ckpt.read_training_state(tmp_path / "last")["epoch"] == 1
 
 
@@ -447,6 +477,37 @@ def test_a_cuda_index_is_honoured_or_refused(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ValueError, match=r"under torchrun each process trains on cuda:LOCAL_RANK \(here cuda:0\)"):
         D.setup("cuda:1")
+
+
+def test_cleanup_leaves_a_process_group_the_caller_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train() under a process group of the caller's own (a notebook, another framework) must not destroy it."""
+    import torch.distributed as dist
+
+    from gcvit.train import distributed as D
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun would say; setup finds the group already there
+        monkeypatch.setenv("RANK", "0")
+        info = D.setup("cpu")
+        assert info.distributed and not info.owns_group
+        D.cleanup(info)
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_model_overrides_change_fields_of_the_digits_model() -> None:
+    """On the digits, `--model-override embed_dim=48` changes one field of the default digits model, as it does
+    with configs/digits.yaml (it used to build the whole named variant instead)."""
+    from gcvit.train.loop import probe_model
+
+    flags_only = probe_model(resolve_config(None, {"model_overrides": {"embed_dim": 48}})).cfg
+    with_file = probe_model(resolve_config("configs/digits.yaml", {"model_overrides": {"embed_dim": 48}})).cfg
+    default = probe_model(TrainConfig()).cfg
+    assert flags_only == with_file == dataclasses.replace(default, embed_dim=48)
 
 
 def test_digits_quick_run_reaches_95(tmp_path: Path) -> None:
@@ -842,6 +903,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     one, two = _torchrun(tmp_path / "one", 1), _torchrun(tmp_path / "two", 2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
+    assert two.stdout.count("done: 2 epochs") == 1, two.stdout  # the first process reports, as it logs
     wa = ckpt.read_weights(tmp_path / "one" / "last")
     wb = ckpt.read_weights(tmp_path / "two" / "last")
     worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
@@ -963,6 +1025,24 @@ def test_resume_refuses_a_missing_run_and_changed_settings(uninterrupted: Path, 
     assert moved.returncode == 2 and "--out-dir does not apply to --resume" in moved.stderr
 
 
+def test_resume_refuses_other_classes(shapes: Path, tmp_path: Path) -> None:
+    """A class folder added or renamed since the run started is named; the head's outputs keep their classes."""
+    data = tmp_path / "data"
+    for name in SHAPES:
+        shutil.copytree(shapes / name, data / name)
+    cfg = _cfg(tmp_path, epochs=1, ema=None, data="folder", data_dir=str(data), batch_size=8, model_overrides=TINY)
+    train(cfg)
+    os.rename(data / SHAPES[2], data / "zebra")
+    renamed = sorted([*SHAPES[:2], "zebra"])
+    with pytest.raises(
+        ValueError, match=re.escape(f"trained on the classes {sorted(SHAPES)}; the data now has {renamed}")
+    ):
+        train(dataclasses.replace(cfg, epochs=2), resume=tmp_path / "run")
+    shutil.copytree(shapes / SHAPES[2], data / SHAPES[2])
+    with pytest.raises(ValueError, match=r"the data now has \[.*'zebra'\]\. A resumed run keeps its classes"):
+        train(dataclasses.replace(cfg, epochs=2), resume=tmp_path / "run")
+
+
 def test_resume_accepts_the_same_model_spelled_out(tmp_path: Path) -> None:
     """A default digits run (model_overrides None: the digits model) resumes with configs/digits.yaml, which spells
     that model out; an override that changes the architecture is still refused."""
@@ -971,6 +1051,9 @@ def test_resume_accepts_the_same_model_spelled_out(tmp_path: Path) -> None:
     other = TrainConfig(epochs=2, out_dir=str(run), model_overrides={"mlp_ratio": 3.0})
     with pytest.raises(ValueError, match=r"model_overrides \(None -> \{'mlp_ratio': 3.0\}\)"):
         train(other, resume=run)
+    family = TrainConfig(epochs=2, out_dir=str(run), model="swin_tiny")  # checked before a Swin is built
+    with pytest.raises(ValueError, match=r"model \('gcvit_xxtiny' -> 'swin_tiny'\)"):
+        train(family, resume=run)
     resumed = _gcvit("train", "--resume", str(run), "--config", "configs/digits.yaml", "--epochs", "2", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run / 'last'} after epoch 1" in resumed.stderr
@@ -1102,6 +1185,17 @@ def test_damaged_run_files_and_a_missing_gpu_are_named(uninterrupted: Path, tmp_
     (run / "best" / "config.json").write_text('{"model": "gcvit_xxtiny",\n')
     with pytest.raises(ValueError, match=r"best/config.json is not valid JSON"):
         ckpt.read_model_config(run / "best")
+    (run / "best" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"best/config.json: expected a JSON object with the model's name"):
+        ckpt.read_model_config(run / "best")
+    torch.save([1, 2], run / "last" / "state.pt")
+    with pytest.raises(ValueError, match=r"last/state.pt holds a list; expected the training state"):
+        ckpt.read_training_state(run / "last")
+    state = ckpt.read_training_state(uninterrupted / "last")
+    del state["optimizer"]
+    torch.save(state, run / "last" / "state.pt")
+    with pytest.raises(ValueError, match=r"last/state.pt lacks \['optimizer'\]; expected the training state"):
+        ckpt.read_training_state(run / "last")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device is available here"):
             predict([tmp_path], uninterrupted, device="cuda")

@@ -15,9 +15,10 @@ import gcvit
 from gcvit.allocator import keep_freed_memory
 from gcvit.cli_compare import add_subcommands as add_compare_subcommands
 from gcvit.cli_export import add_subcommands as add_export_subcommands
-from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
+from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument, parse_seed
 from gcvit.cli_train import add_subcommands as add_train_subcommands
 from gcvit.cli_visualize import add_subcommands as add_visualize_subcommands
+from gcvit.extras import EXTRA_OF, install_hint
 from gcvit.flops import count_macs, count_params
 from gcvit.models import FAMILIES, resolve_name
 
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.2, help="as in training")
-    p.add_argument("--seed", type=int, default=0, help="split seed, as in training")
+    p.add_argument("--seed", type=parse_seed, default=0, help="split seed, as in training")
     p.set_defaults(func=_digits)
     add_train_subcommands(sub)
     add_visualize_subcommands(sub)
@@ -217,16 +218,13 @@ def _the_file(path: str | None) -> str | None:
     return str(next((p for p in (Path(path), *Path(path).parents) if p.is_file()), Path(path)))
 
 
-_EXTRAS = {"onnx": "test", "onnxruntime": "test", "onnxscript": "test", "timm": "test", "skimage": "test"}
-
-
 def _missing(error: ImportError) -> str:
     """What to install for a missing optional package: its extra of pyproject.toml."""
     if "pip install" in str(error):  # the library already said what to install
         return str(error)
     name = (error.name or "").split(".")[0]
-    extra = _EXTRAS.get(name, "train")
-    return f"this command needs {name or 'a package'} ({error}); install it with: pip install -e '.[{extra}]'"
+    hint = install_hint(EXTRA_OF.get(name, "train"))
+    return f"this command needs {name or 'a package'} ({error}); install it with: {hint}"
 
 
 if __name__ == "__main__":

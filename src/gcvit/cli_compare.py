@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from gcvit.cli_train import parse_seed
+
 
 def _compare(args: argparse.Namespace) -> None:
     import torch
@@ -55,7 +57,7 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--img-size", type=int, default=defaults.img_size)
     p.add_argument("--bench-batch", type=int, default=defaults.bench_batch, help="batch of the speed measurements")
     p.add_argument("--repeats", type=int, default=defaults.repeats)
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--seed", type=parse_seed, default=defaults.seed)
     p.add_argument("--out-dir", default=defaults.out_dir)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument(

@@ -72,7 +72,7 @@ def _export(args: argparse.Namespace) -> None:
             net, out, args.format, img_size=size, batches=batches, atol=args.atol, opset=args.opset, config=config
         )
     except ExportMismatchError as e:
-        print(f"gcvit: export check FAILED: {e}", file=sys.stderr)
+        print(f"gcvit: export check FAILED: {e} ({out} is kept for inspection)", file=sys.stderr)
         raise SystemExit(1) from None
     h, w = result.img_size
     shape = f"(batch, {net.cfg.in_chans}, {h}, {w})"

@@ -10,6 +10,7 @@ import argparse
 import copy
 import dataclasses
 import logging
+import os
 import sys
 from typing import Any
 
@@ -29,6 +30,17 @@ def parse_pretrained(text: str) -> str | bool:
     return {"true": True, "false": False, "none": False}.get(text.lower(), text)
 
 
+def parse_seed(text: str) -> int:
+    """--seed of the commands that split data: an integer in [0, 2**32), as NumPy and scikit-learn take it."""
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32); got {text!r}")
+    return seed
+
+
 class DefaultsFormatter(argparse.HelpFormatter):
     """Help that ends with each option's default, unless the text speaks of its default already or there is none."""
 
@@ -40,13 +52,14 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or not self._shows_default(action):
+        if "(default" in text or not self._shows_default(action):
             return text
         return f"{text} (default: %(default)s)"
 
     @staticmethod
     def _shows_default(action: argparse.Action) -> bool:
-        return bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        return bool(action.option_strings) and not hidden  # 0 is a default to show (0 == False)
 
 
 def add_pretrained_argument(p: argparse.ArgumentParser, default: bool | None, what: str) -> None:
@@ -64,7 +77,7 @@ def add_pretrained_argument(p: argparse.ArgumentParser, default: bool | None, wh
 
 _PARSERS = {"int": int, "float": float, "str": str, "str | bool": parse_pretrained}
 _HELP = {
-    "model": "model name (gcvit models lists them)",
+    "model": "model name (gcvit models lists them); on the digits, that family's small 32 px model",
     "pretrained": "'true' for the official weights, or a checkpoint path / URL",
     "data": "'digits' (bundled) or 'folder'; none: folder when --data-dir / --train-dir is given, else digits",
     "recipe": "'default' (small data) or 'official' (the paper's ImageNet settings; lr scaled to the batch)",
@@ -77,6 +90,11 @@ _HELP = {
     "cooldown_epochs": "epochs at --min-lr after the schedule (official recipe: 10)",
     "warmup_epochs": "linear warmup from --warmup-lr to --lr",
     "strict_data": "unreadable images are an error instead of being skipped",
+    "device": "cpu, cuda or cuda:N; none: cuda when available, else cpu",
+    "num_classes": "outputs of the head; none: the data's class count",
+    "drop_path": "stochastic depth rate; none: the model's own",
+    "crop_pct": "centre crop share for validation; none: 1.0, or the --pretrained model's own",
+    "clip_grad": "gradient norm clip ('none': off)",
 }
 
 
@@ -98,7 +116,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                 action="append",
                 default=argparse.SUPPRESS,
                 metavar="KEY=VALUE",
-                help="model config field, e.g. embed_dim=48 or depths=[1,1,2,1] (repeatable; merged into --config's)",
+                help="model config field, e.g. embed_dim=48 or depths=[1,1,2,1] (repeatable; changes that field of "
+                "the model --config or the digits default describes)",
             )
         else:
             base = kind.removesuffix(" | None")
@@ -146,6 +165,8 @@ def _train(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports, as it logs
+        return
     which = "EMA " if cfg.ema else ""
     run = result.run_dir
     print(f"done: {result.epochs_done} epochs, best {which}val top-1 {result.best_top1:.2f}% -> {run}")
@@ -228,7 +249,11 @@ def add_subcommands(subparsers: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out-dir", default=None, help="where confusion.png goes (default: the run's plots folder)")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="where confusion.png goes (default: the run's plots folder, else the checkpoint's own folder)",
+    )
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -236,7 +261,7 @@ def add_subcommands(subparsers: Any) -> None:
         help="validation split of the digits, of the run's --data-dir, or of a --data folder (given with --data: "
         "score only that folder's seeded val split, as training would split it; default: the run's)",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed of that split (default: the run's)")
+    p.add_argument("--seed", type=parse_seed, default=None, help="seed of that split (default: the run's)")
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("predict", help="classify image files or folders", formatter_class=DefaultsFormatter)

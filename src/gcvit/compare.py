@@ -29,6 +29,7 @@ from torch import nn
 from gcvit.bench import interleaved, peak_memory
 from gcvit.flops import count_macs, count_params
 from gcvit.models.registry import digits_overrides, family_of
+from gcvit.train.distributed import require_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +227,10 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
     for field_name in ("bench_batch", "repeats"):
         if getattr(cfg, field_name) < 1:
             raise ValueError(f"expected {field_name} of at least 1; got {getattr(cfg, field_name)}")
+    if cfg.data != "digits" and not Path(cfg.data).expanduser().is_dir():
+        raise ValueError(f"--data {cfg.data}: no such folder; expected 'digits' or a folder of class folders")
+    if cfg.device is not None:
+        require_cuda(cfg.device)  # a GPU asked for where there is none
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")

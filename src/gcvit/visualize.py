@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gcvit.extras import install_hint
 from gcvit.layers import WindowAttentionGlobal
 
 logger = logging.getLogger(__name__)
@@ -398,7 +399,7 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("the figures need matplotlib: pip install 'gcvit-torch[train]'") from e
+        raise ImportError(f"the figures need matplotlib: {install_hint('train')}") from e
     return plt
 
 

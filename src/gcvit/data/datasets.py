@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from gcvit.data.transforms import Size, to_hw, to_rgb
 from gcvit.data.verify import BadImage, find_bad_images
+from gcvit.extras import install_hint
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _require_sklearn(what: str) -> None:
     try:
         import sklearn  # noqa: F401
     except ImportError as error:
-        raise ImportError(f"{what} needs scikit-learn: pip install 'gcvit-torch[train]'") from error
+        raise ImportError(f"{what} needs scikit-learn: {install_hint('train')}") from error
 
 
 def check_val_fraction(val_fraction: float) -> None:

@@ -93,15 +93,21 @@ def write_checkpoint(
     tmp = run_dir / f"{name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    meta = {"format": "gcvit", "epoch": str(state.get("epoch", ""))}
-    save_safetensors(model_state, tmp / MODEL_FILE, metadata=meta)
-    if ema_state is not None:
-        save_safetensors(ema_state, tmp / EMA_FILE, metadata=meta)
-    atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
-    _maybe_kill("write", int(state.get("epoch", -1)), name)
-    atomic_torch_save(state, tmp / STATE_FILE)  # written last: a folder with state.pt is complete
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        meta = {"format": "gcvit", "epoch": str(state.get("epoch", ""))}
+        save_safetensors(model_state, tmp / MODEL_FILE, metadata=meta)
+        if ema_state is not None:
+            save_safetensors(ema_state, tmp / EMA_FILE, metadata=meta)
+        atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
+        _maybe_kill("write", int(state.get("epoch", -1)), name)
+        atomic_torch_save(state, tmp / STATE_FILE)  # written last: a folder with state.pt is complete
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # a full disk, a quota (torch.save's zip writer raises RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder goes; the previous checkpoint stays
+        kept = f"{final} still holds the previous checkpoint" if final.exists() else f"{final} was not written"
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise OSError(getattr(e, "errno", None), f"writing the checkpoint {final} failed ({why}); {kept}") from None
     old = run_dir / f"{name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
@@ -135,7 +141,8 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def clean_stale(run_dir: Path) -> None:
-    """After a crash: put a complete <name>.old-* back as <name>/ if <name>/ is missing, delete the rest."""
+    """After a crash: put a complete <name>.old-* back as <name>/ if <name>/ is missing, delete the rest, and the
+    temporary files a kill left in the middle of an atomic write (metrics.csv, config.yaml, the plots)."""
     for name in ("last", "best"):
         found = find_checkpoint(run_dir, name)
         if found is not None and found.name != name:
@@ -143,24 +150,45 @@ def clean_stale(run_dir: Path) -> None:
             logger.info("restored %s from %s, left by an interrupted checkpoint write", run_dir / name, found.name)
         for stale in [*run_dir.glob(f"{name}.tmp-*"), *run_dir.glob(f"{name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
+    for folder in (run_dir, run_dir / "plots"):
+        for stale in folder.glob(".*.tmp*"):  # atomic_write's temporary names: .<stem>.<random>.tmp<suffix>
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+
+
+# what a resumed run reads from state.pt
+STATE_KEYS = ("epoch", "step", "best", "history", "optimizer", "scheduler", "scaler", "ema", "rng", "loader_generator")
 
 
 def read_training_state(folder: Path) -> dict[str, Any]:
-    """state.pt of a checkpoint folder (trusted: written by this run), loaded on the CPU."""
+    """state.pt of a checkpoint folder (trusted: written by this run), loaded on the CPU; a ValueError naming the
+    file when it cannot be read or lacks what a resumed run needs."""
+    path = folder / STATE_FILE
     try:
-        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{folder / STATE_FILE} is damaged and cannot be read: {e}") from None
+        raise ValueError(f"{path} is damaged and cannot be read: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}; expected the training state `gcvit train` writes")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; expected the training state `gcvit train` writes")
+    return state
 
 
 def read_model_config(folder: Path) -> dict[str, Any]:
+    """config.json of a checkpoint folder (or of any folder this package saved a model to) as a mapping; a
+    ValueError naming the file when it is no JSON object."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; expected a checkpoint folder written by `gcvit train`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise ValueError(f"{path}: expected a JSON object with the model's name and config, as `gcvit train` writes")
+    return meta
 
 
 def read_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:

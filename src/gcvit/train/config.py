@@ -7,6 +7,7 @@ explicit overrides (the command line). The resolved config is saved to RUN/confi
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -172,14 +173,15 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
     if value is None and "None" in kinds:
         return value
     is_bool = isinstance(value, bool)
-    if "float" in kinds and not is_bool:
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    if "float" in kinds and not is_bool and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and not math.isfinite(number) and not (name == "time_limit" and number > 0):
+            raise ValueError(f"{name} must be a finite number; got {value!r}")
+        if number is not None:
+            return number
     if "int" in kinds and isinstance(value, int) and not is_bool:
         return value
     if ("bool" in kinds and is_bool) or ("str" in kinds and isinstance(value, str)):
@@ -258,7 +260,8 @@ def resolve_config(
         base: fields below the file, e.g. a resumed run's saved config.
 
     `model_overrides` mappings merge key by key across the levels (`--model-override embed_dim=48` changes one field
-    of the YAML file's model); every other field is replaced whole.
+    of the YAML file's model, or of the default digits model when only the overrides give one and the run trains on
+    the digits from scratch); every other field is replaced whole.
 
     Returns:
         The validated TrainConfig.
@@ -275,13 +278,21 @@ def resolve_config(
         merged["model_overrides"] = {k: v for m in model for k, v in m.items()}
     values: dict[str, Any] = {}
     if merged.get("recipe", "default") == "official":
-        batch = int(merged.get("batch_size", TrainConfig.batch_size))
+        batch = _coerce("batch_size", merged.get("batch_size", TrainConfig.batch_size), "int")
+        if batch < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch}")
         values.update(official_recipe(batch))
     values.update(merged)
     for key in PATH_FIELDS:  # absolute: a resumed run must read the same data from any working directory
         if isinstance(values.get(key), str) and Path(values[key]).expanduser().exists():  # not a URL, True, ...
             values[key] = str(Path(values[key]).expanduser().resolve())
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    if len(model) == 1 and given.get("model_overrides") and cfg.data == "digits" and not cfg.pretrained:
+        from gcvit.models.registry import digits_overrides  # flags alone change the default digits model, as they
+        # change configs/digits.yaml's (which spells it out)
+
+        cfg = dataclasses.replace(cfg, model_overrides=digits_overrides(cfg.model) | cfg.model_overrides)
+    return cfg
 
 
 PATH_FIELDS = ("data_dir", "train_dir", "val_dir", "pretrained")  # local paths where they name one

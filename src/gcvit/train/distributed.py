@@ -16,6 +16,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # whether `setup` started the process group (and `cleanup` may destroy it)
 
     @property
     def distributed(self) -> bool:
@@ -78,13 +79,15 @@ def setup(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, dev)
+    return DistInfo(rank, world_size, local_rank, dev, owns_group)
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
+    """Destroy the process group `setup` started; one the caller had started before stays theirs."""
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

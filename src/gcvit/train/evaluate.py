@@ -55,6 +55,11 @@ class RunMeta:
 def _weights_file(path: Path, ema: bool | None) -> tuple[Path, Path]:
     """(weights file, folder holding config.json) for a run folder, checkpoint folder or .safetensors file."""
     if path.is_file():
+        if not (path.parent / ckpt.CONFIG_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json beside it; expected a run folder, a checkpoint folder or a .safetensors "
+                "file that `gcvit train` or save_pretrained wrote"
+            )
         return path, path.parent
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; expected a run folder, a checkpoint folder or a .safetensors")

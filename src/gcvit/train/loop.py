@@ -106,10 +106,10 @@ def _saved_architecture(cfg: TrainConfig) -> dict[str, Any]:
     if not isinstance(cfg.pretrained, str):
         return {}
     path = Path(cfg.pretrained).expanduser()
-    meta = (path if path.is_dir() else path.parent) / "config.json"
-    if not meta.is_file():
+    folder = path if path.is_dir() else path.parent
+    if not (folder / ckpt.CONFIG_FILE).is_file():
         return {}
-    saved = json.loads(meta.read_text())
+    saved = ckpt.read_model_config(folder)
     if family_of(str(saved.get("model", "")).split(".")[0]) is not family_of(cfg.model):
         return {}
     drop = ("num_classes", "img_size", "drop_path_rate")
@@ -207,6 +207,12 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
     )
     vl = eval_loader(data.val, max(micro, 64), cfg.num_workers, info.distributed)
     model = _build_model(cfg, num_classes, architecture).to(info.device)
+    if info.is_main and architecture is None and cfg.data == "digits" and cfg.model_overrides is None:
+        logger.info(
+            "the digits train %s's small 32 px model (%.2f M parameters; --model-override changes its fields)",
+            cfg.model.split(".")[0],
+            sum(p.numel() for p in model.parameters()) / 1e6,
+        )
     net = _wrap_ddp(model, info) if info.distributed else model
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     steps_per_epoch = len(tl) // cfg.grad_accum
@@ -286,7 +292,7 @@ def _same_path(key: str, a: Any, b: Any) -> bool:
     return key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, num_classes: int) -> None:
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, num_classes: int | None) -> None:
     """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
     optimizer, schedule and weights restored from the checkpoint would silently keep the old values.
     `model_overrides` that spell the checkpoint's architecture differently (the digits model by default, or written
@@ -327,7 +333,7 @@ def _check_nothing_to_lose(run_dir: Path) -> None:
     )
 
 
-def _describes(cfg: TrainConfig, folder: Path, num_classes: int) -> bool:
+def _describes(cfg: TrainConfig, folder: Path, num_classes: int | None) -> bool:
     """Whether cfg's model settings build the architecture of the checkpoint in `folder`."""
     try:
         model = probe_model(cfg, num_classes=num_classes)
@@ -337,10 +343,22 @@ def _describes(cfg: TrainConfig, folder: Path, num_classes: int) -> bool:
     return built == ckpt.read_model_config(folder).get("config")
 
 
-def _restore(run: _Run, folder: Path) -> None:
-    state = ckpt.read_training_state(folder)
-    _check_resumable(state.get("config", {}), run.cfg, folder, len(run.classes))
-    run.model.load_state_dict(ckpt.read_weights(folder))
+def _restore(run: _Run, folder: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
+    """Continue from checkpoint `folder` (its config.json `meta` and state.pt `state`, already checked with
+    `_check_resumable`) on the same classes."""
+    saved_classes = meta.get("classes")
+    if saved_classes is not None and list(saved_classes) != list(run.classes):
+        raise ValueError(
+            f"{folder} was trained on the classes {saved_classes}; the data now has {run.classes}. A resumed run "
+            f"keeps its classes (its head's outputs are named by them); to train on these, start a new run from its "
+            f"weights (--pretrained {folder / ckpt.MODEL_FILE})"
+        )
+    try:
+        run.model.load_state_dict(ckpt.read_weights(folder))
+    except RuntimeError as e:  # shapes of another architecture: a weights file swapped in by hand
+        raise ValueError(
+            f"{folder / ckpt.MODEL_FILE} does not fit the model its config.json describes: {str(e).splitlines()[-1]}"
+        ) from None
     try:
         load_optimizer_state(run.optimizer, state["optimizer"])
     except ValueError as e:  # e.g. Swin/ViT runs with --layer-decay from before they got one lr level per block
@@ -581,9 +599,13 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     if resuming and found is None:
         _check_nothing_to_lose(run_dir)
         logger.info("no complete checkpoint in %s: starting from scratch", run_dir)
-    run = _setup(cfg, info, ckpt.read_model_config(found).get("config") if found is not None else None)
+    meta = state = None
+    if found is not None:  # settings checked before the model is built: another family would not build
+        meta, state = ckpt.read_model_config(found), ckpt.read_training_state(found)
+        _check_resumable(state.get("config", {}), cfg, found, meta.get("num_classes"))
+    run = _setup(cfg, info, meta.get("config") if meta is not None else None)
     if found is not None:
-        _restore(run, found)
+        _restore(run, found, meta, state)
     if info.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
         if run.history:  # as the checkpoint has it: a kill between checkpoint and CSV left them an epoch behind
