@@ -98,3 +98,31 @@ def test_drop_path_replays_its_draw_under_gradient_checkpointing() -> None:
 def test_drop_path_rejects_a_probability_outside_0_1() -> None:
     with pytest.raises(ValueError, match=r"drop path probability must be in \[0, 1\]; got 1.5"):
         DropPath(1.5)
+
+
+TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "vit_small": "vit_small_patch16_224"}
+
+
+@pytest.mark.parametrize("name", ["gcvit_tiny", "swin_tiny", "vit_small"])
+def test_drop_path_rates_rise_block_by_block_as_timms(name: str) -> None:
+    """Block k of n drops with rate * k / (n - 1), as in timm (the schedule the recipes were tuned with)."""
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        ours = gcvit.create_model(name, drop_path_rate=0.3)
+        theirs = timm.create_model(TIMM_NAMES.get(name, name), drop_path_rate=0.3)
+    rates = [m.p for m in ours.modules() if isinstance(m, DropPath)]
+    paths = [m for n, m in theirs.named_modules() if n.endswith("drop_path1")]
+    reference = [getattr(m, "drop_prob", 0.0) for m in paths]  # timm's first block has an Identity (rate 0)
+    assert len(rates) == len(reference) and rates == pytest.approx(reference, abs=1e-7)  # one per block, both branches
+
+
+def test_drop_path_keeps_each_image_with_1_minus_p_and_rescales_it() -> None:
+    """E[x + drop_path(b)] = x + b: the kept images' branches are scaled by 1 / (1 - p), the dropped add nothing."""
+    torch.manual_seed(0)
+    drop = DropPath(0.2).train()
+    x = torch.full((100_000, 2), 3.0)
+    out = drop.residual(x, lambda rows_x, rows: torch.ones_like(rows_x))
+    kept = out[:, 0] != 3.0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005
+    assert torch.equal(out[kept], torch.full_like(out[kept], 3.0 + 1.0 / 0.8))
+    assert abs(out.mean().item() - 4.0) < 0.01

@@ -94,6 +94,20 @@ def test_pt2_export_reloads_and_matches(tmp_path: Path) -> None:
         assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=0)
 
 
+def test_a_bf16_model_exports_with_a_dynamic_batch() -> None:
+    """torch.export of a bf16 model traces one attention route for every batch: the eager route choice by problem
+    size (a guard on the batch) must stay out of the graph, or the export fails on the dynamic batch."""
+    torch.manual_seed(0)
+    model = randomize_(gcvit.create_model("gcvit_xxtiny", img_size=64)).eval().bfloat16()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64).bfloat16(),), dynamic_shapes=({0: batch},))
+    with torch.no_grad():
+        for size in (1, 5):
+            x = torch.randn(size, 3, 64, 64).bfloat16()
+            got, want = program.module()(x).float(), model(x).float()
+            assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item(), size  # bf16 rounding
+
+
 def test_export_rejects_bad_arguments(tmp_path: Path) -> None:
     model = _small()
     with pytest.raises(ValueError, match="format one of"):

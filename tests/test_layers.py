@@ -6,12 +6,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gcvit.layers import FusedMBConv, WindowAttention, WindowAttentionGlobal, padding_key_mask
 from gcvit.layers import attention as attention_module
 from gcvit.layers import fused as fused_module
 from gcvit.layers.attention import _fused_kernel_pays
 from gcvit.layers.fused import _onednn_pays, conv2d_gelu, linear
+from tests.conftest import randomize_
 
 
 def _windows(B: int, nW: int, N: int, C: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -354,3 +356,33 @@ def test_dynamic_int8_quantisation_runs() -> None:
     with torch.no_grad():
         ref, low = model(x), quantised(x)
     assert (low - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+def test_global_query_at_another_size_is_the_bicubic_resize_of_the_pooled_map() -> None:
+    """At a non-native size the generator's map (here 8x8 for a 7x7 window) is resized bicubically (the spec's
+    resize), then split into heads: (B, heads, ws*ws, hd)."""
+    from gcvit.models.gcvit import GlobalQueryGen
+
+    torch.manual_seed(0)
+    gen = randomize_(GlobalQueryGen(dim=8, num_heads=2, window_size=7, pools=3), 0.3).eval()
+    x = torch.randn(2, 8, 64, 64)
+    with torch.no_grad():
+        pooled = gen.to_q_global(x)
+        assert pooled.shape[-2:] == (8, 8)
+        want = F.interpolate(pooled, size=(7, 7), mode="bicubic", align_corners=False)
+        want = want.flatten(2).transpose(1, 2).reshape(2, 49, 2, 4).transpose(1, 2)
+        assert (gen(x) - want).abs().max().item() < 1e-6
+
+
+def test_squeeze_excite_gate_of_a_bf16_map_follows_fp32() -> None:
+    """The bf16 route's spatial mean (a sum in fp32, divided by H*W) gives fp32's gate to bf16 rounding."""
+    from gcvit.layers.conv import SqueezeExcite
+
+    torch.manual_seed(0)
+    se = randomize_(SqueezeExcite(32), 0.3).eval()
+    x = torch.randn(2, 32, 28, 20) + 1.0  # a mean far from 0, and H != W
+    with torch.no_grad():
+        ref = se.gate(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = se.gate(x.bfloat16())
+    assert (low.float() - ref).abs().max().item() < 1e-2

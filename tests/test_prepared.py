@@ -215,6 +215,19 @@ def test_a_weight_given_new_memory_twice_is_not_served_from_the_old_copy() -> No
             torch.testing.assert_close(linear(x, layer), want, rtol=1e-4, atol=1e-3)  # a stale copy is 4x off
 
 
+def test_a_new_parameter_on_the_same_memory_is_not_served_from_the_old_copy() -> None:
+    """`layer.weight = Parameter(layer.weight.detach().t())`: the same address and version counter, another layout,
+    so other values; the kept copy belongs to the old tensor object only."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        linear(x, layer)
+        layer.weight = torch.nn.Parameter(layer.weight.detach().t())
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert (linear(x, layer) - ref).abs().max().item() < 1e-5
+
+
 def test_a_replaced_pointwise_conv_takes_effect_in_fused_mbconv() -> None:
     """The fused path used only the pointwise conv's weight: a replacement's bias (or stride, groups) was dropped."""
     from gcvit.layers.conv import FusedMBConv

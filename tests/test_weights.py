@@ -145,6 +145,17 @@ def test_resize_bias_table_properties() -> None:
         resize_bias_table(torch.randn(10, 3), 7)
 
 
+@pytest.mark.parametrize("new", [12, 4])
+def test_resize_bias_table_equals_timms_per_head_bicubic_resize(new: int) -> None:
+    """Each head's (2ws-1) x (2ws-1) grid of offsets is resized bicubically on its own (rows are offsets, columns
+    heads), as timm's plain resize does (its default one spaces the offsets geometrically, BEiT's way)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    table = torch.randn(13 * 13, 3)
+    side = 2 * new - 1
+    reference = timm_layers.resize_rel_pos_bias_table_simple(table, (new, new), (side * side, 3))
+    assert (resize_bias_table(table, new) - reference).abs().max().item() < 1e-5
+
+
 def _serve_as_tag(monkeypatch: pytest.MonkeyPatch, url: str, sha256: str) -> None:
     cfg = dataclasses.replace(PRETRAINED["gcvit_xxtiny"]["in1k"], url=url, sha256=sha256)
     monkeypatch.setitem(PRETRAINED, "gcvit_xxtiny", {"in1k": cfg})
