@@ -1201,6 +1201,28 @@ def test_damaged_run_files_and_a_missing_gpu_are_named(uninterrupted: Path, tmp_
             predict([tmp_path], uninterrupted, device="cuda")
 
 
+def test_a_flipped_byte_in_a_checkpoint_is_found_on_resume(uninterrupted: Path, tmp_path: Path) -> None:
+    """Truncation is caught by the readers; one changed byte in the tensors is not. state.pt records the weights'
+    SHA-256, and its own zip entries carry CRC-32s that torch.load skips: both are checked on resume."""
+
+    def flip(path: Path, at: int) -> None:
+        data = bytearray(path.read_bytes())
+        data[at] ^= 0x10
+        path.write_bytes(bytes(data))
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    weights = run / "last" / "model.safetensors"
+    flip(weights, weights.stat().st_size - 100)  # in the last tensor's data
+    with pytest.raises(ValueError, match=r"last/model.safetensors is damaged: its SHA-256 differs from the one"):
+        train(resume=run)
+    shutil.copy(uninterrupted / "last" / "model.safetensors", weights)
+    state = run / "last" / "state.pt"
+    flip(state, state.stat().st_size // 2)  # in some tensor of the optimizer state
+    with pytest.raises(ValueError, match=r"last/state.pt is damaged and cannot be read"):
+        train(resume=run)
+
+
 def test_eval_reads_a_run_whose_training_state_was_deleted(uninterrupted: Path, tmp_path: Path) -> None:
     """Deleting state.pt (the optimizer's moments, twice the weights' size) to save space leaves a run that still
     evaluates and predicts with its best/ weights; a run without weights is named."""

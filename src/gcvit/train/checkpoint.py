@@ -20,6 +20,7 @@ import pickle
 import random
 import shutil
 import signal
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from gcvit.atomic import atomic_write, atomic_write_bytes
+from gcvit.download import sha256_of
 from gcvit.models.weights import read_state_dict, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def write_checkpoint(
             save_safetensors(ema_state, tmp / EMA_FILE, metadata=meta)
         atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
         _maybe_kill("write", int(state.get("epoch", -1)), name)
+        state = state | {"digests": {MODEL_FILE: sha256_of(tmp / MODEL_FILE)}}  # checked on resume
         atomic_torch_save(state, tmp / STATE_FILE)  # written last: a folder with state.pt is complete
         _fsync_dir(tmp)
     except (OSError, RuntimeError) as e:  # a full disk, a quota (torch.save's zip writer raises RuntimeError)
@@ -165,8 +168,12 @@ def read_training_state(folder: Path) -> dict[str, Any]:
     file when it cannot be read or lacks what a resumed run needs."""
     path = folder / STATE_FILE
     try:
+        with zipfile.ZipFile(path) as archive:  # torch.save's zip records a CRC-32 per entry, which torch.load skips
+            bad = archive.testzip()
+        if bad is not None:
+            raise ValueError(f"its entry {bad} fails its CRC check")
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         raise ValueError(f"{path} is damaged and cannot be read: {e}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}; expected the training state `gcvit train` writes")
@@ -194,3 +201,14 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 def read_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     """model.safetensors (or ema.safetensors) of a checkpoint folder."""
     return read_state_dict(folder / (EMA_FILE if ema else MODEL_FILE))
+
+
+def check_digests(folder: Path, state: dict[str, Any]) -> None:
+    """Raise a ValueError naming a file of the checkpoint whose SHA-256 differs from the one state.pt recorded when
+    it was written (a flipped byte would otherwise resume silently); checkpoints from before digests pass."""
+    for name, digest in (state.get("digests") or {}).items():
+        if sha256_of(folder / name) != digest:
+            raise ValueError(
+                f"{folder / name} is damaged: its SHA-256 differs from the one recorded when it was written. "
+                f"Resume from a copy, or start a new run from best/ (--pretrained)"
+            )

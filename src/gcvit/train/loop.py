@@ -353,6 +353,7 @@ def _restore(run: _Run, folder: Path, meta: dict[str, Any], state: dict[str, Any
             f"keeps its classes (its head's outputs are named by them); to train on these, start a new run from its "
             f"weights (--pretrained {folder / ckpt.MODEL_FILE})"
         )
+    ckpt.check_digests(folder, state)
     try:
         run.model.load_state_dict(ckpt.read_weights(folder))
     except RuntimeError as e:  # shapes of another architecture: a weights file swapped in by hand
