@@ -177,10 +177,10 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
         try:
             number = float(value)
         except ValueError:
-            number = None
-        if number is not None and not math.isfinite(number) and not (name == "time_limit" and number > 0):
-            raise ValueError(f"{name} must be a finite number; got {value!r}")
-        if number is not None:
+            pass  # not a number: named below
+        else:
+            if not math.isfinite(number) and not (name == "time_limit" and number > 0):  # inf: no time limit
+                raise ValueError(f"{name} must be a finite number; got {value!r}")
             return number
     if "int" in kinds and isinstance(value, int) and not is_bool:
         return value

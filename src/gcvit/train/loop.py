@@ -292,11 +292,11 @@ def _same_path(key: str, a: Any, b: Any) -> bool:
     return key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
 
 
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, num_classes: int | None) -> None:
+def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, meta: dict[str, Any]) -> None:
     """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
     optimizer, schedule and weights restored from the checkpoint would silently keep the old values.
     `model_overrides` that spell the checkpoint's architecture differently (the digits model by default, or written
-    out as in configs/digits.yaml) are no change."""
+    out as in configs/digits.yaml) are no change. `meta`: the checkpoint's config.json."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))  # tuples read as lists
     changed = [
         f"{k} ({saved[k]!r} -> {now[k]!r})"
@@ -305,7 +305,7 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, num_
         and k not in RESUME_MAY_CHANGE
         and saved[k] != now[k]
         and not _same_path(k, saved[k], now[k])
-        and not (k == "model_overrides" and _describes(cfg, folder, num_classes))
+        and not (k == "model_overrides" and _describes(cfg, meta))
     ]
     if changed:
         raise ValueError(
@@ -333,14 +333,14 @@ def _check_nothing_to_lose(run_dir: Path) -> None:
     )
 
 
-def _describes(cfg: TrainConfig, folder: Path, num_classes: int | None) -> bool:
-    """Whether cfg's model settings build the architecture of the checkpoint in `folder`."""
+def _describes(cfg: TrainConfig, meta: dict[str, Any]) -> bool:
+    """Whether cfg's model settings build the architecture a checkpoint's config.json (`meta`) records."""
     try:
-        model = probe_model(cfg, num_classes=num_classes)
+        model = probe_model(cfg, num_classes=meta.get("num_classes"))
     except (TypeError, ValueError, OSError):
         return False
     built = json.loads(json.dumps(dataclasses.asdict(model.cfg)))  # tuples read as lists
-    return built == ckpt.read_model_config(folder).get("config")
+    return built == meta.get("config")
 
 
 def _restore(run: _Run, folder: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
@@ -603,7 +603,7 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     meta = state = None
     if found is not None:  # settings checked before the model is built: another family would not build
         meta, state = ckpt.read_model_config(found), ckpt.read_training_state(found)
-        _check_resumable(state.get("config", {}), cfg, found, meta.get("num_classes"))
+        _check_resumable(state.get("config", {}), cfg, found, meta)
     run = _setup(cfg, info, meta.get("config") if meta is not None else None)
     if found is not None:
         _restore(run, found, meta, state)
