@@ -19,6 +19,7 @@ from gcvit.data import (
     DigitsDataset,
     ImageFolderDataset,
     build_loader,
+    check_image,
     check_same_classes,
     eval_transform,
     mixup_cutmix,
@@ -221,6 +222,20 @@ def test_bad_files_raise_when_strict(folder_with_bad_files) -> None:
     for name in bad_names:
         assert name in str(info.value)
     assert "notes.txt" not in str(info.value)
+
+
+def test_the_check_before_training_reads_images_as_the_loader_does(tmp_path: Path) -> None:
+    """A PNG with a malformed EXIF block decodes, but the loader's EXIF turn fails on it: the check used to pass it,
+    so --strict-data stopped the run mid-epoch (not before training) and a non-strict run swapped it silently."""
+    _make_folder(tmp_path)
+    bad = tmp_path / "cat" / "bad_exif.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(bad, exif=b"Exif\x00\x00garbagegarbage")
+    with Image.open(bad) as image:
+        image.load()  # the pixels are fine
+    assert check_image(bad) == "SyntaxError: not a TIFF file (header b'garbageg' not valid)"
+    with pytest.raises(DataError, match=r"1 of 9 image files cannot be read:\n  .*cat/bad_exif.png: SyntaxError"):
+        ImageFolderDataset(tmp_path, strict=True)
+    assert ImageFolderDataset(tmp_path).skipped == [bad]
 
 
 def test_decode_failure_at_load_time(tmp_path: Path, caplog) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import shutil
+import subprocess
 import types
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import torch
 from PIL import Image
 
 import gcvit
+from gcvit.digests import DamagedFileError
+from gcvit.download import ChecksumError
 from gcvit.imagenet import imagenet1k_classes
 from gcvit.models.pretrained import PRETRAINED
 from gcvit.models.weights import save_checkpoint
@@ -40,7 +44,7 @@ def _logits(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
 
 def test_round_trip_gives_bit_identical_logits(small, tmp_path: Path) -> None:
     small.save_pretrained(tmp_path / "saved", classes=CLASSES)
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["SHA256SUMS", "config.json", "model.safetensors"]
     loaded = gcvit.from_pretrained(tmp_path / "saved")
     assert not loaded.training and loaded.cfg == small.cfg and loaded.classes == CLASSES
     assert torch.equal(_logits(loaded), _logits(small))
@@ -108,6 +112,28 @@ def test_from_url_and_hub_repo_id(small, http_root, cache, monkeypatch, tmp_path
         gcvit.from_pretrained("user/small-gcvit")  # no such revision
 
 
+def test_a_remote_folder_is_checked_before_and_while_its_weights_download(small, http_root, cache, caplog) -> None:
+    """A URL whose config.json is not gcvit's (timm's hub layout, say) is named before the weights are fetched (it
+    used to download them first); a folder's SHA256SUMS verifies its weights as they download."""
+    root, base = http_root
+    (root / "timm_like").mkdir()
+    (root / "timm_like" / "config.json").write_text('{"architecture": "gcvit_tiny", "num_classes": 1000}')
+    (root / "timm_like" / "model.safetensors").write_bytes(b"x" * 1000)
+    with pytest.raises(ValueError, match=r"timm_like/config.json: expected 'model' \(a name\) and 'config'"):
+        gcvit.from_pretrained(f"{base}/timm_like")
+    assert not list(cache.rglob("model.safetensors"))
+    folder = small.save_pretrained(root / "small", classes=CLASSES)
+    with caplog.at_level(logging.WARNING, logger="gcvit"):
+        assert torch.equal(_logits(gcvit.from_pretrained(f"{base}/small")), _logits(small))
+    assert "no known SHA-256" not in caplog.text  # SHA256SUMS gave it
+    weights = folder / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-100] ^= 0x10
+    weights.write_bytes(bytes(damaged))
+    with pytest.raises(ChecksumError, match=r"download of .*/small/model.safetensors has the wrong SHA-256"):
+        gcvit.from_pretrained(f"{base}/small", force_download=True)
+
+
 def test_a_checkpoint_folder_with_ema_loads_alike_locally_and_remotely(small, http_root, cache) -> None:
     """A folder holding ema.safetensors (a training checkpoint) gives its EMA weights from disk, a URL and a hub
     repo alike; ema=False the raw weights; a folder without one loads its model.safetensors, and ema=True names
@@ -144,6 +170,58 @@ def test_save_pretrained_leaves_no_stale_ema_and_spares_training_checkpoints(sma
     with pytest.raises(ValueError, match="is a training checkpoint .*; save into another folder"):
         small.save_pretrained(folder)
     assert (folder / "model.safetensors").read_bytes() == before and (folder / "ema.safetensors").exists()
+
+
+def test_a_saved_folder_lists_its_digests_and_a_damaged_file_is_named(small, tmp_path: Path) -> None:
+    """safetensors checks no content, so one flipped byte in the weights used to load silently. save_pretrained
+    writes SHA256SUMS (sha256sum's format), and from_pretrained checks the files it reads against it."""
+    folder = small.save_pretrained(tmp_path / "saved", classes=CLASSES)
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=folder, check=True)
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    damaged = bytearray(good)
+    damaged[-100] ^= 0x10  # in the last tensor's data: safetensors reads it without complaint
+    weights.write_bytes(bytes(damaged))
+    read = gcvit.models.weights.read_state_dict(weights)
+    assert any(not torch.equal(v, small.state_dict()[k]) for k, v in read.items())  # loads, with another weight
+    damage = r"saved/model.safetensors is damaged: its SHA-256 differs from the one recorded in .*saved/SHA256SUMS"
+    for source in (folder, weights):
+        with pytest.raises(DamagedFileError, match=damage):
+            gcvit.from_pretrained(source)
+    weights.write_bytes(good)
+    config = folder / "config.json"  # not listed: users edit it
+    config.write_text(config.read_text().replace('"crop_pct": 1.0', '"crop_pct": 0.5'))
+    assert gcvit.from_pretrained(folder).pretrained_cfg.crop_pct == 0.5
+    (folder / "SHA256SUMS").write_text("0123  model.safetensors\n")
+    with pytest.raises(DamagedFileError, match=r"SHA256SUMS, line 1: expected '<64 hex digits>  <file name>'"):
+        gcvit.from_pretrained(folder)
+    (folder / "SHA256SUMS").unlink()  # folders saved before digests load as they did
+    assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(small))
+
+
+def test_a_failed_save_leaves_a_folder_that_loads_what_it_held(small, tmp_path: Path, monkeypatch) -> None:
+    """save_pretrained wrote the weights, then config.json, then removed a stale ema.safetensors: a save stopped in
+    between (a value JSON cannot hold, a full disk) left new weights under the old config.json, or the old EMA
+    weights loading silently. Now nothing is touched until the config is known to be writable, and the weights and
+    config.json are renamed into place together."""
+    folder = small.save_pretrained(tmp_path / "saved", classes=CLASSES)
+    wider = randomize_(gcvit.create_model("gcvit_xxtiny", num_classes=5, img_size=64, depths=(1, 1, 2, 1))).eval()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ValueError, match=r"config\['crop_pct'\] = np.float32\(0.9\) cannot be written to config.json"):
+        wider.save_pretrained(folder, config={"crop_pct": np.float32(0.9)})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        wider.save_pretrained(folder)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no temporary files
+    assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(small))
+    assert torch.equal(_logits(gcvit.from_pretrained(wider.save_pretrained(folder))), _logits(wider))
 
 
 def test_a_cached_folder_loads_offline_and_hosts_answering_403_work(small, http_root, cache, tmp_path) -> None:

@@ -990,7 +990,7 @@ def test_sixteen_bit_images_keep_their_tones(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from gcvit.data.datasets import load_rgb
+    from gcvit.data import load_rgb
 
     ramp = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (4, 1))
     Image.fromarray(ramp).save(tmp_path / "g16.png")
@@ -1003,7 +1003,7 @@ def test_exif_rotated_photos_are_read_upright(tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from gcvit.data.datasets import load_rgb
+    from gcvit.data import load_rgb
 
     upright = np.zeros((30, 10, 3), np.uint8)
     upright[:5] = 255  # a white band at the top
@@ -1221,6 +1221,30 @@ def test_a_flipped_byte_in_a_checkpoint_is_found_on_resume(uninterrupted: Path, 
     flip(state, state.stat().st_size // 2)  # in some tensor of the optimizer state
     with pytest.raises(ValueError, match=r"last/state.pt is damaged and cannot be read"):
         train(resume=run)
+
+
+def test_a_flipped_byte_in_the_weights_is_found_by_eval(uninterrupted: Path, tmp_path: Path) -> None:
+    """Evaluation reads best/ema.safetensors, which state.pt's digests (read on resume only) do not guard: each
+    checkpoint lists its weights' SHA-256 in SHA256SUMS (sha256sum's format), and the loaders check against it."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    for folder in (run / "best", run / "last"):
+        assert (folder / "SHA256SUMS").read_text().split()[1::2] == ["model.safetensors", "ema.safetensors"]
+        if shutil.which("sha256sum"):
+            subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=folder, check=True)
+    ema = run / "best" / "ema.safetensors"
+    data = bytearray(ema.read_bytes())
+    data[-100] ^= 0x10  # in the last tensor's data
+    ema.write_bytes(bytes(data))
+    damage = r"best/ema.safetensors is damaged: its SHA-256 differs from the one recorded in .*best/SHA256SUMS"
+    with pytest.raises(ValueError, match=damage):
+        load_run(run)
+    evaluated = _gcvit("eval", str(run))
+    assert evaluated.returncode == 2 and re.search(damage, evaluated.stderr), evaluated.stderr
+    model, _ = load_run(run, ema=False)  # the other weights file of the folder is sound
+    assert not model.training
+    (run / "best" / "SHA256SUMS").unlink()  # checkpoints from before digests load as they did
+    load_run(run)
 
 
 def test_eval_reads_a_run_whose_training_state_was_deleted(uninterrupted: Path, tmp_path: Path) -> None:

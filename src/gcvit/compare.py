@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from gcvit.bench import interleaved, peak_memory
+from gcvit.figures import subplots
 from gcvit.flops import count_macs, count_params
 from gcvit.models.registry import digits_overrides, family_of
 from gcvit.train.distributed import require_cuda
@@ -298,11 +299,6 @@ def write_table(results: list[ModelResult], cfg: CompareConfig, device: str, pat
 
 def plot(results: list[ModelResult], path: Path) -> None:
     """Bar charts side by side: top-1 (EMA and raw weights), inference and training throughput, parameters."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [
         ("top1", "val top-1, EMA (%)"),
         ("top1_raw", "val top-1, raw weights (%)"),
@@ -312,7 +308,7 @@ def plot(results: list[ModelResult], path: Path) -> None:
     ]
     names = [r.name for r in results]
     colors = [f"C{i}" for i in range(len(results))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    fig, axes = subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
     for ax, (key, label) in zip(axes, panels):
         values = [getattr(r, key) for r in results]
         bars = ax.bar(names, values, color=colors)
@@ -322,4 +318,3 @@ def plot(results: list[ModelResult], path: Path) -> None:
         ax.margins(y=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

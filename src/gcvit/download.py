@@ -19,6 +19,8 @@ from urllib.request import Request, url2pathname, urlopen
 
 import torch.hub
 
+from gcvit.digests import sha256_of
+
 log = logging.getLogger(__name__)
 
 TIMEOUT = 60.0  # seconds without a byte from the server before a download is given up
@@ -31,14 +33,6 @@ class ChecksumError(RuntimeError):
 def cache_dir() -> Path:
     """The folder downloads are cached in: $GCVIT_CACHE, else <torch hub dir>/gcvit."""
     return Path(os.environ.get("GCVIT_CACHE") or Path(torch.hub.get_dir()) / "gcvit").expanduser()
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_digest(expected: str) -> str:
@@ -62,7 +56,14 @@ def _local_file(path: Path, expected: str | None, url: str) -> Path:
     return path
 
 
-def download(url: str, sha256: str | None = None, *, progress: bool = True, folder: Path | None = None) -> Path:
+def download(
+    url: str,
+    sha256: str | None = None,
+    *,
+    progress: bool = True,
+    folder: Path | None = None,
+    warn_unverified: bool = True,
+) -> Path:
     """Return a local path for `url`, downloading it into the cache if needed.
 
     Args:
@@ -71,6 +72,7 @@ def download(url: str, sha256: str | None = None, *, progress: bool = True, fold
         progress: show a progress bar while downloading.
         folder: cache into this folder instead of the URL's own folder in the cache (one folder per URL, so files
             of the same name from different places never stand in for each other). file:// URLs are read in place.
+        warn_unverified: log a warning, with the file's digest, when no `sha256` was given.
     Raises:
         ChecksumError: the file's digest differs; nothing is left in the cache.
         OSError: the download failed (the message names the URL).
@@ -93,7 +95,7 @@ def download(url: str, sha256: str | None = None, *, progress: bool = True, fold
         digest = _fetch(url, dst, expected, progress)
     except (OSError, http.client.HTTPException) as e:  # HTTP errors, refused or cut connections, timeouts
         raise OSError(f"could not download {url}: {e}") from e
-    if expected is None:
+    if expected is None and warn_unverified:
         log.warning("no known SHA-256 for %s; downloaded file has %s", url, digest)
     return dst
 

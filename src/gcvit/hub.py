@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gcvit import digests
+
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE, MODEL_FILE, EMA_FILE = "config.json", "model.safetensors", "ema.safetensors"
@@ -89,8 +91,8 @@ class HubMixin:
         Returns:
             The folder.
         """
-        from gcvit.atomic import atomic_write_bytes
-        from gcvit.models.weights import save_safetensors
+        from gcvit.atomic import atomic_write_files
+        from gcvit.models.weights import safetensors_bytes
 
         assert isinstance(self, nn.Module)
         values = {**model_config(self, classes, (config or {}).get("model")), **(config or {})}
@@ -103,13 +105,34 @@ class HubMixin:
                 f"{folder} is a training checkpoint (its state.pt, and {EMA_FILE} if any, go with its {MODEL_FILE}); "
                 "save into another folder"
             )
+        text = _config_json(values)  # everything that can fail is done before the folder is touched
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        weights = safetensors_bytes(tensors, metadata={"format": "gcvit"})
         folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self.state_dict(), folder / MODEL_FILE, metadata={"format": "gcvit"})
-        atomic_write_bytes(folder / CONFIG_FILE, json.dumps(values, indent=2).encode())
-        # loaders prefer EMA weights where there are any: an older ema.safetensors would stand in for these
-        (folder / EMA_FILE).unlink(missing_ok=True)
+        # loaders prefer EMA weights where there are any: an older ema.safetensors would stand in for these, and the
+        # older SHA256SUMS would call the new weights damaged
+        for stale in (EMA_FILE, digests.SUMS_FILE):
+            (folder / stale).unlink(missing_ok=True)
+        atomic_write_files({folder / MODEL_FILE: weights, folder / CONFIG_FILE: text})
+        digests.write_sums(folder, (MODEL_FILE,))
         logger.info("saved %s to %s", values["model"], folder)
         return folder
+
+
+def _config_json(values: Mapping[str, Any]) -> bytes:
+    """config.json's bytes; a value JSON cannot hold (a NumPy number, say) is named."""
+    for key, value in values.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config[{key!r}] = {value!r} cannot be written to {CONFIG_FILE}: {e}") from None
+    return json.dumps(values, indent=2).encode()
+
+
+def _check_entries(config: Mapping[str, Any], source: str) -> None:
+    missing = [k for k in ("model", "config") if k not in config]
+    if missing or not isinstance(config.get("config"), Mapping):
+        raise ValueError(f"{source}: expected 'model' (a name) and 'config' (its fields) entries; missing {missing}")
 
 
 def build_from_config(config: Mapping[str, Any], source: str = "config.json") -> nn.Module:
@@ -120,9 +143,7 @@ def build_from_config(config: Mapping[str, Any], source: str = "config.json") ->
     import gcvit
     from gcvit.models.pretrained import PretrainedCfg
 
-    missing = [k for k in ("model", "config") if k not in config]
-    if missing or not isinstance(config.get("config"), Mapping):
-        raise ValueError(f"{source}: expected 'model' (a name) and 'config' (its fields) entries; missing {missing}")
+    _check_entries(config, source)
     fields = dict(config["config"])
     num_classes = fields.pop("num_classes", config.get("num_classes"))
     try:
@@ -172,29 +193,45 @@ def _local_folder(path: Path) -> Path:
 
 def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | None) -> Path:
     """Download config.json, model.safetensors and ema.safetensors under `base_url` into `cache` (kept for later
-    calls). ema.safetensors is fetched where it exists (`ema` None: a training checkpoint's folder then loads its
-    EMA weights, as it does locally; its absence is remembered), required with `ema` True, skipped with False."""
+    calls). config.json comes first: a folder that is not gcvit's is named before its weights are fetched. The
+    weights are checked against the folder's SHA256SUMS where it has one. ema.safetensors is fetched where it exists
+    (`ema` None: a training checkpoint's folder then loads its EMA weights, as it does locally), required with `ema`
+    True, skipped with False; the absence of optional files is remembered."""
     from gcvit.download import download
 
-    absent = cache / f"{EMA_FILE}.absent"
-    for name in (CONFIG_FILE, MODEL_FILE, EMA_FILE, absent.name):
-        if force_download and (cache / name).exists():
-            (cache / name).unlink()
-    for name in (CONFIG_FILE, MODEL_FILE):
-        download(f"{base_url.rstrip('/')}/{name}", folder=cache)
-    if ema is False or (ema is None and absent.exists()):
-        return cache
-    try:
-        download(f"{base_url.rstrip('/')}/{EMA_FILE}", folder=cache)
-    except OSError as e:
-        if ema:
-            raise
-        code = getattr(e.__cause__, "code", None)
-        if code in (403, 404):  # not there (S3 and GCS answer 403): model.safetensors is the folder's weights
-            absent.touch()
-        else:  # offline, or the host failed: the folder still loads, with its model.safetensors
-            logger.warning("could not fetch %s/%s (%s); loading %s", base_url.rstrip("/"), EMA_FILE, e, MODEL_FILE)
+    base = base_url.rstrip("/")
+    optional = (EMA_FILE, digests.SUMS_FILE)
+    if force_download:
+        for name in (CONFIG_FILE, MODEL_FILE, *optional, *(f"{n}.absent" for n in optional)):
+            (cache / name).unlink(missing_ok=True)
+    config = download(f"{base}/{CONFIG_FILE}", folder=cache, warn_unverified=False)
+    _check_entries(_read_config(config), f"{base}/{CONFIG_FILE}")
+    sums = digests.read_sums(cache) if _fetch_optional(base, digests.SUMS_FILE, cache) else {}
+    download(f"{base}/{MODEL_FILE}", sums.get(MODEL_FILE), folder=cache)
+    if ema:
+        download(f"{base}/{EMA_FILE}", sums.get(EMA_FILE), folder=cache)
+    elif ema is None:
+        _fetch_optional(base, EMA_FILE, cache, sums.get(EMA_FILE))
     return cache
+
+
+def _fetch_optional(base: str, name: str, cache: Path, sha256: str | None = None) -> bool:
+    """Fetch base/name into `cache` if the host has it; whether the folder now holds it. A 403 or 404 (S3 and GCS
+    answer 403 for a missing file) is remembered in `<name>.absent`; other failures (offline) log a warning."""
+    from gcvit.download import download
+
+    absent = cache / f"{name}.absent"
+    if absent.exists():
+        return False
+    try:
+        download(f"{base}/{name}", sha256, folder=cache, warn_unverified=name == EMA_FILE)
+    except OSError as e:
+        if getattr(e.__cause__, "code", None) in (403, 404):
+            absent.touch()
+        else:
+            logger.warning("could not fetch %s/%s (%s); loading without it", base, name, e)
+        return False
+    return True
 
 
 def resolve_pretrained(
@@ -278,8 +315,9 @@ def from_pretrained(
         )
         use_ema = (folder / EMA_FILE).is_file() if ema is None else ema
         weights = folder / (EMA_FILE if use_ema else MODEL_FILE)
-    model = build_from_config(_read_config(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; expected the weights next to {CONFIG_FILE}")
+    digests.check_digests(folder, digests.read_sums(folder), [weights.name])
+    model = build_from_config(_read_config(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
     load_checkpoint(model, weights, strict=True)
     return model.to(device).eval()

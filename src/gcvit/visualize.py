@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gcvit.extras import install_hint
+from gcvit.figures import subplots
 from gcvit.layers import WindowAttentionGlobal
 
 logger = logging.getLogger(__name__)
@@ -392,15 +393,11 @@ def grad_cam(
 # --- figures ------------------------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
+def _subplots(nrows: int, ncols: int, **figure: Any) -> tuple[Any, Any]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return subplots(nrows, ncols, **figure)
     except ImportError as e:
         raise ImportError(f"the figures need matplotlib: {install_hint('train')}") from e
-    return plt
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -442,9 +439,8 @@ def plot_global_attention(
         index: which image of the batch.
         dpi: resolution of the PNG.
     """
-    plt = _pyplot()
     n = len(maps.stages)
-    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.6))
+    fig, axes = _subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.6))
     _overlay(axes[0], image, None, f"input {maps.image_size[0]}x{maps.image_size[1]}")
     for ax, st in zip(axes[1:], maps.stages):
         if st.global_map is None:
@@ -459,12 +455,10 @@ def plot_global_attention(
 
 
 def _save(fig: Any, path: PathLike, dpi: int) -> Path:
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
@@ -487,9 +481,6 @@ def plot_local_attention(
         index: which image of the batch.
         dpi: resolution of the PNG.
     """
-    from matplotlib.patches import Rectangle
-
-    plt = _pyplot()
     st = maps.stages[stage]
     query = default_query(st, window) if query is None else query
     heat = local_attention(maps, stage, window, query)[index]  # (ws, ws)
@@ -497,7 +488,9 @@ def plot_local_attention(
     s, ws = st.stride, st.window_size
     r0, c0 = window[0] * ws, window[1] * ws  # the window's first token
     y0, x0, y1, x1 = _cell_edge(r0, s), _cell_edge(c0, s), _cell_edge(r0 + h, s), _cell_edge(c0 + w, s)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4))
+    fig, (left, right) = _subplots(1, 2, figsize=(8, 4))
+    from matplotlib.patches import Rectangle  # matplotlib is there: _subplots checked
+
     title = f"stage {st.stage}, window {tuple(window)}, query {tuple(query)}"
     _overlay(left, image, heat[:h, :w], title, extent=(x0, x1, y1, y0))
     left.set_xlim(-0.5, maps.image_size[1] - 0.5)
@@ -541,13 +534,12 @@ def plot_grad_cam(
         index: which image of the batch.
         dpi: resolution of the PNG.
     """
-    plt = _pyplot()
     c = int(cam.class_idx[index])
     p = float(cam.logits[index].softmax(-1)[c])
     name = classes[c] if classes is not None else str(c)
     size = (image.shape[0], image.shape[1])
     heat = to_image(cam.cam[index : index + 1], cam.stride, size)[0]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 3.8))
+    fig, (left, right) = _subplots(1, 2, figsize=(7, 3.8))
     _overlay(left, image, None, "input")
     im = _overlay(right, image, heat, f"Grad-CAM, stage {cam.stage}: class {name} (p={p:.3f})", vmin=0, vmax=1)
     fig.colorbar(im, ax=right, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)

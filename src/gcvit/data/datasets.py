@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
-from gcvit.data.transforms import Size, to_hw, to_rgb
+from gcvit.data.transforms import Size, load_rgb, to_hw
 from gcvit.data.verify import BadImage, find_bad_images
 from gcvit.extras import install_hint
 
@@ -217,15 +217,6 @@ def _list_samples(
 
 def _describe(bad: list[BadImage]) -> str:
     return "\n".join(f"  {b.path}: {b.reason}" for b in bad)
-
-
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """The image at `path` as 8-bit RGB (`to_rgb`), upright: turned as its EXIF orientation says (phone photos are
-    stored sideways)."""
-    with Image.open(path) as image:
-        ImageOps.exif_transpose(image, in_place=True)
-        image.load()
-        return to_rgb(image) if image.mode != "RGB" else image.copy()
 
 
 class ImageFolderDataset(Dataset[tuple[Any, int]]):

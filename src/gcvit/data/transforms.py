@@ -7,13 +7,14 @@ return a normalised float tensor (3, H, W). `MixupCutmix` works on a whole batch
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.transforms import v2
 
@@ -67,6 +68,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
             full = next(r for r in (1.0, 255.0, 65535.0, top) if top <= r and (r > 1.0 or image.mode == "F"))
         return Image.fromarray(np.clip(values * (255.0 / full) + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """The image at `path` as 8-bit RGB (`to_rgb`), upright: turned as its EXIF orientation says (phone photos are
+    stored sideways)."""
+    with Image.open(path) as image:
+        ImageOps.exif_transpose(image, in_place=True)
+        image.load()
+        return to_rgb(image) if image.mode != "RGB" else image.copy()
 
 
 class _RGBInput:

@@ -1,7 +1,8 @@
 """Finding image files that cannot be decoded, before training starts.
 
 Each file is opened twice with PIL: `Image.verify()` checks the container (PNG chunk CRCs, JPEG markers) without
-decoding, then a full `load()` decodes every pixel, which is what catches a truncated JPEG. PIL only accepts a
+decoding, then the loader of training and prediction (`load_rgb`: EXIF orientation, every pixel decoded, RGB) reads
+it, which is what catches a truncated JPEG or a malformed EXIF block. PIL only accepts a
 truncated file silently when `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` is True; this module never sets it, and warns when
 something else has.
 """
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFile
+
+from gcvit.data.transforms import load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,8 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
     try:
         with Image.open(path) as image:
             image.verify()  # container checks; leaves `image` unusable, hence the second open
-        with Image.open(path) as image:
-            image.load()  # decodes every pixel: catches truncation that verify() does not
+        load_rgb(path)  # what the loader does: decodes every pixel (catches truncation that verify() does not),
+        # reads the EXIF orientation and converts to RGB
     except Exception as error:  # PIL raises many types for malformed files (OSError, SyntaxError, struct.error, ...)
         return f"{type(error).__name__}: {error}"
     return None

@@ -1,10 +1,11 @@
 """Crash-safe training checkpoints: RUN/last/ and RUN/best/, each swapped in whole.
 
 A checkpoint folder holds model.safetensors (official key names), config.json (how to rebuild the model and read
-its outputs), ema.safetensors (when EMA is on) and state.pt (optimizer, scheduler, scaler, EMA, counters, every RNG
-state). Each file is written to a temporary name, fsynced and renamed; the folder is first written as
-RUN/<name>.tmp-<pid>/ and then swapped in: the old folder is renamed aside to RUN/<name>.old-<pid>/, the new one
-renamed into place, and the old one deleted. A crash at any moment leaves either <name>/ or <name>.old-*/ complete;
+its outputs), ema.safetensors (when EMA is on), SHA256SUMS (the weights' digests, checked by the loaders) and
+state.pt (optimizer, scheduler, scaler, EMA, counters, every RNG state, and the digests again, checked on resume).
+Each file is written to a temporary name, fsynced and renamed; the folder is first written as RUN/<name>.tmp-<pid>/
+and then swapped in: the old folder is renamed aside to RUN/<name>.old-<pid>/, the new one renamed into place, and
+the old one deleted. A crash at any moment leaves either <name>/ or <name>.old-*/ complete;
 `find_checkpoint` picks the complete one and `clean_stale` removes the leftovers.
 
 The environment variable GCVIT_TEST_KILL_AT=<point>:<epoch> (point 'write' or 'swap') sends SIGKILL to the process
@@ -27,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gcvit import digests
 from gcvit.atomic import atomic_write, atomic_write_bytes
-from gcvit.download import sha256_of
 from gcvit.models.weights import read_state_dict, save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def write_checkpoint(
             save_safetensors(ema_state, tmp / EMA_FILE, metadata=meta)
         atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
         _maybe_kill("write", int(state.get("epoch", -1)), name)
-        state = state | {"digests": {MODEL_FILE: sha256_of(tmp / MODEL_FILE)}}  # checked on resume
+        files = (MODEL_FILE, EMA_FILE) if ema_state is not None else (MODEL_FILE,)
+        state = state | {"digests": digests.write_sums(tmp, files)}  # checked on resume
         atomic_torch_save(state, tmp / STATE_FILE)  # written last: a folder with state.pt is complete
         _fsync_dir(tmp)
     except (OSError, RuntimeError) as e:  # a full disk, a quota (torch.save's zip writer raises RuntimeError)
@@ -207,8 +209,8 @@ def check_digests(folder: Path, state: dict[str, Any]) -> None:
     """Raise a ValueError naming a file of the checkpoint whose SHA-256 differs from the one state.pt recorded when
     it was written (a flipped byte would otherwise resume silently); checkpoints from before digests pass."""
     for name, digest in (state.get("digests") or {}).items():
-        if sha256_of(folder / name) != digest:
-            raise ValueError(
+        if digests.sha256_of(folder / name) != digest:
+            raise digests.DamagedFileError(
                 f"{folder / name} is damaged: its SHA-256 differs from the one recorded when it was written. "
                 f"Resume from a copy, or start a new run from best/ (--pretrained)"
             )

@@ -18,8 +18,11 @@ import torch
 from torch import nn
 
 import gcvit
+from gcvit import digests
 from gcvit.data import DigitsDataset, ImageFolderDataset, eval_transform, split_image_folder
-from gcvit.data.datasets import check_val_fraction, image_files, load_rgb
+from gcvit.data.datasets import check_val_fraction, image_files
+from gcvit.data.transforms import load_rgb
+from gcvit.figures import subplots
 from gcvit.hub import build_from_config
 from gcvit.train import checkpoint as ckpt
 from gcvit.train.distributed import require_cuda
@@ -89,6 +92,7 @@ def load_run(
         (model, meta): meta gives the class names and the preprocessing.
     """
     weights, folder = _weights_file(Path(path), ema)
+    digests.check_digests(folder, digests.read_sums(folder), [weights.name])
     config = ckpt.read_model_config(folder)
     model = build_from_config(config, str(folder / ckpt.CONFIG_FILE))  # also reads the classes and preprocessing
     gcvit.load_checkpoint(model, weights)
@@ -215,15 +219,11 @@ def evaluate(
 
 def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path) -> Path | None:
     """Write the confusion matrix as a PNG; None without matplotlib."""
+    k = len(classes)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        fig, ax = subplots(figsize=(max(4, 0.5 * k + 2), max(4, 0.5 * k + 2)))
     except ImportError:
         return None
-    k = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * k + 2), max(4, 0.5 * k + 2)))
     ax.imshow(confusion, cmap="Blues")
     if k <= 30:
         ax.set_xticks(range(k), classes, rotation=90)
@@ -244,7 +244,6 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path) ->
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 

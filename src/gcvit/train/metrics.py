@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gcvit.atomic import atomic_write_bytes
+from gcvit.figures import subplots
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,7 @@ class TensorBoard:
 def plot_history(plot_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
     """loss.png and accuracy.png from the history; returns the files written ([] without matplotlib)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         logger.info("matplotlib is not installed: no plots")
         return []
@@ -67,7 +65,7 @@ def plot_history(plot_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         ("loss", ("train_loss", "val_loss"), "loss"),
         ("accuracy", ("val_top1", "val_top5", "ema_top1"), "accuracy (%)"),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = subplots(figsize=(6, 4))
         for key in keys:
             points = [(e, r[key]) for e, r in zip(epochs, history) if r.get(key) is not None]
             if points:
@@ -79,7 +77,6 @@ def plot_history(plot_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
         atomic_write_bytes(plot_dir / f"{name}.png", buf.getvalue())
         written.append(plot_dir / f"{name}.png")
     return written
