@@ -1223,9 +1223,10 @@ def test_a_flipped_byte_in_a_checkpoint_is_found_on_resume(uninterrupted: Path, 
         train(resume=run)
 
 
-def test_a_flipped_byte_in_the_weights_is_found_by_eval(uninterrupted: Path, tmp_path: Path) -> None:
+def test_a_flipped_byte_in_the_weights_is_found_wherever_they_load(uninterrupted: Path, tmp_path: Path) -> None:
     """Evaluation reads best/ema.safetensors, which state.pt's digests (read on resume only) do not guard: each
-    checkpoint lists its weights' SHA-256 in SHA256SUMS (sha256sum's format), and the loaders check against it."""
+    checkpoint lists its weights' SHA-256 in SHA256SUMS (sha256sum's format), and every loader of a local weights
+    file checks against it."""
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
     for folder in (run / "best", run / "last"):
@@ -1243,6 +1244,8 @@ def test_a_flipped_byte_in_the_weights_is_found_by_eval(uninterrupted: Path, tmp
     assert evaluated.returncode == 2 and re.search(damage, evaluated.stderr), evaluated.stderr
     model, _ = load_run(run, ema=False)  # the other weights file of the folder is sound
     assert not model.training
+    with pytest.raises(ValueError, match=damage):  # as --pretrained, or gcvit.load_checkpoint in Python
+        gcvit.load_checkpoint(model, ema)
     (run / "best" / "SHA256SUMS").unlink()  # checkpoints from before digests load as they did
     load_run(run)
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from gcvit import digests
 from gcvit.atomic import atomic_write_bytes
 from gcvit.download import download
 from gcvit.layers.rel_pos import resize_bias_table
@@ -45,7 +46,8 @@ def _is_url(s: str) -> bool:
 
 
 def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> Path:
-    """A local path for a checkpoint path or URL (URLs are downloaded into the cache)."""
+    """A local path for a checkpoint path or URL (URLs are downloaded into the cache); a local file listed in the
+    SHA256SUMS beside it (checkpoints and saved folders) is checked against it."""
     s = str(path_or_url)
     if _is_url(s):
         return download(s, sha256)
@@ -56,6 +58,7 @@ def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> P
         )
     if not path.is_file():
         raise FileNotFoundError(f"expected a checkpoint file or an http(s):// URL; {s!r} does not exist")
+    digests.check_digests(path.parent, digests.read_sums(path.parent), [path.name])  # where SHA256SUMS lists it
     return path
 
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 import gcvit
-from gcvit import digests
 from gcvit.data import DigitsDataset, ImageFolderDataset, eval_transform, split_image_folder
 from gcvit.data.datasets import check_val_fraction, image_files
 from gcvit.data.transforms import load_rgb
@@ -92,7 +91,6 @@ def load_run(
         (model, meta): meta gives the class names and the preprocessing.
     """
     weights, folder = _weights_file(Path(path), ema)
-    digests.check_digests(folder, digests.read_sums(folder), [weights.name])
     config = ckpt.read_model_config(folder)
     model = build_from_config(config, str(folder / ckpt.CONFIG_FILE))  # also reads the classes and preprocessing
     gcvit.load_checkpoint(model, weights)
