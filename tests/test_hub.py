@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import http.server
 import json
 import logging
 import shutil
 import subprocess
+import threading
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,6 +135,65 @@ def test_a_remote_folder_is_checked_before_and_while_its_weights_download(small,
     weights.write_bytes(bytes(damaged))
     with pytest.raises(ChecksumError, match=r"download of .*/small/model.safetensors has the wrong SHA-256"):
         gcvit.from_pretrained(f"{base}/small", force_download=True)
+
+
+class _Served:
+    """An HTTP server on 127.0.0.1 for `folder`, recording each request's Authorization header. With `token`, it
+    answers 401 to requests without it; with `cdn`, it redirects requests for weights there."""
+
+    def __init__(self, folder: Path, token: str | None = None, cdn: str | None = None) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.seen.append((self.path, self.headers.get("Authorization")))
+                if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                    self.send_error(401)
+                elif cdn is not None and self.path.endswith(".safetensors"):
+                    self.send_response(302)
+                    self.send_header("Location", cdn + self.path)
+                    self.end_headers()
+                else:
+                    super().do_GET()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_private_hub_repo_takes_a_token_and_the_cdn_never_sees_it(small, cache, monkeypatch, tmp_path) -> None:
+    """The Hub answers 401 for a private repo without a token; $HF_TOKEN (or token=) is sent as a Bearer token to
+    the hub, and not on to the CDN that the hub redirects weights to."""
+    small.save_pretrained(tmp_path / "hub" / "user" / "private" / "resolve" / "main", classes=CLASSES)
+    cdn = _Served(tmp_path / "hub")
+    hub = _Served(tmp_path / "hub", token="secret", cdn=cdn.url)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        with pytest.raises(OSError, match=r"401.*private or gated repo needs an access token: set HF_TOKEN"):
+            gcvit.from_pretrained("user/private")
+        with pytest.raises(OSError, match=r"401.*the token given was refused"):
+            gcvit.from_pretrained("user/private", token="wrong")
+        monkeypatch.setenv("HF_TOKEN", "secret")
+        assert torch.equal(_logits(gcvit.from_pretrained("user/private")), _logits(small))
+        assert ("/user/private/resolve/main/model.safetensors", "Bearer secret") in hub.seen
+        assert "/user/private/resolve/main/model.safetensors" in [path for path, _ in cdn.seen]
+        assert all(auth is None for _, auth in cdn.seen)  # the redirect's target got no token
+    finally:
+        hub.close()
+        cdn.close()
 
 
 def test_a_checkpoint_folder_with_ema_loads_alike_locally_and_remotely(small, http_root, cache) -> None:

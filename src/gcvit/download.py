@@ -12,6 +12,7 @@ import http.client
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -63,6 +64,7 @@ def download(
     progress: bool = True,
     folder: Path | None = None,
     warn_unverified: bool = True,
+    headers: Mapping[str, str] | None = None,
 ) -> Path:
     """Return a local path for `url`, downloading it into the cache if needed.
 
@@ -73,6 +75,7 @@ def download(
         folder: cache into this folder instead of the URL's own folder in the cache (one folder per URL, so files
             of the same name from different places never stand in for each other). file:// URLs are read in place.
         warn_unverified: log a warning, with the file's digest, when no `sha256` was given.
+        headers: extra HTTP request headers (an Authorization token, say); never sent on to a redirect's target.
     Raises:
         ChecksumError: the file's digest differs; nothing is left in the cache.
         OSError: the download failed (the message names the URL).
@@ -92,7 +95,7 @@ def download(
     dst.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", url, dst)
     try:
-        digest = _fetch(url, dst, expected, progress)
+        digest = _fetch(url, dst, expected, progress, headers or {})
     except (OSError, http.client.HTTPException) as e:  # HTTP errors, refused or cut connections, timeouts
         raise OSError(f"could not download {url}: {e}") from e
     if expected is None and warn_unverified:
@@ -100,14 +103,17 @@ def download(
     return dst
 
 
-def _fetch(url: str, dst: Path, expected: str | None, progress: bool) -> str:
+def _fetch(url: str, dst: Path, expected: str | None, progress: bool, headers: Mapping[str, str]) -> str:
     """Stream `url` into a temporary file beside `dst`; rename it to `dst` when every announced byte came and the
     digest starts with `expected`. Returns the SHA-256 hex digest. Concurrent downloads of one file each write their
     own temporary file; the last rename wins, with the same bytes."""
     tmp = dst.with_name(f"{dst.name}.{uuid.uuid4().hex[:8]}.partial")
     digest = hashlib.sha256()
+    request = Request(url, headers={"User-Agent": "gcvit"})
+    for key, value in headers.items():  # a token for the host asked, not for the CDN it redirects to
+        request.add_unredirected_header(key, value)
     try:
-        with urlopen(Request(url, headers={"User-Agent": "gcvit"}), timeout=TIMEOUT) as response, open(tmp, "wb") as f:
+        with urlopen(request, timeout=TIMEOUT) as response, open(tmp, "wb") as f:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             bar = _progress_bar(total, dst.name) if progress else None

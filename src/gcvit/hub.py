@@ -191,7 +191,7 @@ def _local_folder(path: Path) -> Path:
     raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; expected a folder written by save_pretrained or gcvit train")
 
 
-def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | None) -> Path:
+def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | None, headers: dict[str, str]) -> Path:
     """Download config.json, model.safetensors and ema.safetensors under `base_url` into `cache` (kept for later
     calls). config.json comes first: a folder that is not gcvit's is named before its weights are fetched. The
     weights are checked against the folder's SHA256SUMS where it has one. ema.safetensors is fetched where it exists
@@ -204,18 +204,18 @@ def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | 
     if force_download:
         for name in (CONFIG_FILE, MODEL_FILE, *optional, *(f"{n}.absent" for n in optional)):
             (cache / name).unlink(missing_ok=True)
-    config = download(f"{base}/{CONFIG_FILE}", folder=cache, warn_unverified=False)
+    config = download(f"{base}/{CONFIG_FILE}", folder=cache, warn_unverified=False, headers=headers)
     _check_entries(_read_config(config), f"{base}/{CONFIG_FILE}")
-    sums = digests.read_sums(cache) if _fetch_optional(base, digests.SUMS_FILE, cache) else {}
-    download(f"{base}/{MODEL_FILE}", sums.get(MODEL_FILE), folder=cache)
+    sums = digests.read_sums(cache) if _fetch_optional(base, digests.SUMS_FILE, cache, headers) else {}
+    download(f"{base}/{MODEL_FILE}", sums.get(MODEL_FILE), folder=cache, headers=headers)
     if ema:
-        download(f"{base}/{EMA_FILE}", sums.get(EMA_FILE), folder=cache)
+        download(f"{base}/{EMA_FILE}", sums.get(EMA_FILE), folder=cache, headers=headers)
     elif ema is None:
-        _fetch_optional(base, EMA_FILE, cache, sums.get(EMA_FILE))
+        _fetch_optional(base, EMA_FILE, cache, headers, sums.get(EMA_FILE))
     return cache
 
 
-def _fetch_optional(base: str, name: str, cache: Path, sha256: str | None = None) -> bool:
+def _fetch_optional(base: str, name: str, cache: Path, headers: dict[str, str], sha256: str | None = None) -> bool:
     """Fetch base/name into `cache` if the host has it; whether the folder now holds it. A 403 or 404 (S3 and GCS
     answer 403 for a missing file) is remembered in `<name>.absent`; other failures (offline) log a warning."""
     from gcvit.download import download
@@ -224,7 +224,7 @@ def _fetch_optional(base: str, name: str, cache: Path, sha256: str | None = None
     if absent.exists():
         return False
     try:
-        download(f"{base}/{name}", sha256, folder=cache, warn_unverified=name == EMA_FILE)
+        download(f"{base}/{name}", sha256, folder=cache, warn_unverified=name == EMA_FILE, headers=headers)
     except OSError as e:
         if getattr(e.__cause__, "code", None) in (403, 404):
             absent.touch()
@@ -234,6 +234,10 @@ def _fetch_optional(base: str, name: str, cache: Path, sha256: str | None = None
     return True
 
 
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def resolve_pretrained(
     source: str | os.PathLike[str],
     *,
@@ -241,9 +245,10 @@ def resolve_pretrained(
     cache_dir: str | os.PathLike[str] | None = None,
     force_download: bool = False,
     ema: bool | None = None,
+    token: str | None = None,
 ) -> Path:
     """A local folder holding config.json for a folder path, an http(s) URL of a folder, or a hub repo id (`ema`:
-    whether to fetch ema.safetensors too; None: where there is one)."""
+    whether to fetch ema.safetensors too; None: where there is one; `token`: see `from_pretrained`)."""
     from gcvit.download import cache_dir as default_cache
 
     text = str(source)
@@ -255,14 +260,19 @@ def resolve_pretrained(
     root = Path(cache_dir) if cache_dir is not None else default_cache() / "hub"
     if text.startswith(("http://", "https://")):
         digest = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
-        return _fetch_folder(text, root / "urls" / digest, force_download, ema)
+        return _fetch_folder(text, root / "urls" / digest, force_download, ema, _bearer(token))
     if _REPO_ID.match(text):
         endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
         cache = root / "repos" / text.replace("/", "--") / revision
+        token = token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")  # as huggingface_hub
         try:
-            return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download, ema)
+            return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download, ema, _bearer(token))
         except OSError as e:  # a mistyped local path looks like a repo id too
-            raise OSError(f"{text!r} is no local folder, and as a hub repo id: {e}") from e
+            why = ""
+            if getattr(e.__cause__, "code", None) == 401:
+                held = "the token given was refused" if token else "set HF_TOKEN, or pass token="
+                why = f" (a private or gated repo needs an access token: {held})"
+            raise OSError(f"{text!r} is no local folder, and as a hub repo id: {e}{why}") from e
     from gcvit.models.registry import close_names
 
     raise FileNotFoundError(
@@ -277,6 +287,7 @@ def from_pretrained(
     cache_dir: str | os.PathLike[str] | None = None,
     force_download: bool = False,
     ema: bool | None = None,
+    token: str | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Load a model saved with `save_pretrained` (or a `gcvit train` checkpoint), in eval mode.
@@ -291,6 +302,8 @@ def from_pretrained(
         force_download: download again even when cached.
         ema: load ema.safetensors (a training checkpoint's EMA weights) instead of model.safetensors; None: when
             the folder has it, as `gcvit eval` does.
+        token: an access token for a private or gated hub repo (sent as a Bearer token to the host asked, never to
+            a host it redirects to); default for repo ids: $HF_TOKEN, as huggingface_hub reads it.
         device: where to put the model.
     Returns:
         The model, with `model.classes` (class names) and `model.pretrained_cfg` (preprocessing) from config.json.
@@ -311,7 +324,7 @@ def from_pretrained(
     else:
         source = pretrained_model_name_or_path
         folder = resolve_pretrained(
-            source, revision=revision, cache_dir=cache_dir, force_download=force_download, ema=ema
+            source, revision=revision, cache_dir=cache_dir, force_download=force_download, ema=ema, token=token
         )
         use_ema = (folder / EMA_FILE).is_file() if ema is None else ema
         weights = folder / (EMA_FILE if use_ema else MODEL_FILE)
