@@ -271,7 +271,7 @@ def resolve_pretrained(
             why = ""
             if getattr(e.__cause__, "code", None) == 401:
                 held = "the token given was refused" if token else "set HF_TOKEN, or pass token="
-                why = f" (a private or gated repo needs an access token: {held})"
+                why = f" (no such repo, or a private or gated one, which needs an access token: {held})"
             raise OSError(f"{text!r} is no local folder, and as a hub repo id: {e}{why}") from e
     from gcvit.models.registry import close_names
 
