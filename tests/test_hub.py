@@ -429,6 +429,20 @@ def test_reset_classifier_then_save_pretrained_loads_back(name: str, tmp_path: P
         assert loaded.num_classes == 5 and torch.equal(loaded(x), model(x))
 
 
+def test_a_fresh_head_drops_the_old_heads_class_names(small, tmp_path: Path) -> None:
+    """After reset_classifier the head's outputs are no longer the loaded classes: save_pretrained used to write
+    the old names for a head of the same size (and an ImageNet model's names for any 1000-class head)."""
+    loaded = gcvit.from_pretrained(small.save_pretrained(tmp_path / "saved", classes=CLASSES))
+    assert loaded.classes == CLASSES
+    loaded.reset_classifier(3)
+    again = gcvit.from_pretrained(loaded.save_pretrained(tmp_path / "fresh"))
+    assert again.classes == ["0", "1", "2"]
+    imagenet = gcvit.create_model("gcvit_xxtiny", img_size=64)
+    assert gcvit.hub.model_config(imagenet)["classes"][:2] == ["tench", "goldfish"]
+    imagenet.reset_classifier(1000)
+    assert gcvit.hub.model_config(imagenet)["classes"][:2] == ["0", "1"]
+
+
 def test_a_headless_checkpoint_loads_under_a_fresh_head(tmp_path: Path) -> None:
     """A backbone saved with num_classes=0 fine-tunes like any checkpoint: the new head starts fresh."""
     backbone = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=0)

@@ -78,11 +78,14 @@ def check_config(
 
 def replace_head(model: nn.Module, num_classes: int, like: torch.Tensor) -> None:
     """A fresh Linear(model.num_features, num_classes) head on `like`'s device and dtype (nn.Identity for 0), with the
-    class count recorded where save_pretrained (`cfg`) and visualize (`pretrained_cfg`, set by create_model) read it."""
+    class count recorded where save_pretrained (`cfg`) and visualize (`pretrained_cfg`, set by create_model) read it.
+    The old head's class names (`classes`, set by from_pretrained, and an ImageNet `label_set`) go with it."""
     model.num_classes = num_classes
     model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
     if getattr(model, "pretrained_cfg", None) is not None:
-        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, num_classes=num_classes)
+        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, num_classes=num_classes, label_set="")
+    if "classes" in vars(model):
+        del model.classes
     n = model.num_features
     model.head = nn.Linear(n, num_classes, device=like.device, dtype=like.dtype) if num_classes else nn.Identity()
     model.head.apply(init_weights)
