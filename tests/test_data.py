@@ -448,6 +448,42 @@ def test_every_randaugment_op_runs_at_both_ends_of_its_range(increasing: bool) -
     assert not np.asarray(black).any()
 
 
+@pytest.mark.parametrize("increasing", [True, False])
+@pytest.mark.parametrize("negate", [False, True])
+def test_every_randaugment_op_gives_timms_pixels(increasing: bool, negate: bool, monkeypatch) -> None:
+    """Each op at magnitudes 3 and 9, in each direction, with the mean colour as fill, against timm's AugmentOp of
+    the same name applied with probability 1: the same pixels (strength, direction, threshold and fill)."""
+    from PIL import Image
+
+    from gcvit.data import randaugment
+    from gcvit.data.randaugment import INCREASING_OPS, ORIGINAL_OPS, _Geometry
+
+    auto_augment = pytest.importorskip("timm.data.auto_augment")
+    monkeypatch.setattr(auto_augment.random, "random", lambda: 0.9 if negate else 0.1)  # timm negates above 0.5
+    monkeypatch.setattr(randaugment, "_signed", lambda value: -value if negate else value)
+    fill = (124, 116, 104)
+    hparams = {"img_mean": fill, "interpolation": Image.Resampling.BICUBIC}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    for name, op in (INCREASING_OPS if increasing else ORIGINAL_OPS).items():
+        for magnitude in (3, 9):
+            theirs = auto_augment.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)(image)
+            ours = op(image, magnitude / 10, _Geometry(fill, Image.Resampling.BICUBIC))
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (name, magnitude)
+
+
+def test_mixing_flip_and_randaugment_take_the_values_given() -> None:
+    """The switch probability goes to CutMix and each alpha to its own mix; hflip is the flip's probability;
+    'inc0' is timm's original op set, 'inc1' the increasing one."""
+    from torchvision.transforms import v2
+
+    mix = mixup_cutmix(5, 0.8, 1.0, switch_prob=0.9).mix
+    assert mix.p == [pytest.approx(0.1), 0.9] and [type(t).__name__ for t in mix.transforms] == ["MixUp", "CutMix"]
+    assert [t.alpha for t in mix.transforms] == [0.8, 1.0]
+    assert not parse_randaugment("rand-m9-inc0").increasing and parse_randaugment("rand-m9-inc1").increasing
+    flips = [t for t in train_transform(16, MEAN, STD, hflip=0.3).transforms if isinstance(t, v2.RandomHorizontalFlip)]
+    assert [f.p for f in flips] == [0.3]
+
+
 def test_mixing_takes_any_integer_labels_and_names_what_it_cannot_mix() -> None:
     """int32 labels (collated from NumPy) failed inside one_hot; uint8 images, an empty batch and bool labels failed
     deep in torch."""

@@ -66,6 +66,35 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
     assert cfg.randaugment == "rand-m9-mstd0.5-inc1" and cfg.random_erasing == 0.25 and cfg.min_lr == 5e-6
 
 
+def test_the_official_recipe_is_the_papers_every_value() -> None:
+    """GCVIT_SPEC.md's ImageNet-1K recipe, every value (a mutation review found crop_scale, among others, unchecked):
+    lr 5e-3 at batch 4096 scaled linearly; the bf16 autocast and colour jitter off are this package's choices."""
+    from gcvit.train.config import official_recipe
+
+    assert official_recipe(4096) == {
+        "img_size": 224,
+        "lr": 5e-3,
+        "min_lr": 5e-6,
+        "warmup_lr": 1e-6,
+        "warmup_epochs": 20.0,
+        "epochs": 310,
+        "cooldown_epochs": 10,
+        "weight_decay": 0.05,
+        "clip_grad": 5.0,
+        "ema": 0.9998,
+        "randaugment": "rand-m9-mstd0.5-inc1",
+        "mixup": 0.8,
+        "cutmix": 1.0,
+        "label_smoothing": 0.1,
+        "random_erasing": 0.25,
+        "color_jitter": None,
+        "hflip": 0.5,
+        "crop_scale": 0.08,
+        "amp": "bf16",
+    }
+    assert official_recipe(1024)["lr"] == pytest.approx(1.25e-3)
+
+
 def test_none_flags_turn_settings_off_and_model_overrides_merge(tmp_path: Path) -> None:
     """`--ema none` (and the other 'none' switches) override the YAML file, the recipe and a resumed run instead of
     being dropped; `--model-override` changes single fields of the YAML file's model instead of replacing it."""
@@ -120,6 +149,83 @@ def test_cooldown_epochs_run_at_min_lr_after_the_schedule(tmp_path: Path, caplog
     with caplog.at_level("WARNING", logger="gcvit.train.loop"):  # equal: the lr peaks at the very end, no decay
         train(_cfg(tmp_path, epochs=1, warmup_epochs=1, ema=None, batch_size=256, out_dir=str(tmp_path / "w1")))
     assert "warmup_epochs (1) is not below epochs (1)" in caplog.text
+
+
+def test_the_loop_follows_each_setting_into_training(tmp_path: Path, monkeypatch) -> None:
+    """Settings whose loss no other fast test would see (a mutation review): best/ is chosen on the EMA's accuracy
+    (the spec's), fractional warmup epochs round to steps, each epoch reshuffles (set_epoch), gradients are
+    clipped, the mixer smooths labels by label_smoothing, and the time limit stops the run."""
+    from gcvit.train import loop
+    from gcvit.train.data import _EpochSampler
+
+    calls: dict[str, list] = {"top1": [50.0, 30.0, 40.0, 60.0], "epochs": [], "clip": [], "warmup": [], "smooth": []}
+
+    def validate(model, loader, device, info):  # the model, then the EMA, each epoch
+        return {"loss": 1.0, "top1": calls["top1"].pop(0), "top5": 100.0}
+
+    def set_epoch(self, epoch):
+        calls["epochs"].append(epoch)
+        self.inner.set_epoch(epoch)
+
+    def clip(parameters, max_norm):
+        calls["clip"].append(max_norm)
+
+    def scheduler(optimizer, total, warmup, *args):
+        calls["warmup"].append((total, warmup))
+        return build_scheduler(optimizer, total, warmup, *args)
+
+    def mixer(*args, label_smoothing):
+        calls["smooth"].append(label_smoothing)
+        return gcvit.data.mixup_cutmix(*args, label_smoothing=label_smoothing)
+
+    monkeypatch.setattr(loop, "validate", validate)
+    monkeypatch.setattr(_EpochSampler, "set_epoch", set_epoch)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(loop, "build_scheduler", scheduler)
+    monkeypatch.setattr(loop, "mixup_cutmix", mixer)
+    cfg = _cfg(tmp_path, epochs=2, batch_size=256, warmup_epochs=0.5, clip_grad=2.5, label_smoothing=0.2, ema=0.9)
+    result = train(cfg)
+    assert calls["clip"] == [2.5] * 10  # 5 optimizer steps an epoch
+    assert calls["warmup"] == [(10, 2)]  # round(0.5 * 5): 2 steps, not int(0.5) * 5 = 0
+    assert calls["epochs"] == [0, 1] and calls["smooth"] == [0.2]
+    assert result.best_top1 == 60.0 and ckpt.read_training_state(tmp_path / "run" / "best")["epoch"] == 2
+    monkeypatch.undo()
+    stopped = train(_cfg(tmp_path, epochs=3, batch_size=256, ema=None, time_limit=1e-9, out_dir=str(tmp_path / "t")))
+    assert stopped.epochs_done == 1
+
+
+def test_the_training_data_takes_the_configs_augmentation_and_reshuffles_each_epoch() -> None:
+    """crop_scale, hflip and the RandAugment spec reach the training transform (digits flipped at p=0.5 would be
+    a different task); the loader's order is shuffled and changes with the epoch, each sample keyed by its epoch."""
+    from torchvision.transforms import v2
+
+    from gcvit.data.randaugment import INCREASING_OPS, RandAugment
+    from gcvit.train.data import build_datasets, train_loader
+
+    cfg = TrainConfig(img_size=32, crop_scale=0.75, hflip=0.0, randaugment="rand-m7-mstd0.5-inc1", random_erasing=0.3)
+    steps = build_datasets(cfg, (0.5, 0.25, 0.125), (0.5, 0.5, 0.5), 1.0, "bicubic").train.transform.transforms
+    crop = next(t for t in steps if isinstance(t, v2.RandomResizedCrop))
+    assert crop.scale == (0.75, 1.0) and tuple(crop.size) == (32, 32)
+    assert not any(isinstance(t, v2.RandomHorizontalFlip) for t in steps)
+    ra = next(t for t in steps if isinstance(t, RandAugment))
+    assert (ra.magnitude, ra.magnitude_std, ra.geometry.fill) == (7, 0.5, (128, 64, 32))  # the mean colour
+    assert ra.ops == list(INCREASING_OPS.items())
+    erasing = next(t for t in steps if isinstance(t, v2.RandomErasing))
+    assert erasing.p == 0.3
+    erasing = copy.copy(erasing)
+    erasing.p = 1.0
+    torch.manual_seed(0)
+    erased = erasing(torch.zeros(3, 32, 32))
+    assert (erased != 0).float().mean() > 0.02 and erased[erased != 0].std() > 0.5  # timm's 'pixel': normal noise
+
+    loader = train_loader(list(range(100)), 10, seed=0, num_workers=0, rank=0, world_size=1)
+    orders = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        keys = list(loader.sampler)
+        assert {e for e, _ in keys} == {epoch}
+        orders.append([i for _, i in keys])
+    assert sorted(orders[0]) == list(range(100)) and orders[0] != list(range(100)) and orders[0] != orders[1]
 
 
 def test_bad_config_values_are_named(tmp_path: Path) -> None:
@@ -281,6 +387,42 @@ def test_optimizer_is_fused_adamw_with_the_per_tensor_updates() -> None:
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert (model.patch_embed.proj.weight - start).abs().max() > 1e-3  # the steps moved the weights
+
+
+def test_adamw_settings_and_where_the_global_query_generator_and_downsampling_decay() -> None:
+    """AdamW (0.9, 0.999), eps 1e-8 (the spec's); a stage's global query generator takes its first block's lr level,
+    its downsampling its last block's."""
+    opt = build_optimizer(torch.nn.Linear(2, 2), 1e-3, 0.05, None)
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    assert opt.defaults["weight_decay"] == pytest.approx(0.01)  # PyTorch's, unused: every group sets its own
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]  # the weight, then the bias
+    blocks_before, n = [0, 2, 4, 10], 12  # depths 2, 2, 6, 2
+    assert layer_id("levels.1.q_global_gen.to_q_global.0.conv.0.weight", n, blocks_before) == 3
+    assert layer_id("levels.1.blocks.0.mlp.fc1.weight", n, blocks_before) == 3
+    assert layer_id("levels.1.downsample.reduction.weight", n, blocks_before) == 4
+    assert layer_id("levels.1.blocks.1.mlp.fc1.weight", n, blocks_before) == 4
+    assert layer_id("levels.3.downsample.norm.weight", n, blocks_before) == 12
+    assert layer_id("norm.weight", n, blocks_before) == 13
+
+
+def test_the_schedule_keeps_each_groups_layer_decay_and_warms_up_linearly() -> None:
+    """Every step, each group's lr is the schedule's factor times lr times its layer-decay scale (a scheduler that
+    forgot the scales would train every layer at the head's lr); warmup is a straight line from warmup_lr to lr."""
+    from gcvit.train.optim import lr_factor
+
+    model = gcvit.create_model("gcvit_xxtiny", num_classes=3, img_size=32, **TINY)
+    opt = build_optimizer(model, 1e-3, 0.05, 0.5)
+    scales = [g["lr_scale"] for g in opt.param_groups]
+    assert min(scales) == pytest.approx(0.5**5) and max(scales) == 1.0  # TINY: four blocks
+    sched = build_scheduler(opt, total_steps=100, warmup_steps=10, lr=1e-3, min_lr=0.0, warmup_lr=5e-4)
+    for step in range(30):
+        factor = lr_factor(step, 100, 10, 1e-3, 0.0, 5e-4)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([factor * 1e-3 * k for k in scales]), step
+        if step == 5:
+            assert factor * 1e-3 == pytest.approx(7.5e-4)  # halfway from 5e-4 to 1e-3
+        assert factor <= 1.0
+        opt.step()
+        sched.step()
 
 
 def test_warmup_then_cosine_per_step() -> None:
