@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import http.server
 import json
 import logging
@@ -139,9 +140,12 @@ def test_a_remote_folder_is_checked_before_and_while_its_weights_download(small,
 
 class _Served:
     """An HTTP server on 127.0.0.1 for `folder`, recording each request's Authorization header. With `token`, it
-    answers 401 to requests without it; with `cdn`, it redirects requests for weights there."""
+    answers 401 to requests without it; with `cdn`, it redirects requests for weights there; paths starting with
+    moved[0] are redirected to moved[1] on the same host."""
 
-    def __init__(self, folder: Path, token: str | None = None, cdn: str | None = None) -> None:
+    def __init__(
+        self, folder: Path, token: str | None = None, cdn: str | None = None, moved: tuple[str, str] = ("", "")
+    ) -> None:
         self.seen: list[tuple[str, str | None]] = []
         outer = self
 
@@ -154,7 +158,11 @@ class _Served:
 
             def do_GET(self) -> None:
                 outer.seen.append((self.path, self.headers.get("Authorization")))
-                if token is not None and self.headers.get("Authorization") != f"Bearer {token}":
+                if moved[0] and self.path.startswith(moved[0]):  # a renamed repo: the same host, another path
+                    self.send_response(307)
+                    self.send_header("Location", moved[1] + self.path.removeprefix(moved[0]))
+                    self.end_headers()
+                elif token is not None and self.headers.get("Authorization") != f"Bearer {token}":
                     self.send_error(401)
                 elif cdn is not None and self.path.endswith(".safetensors"):
                     self.send_response(302)
@@ -177,11 +185,12 @@ def test_a_private_hub_repo_takes_a_token_and_the_cdn_never_sees_it(small, cache
     the hub, and not on to the CDN that the hub redirects weights to."""
     small.save_pretrained(tmp_path / "hub" / "user" / "private" / "resolve" / "main", classes=CLASSES)
     cdn = _Served(tmp_path / "hub")
-    hub = _Served(tmp_path / "hub", token="secret", cdn=cdn.url)
+    hub = _Served(tmp_path / "hub", token="secret", cdn=cdn.url, moved=("/user/old-name/", "/user/private/"))
     try:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no login of this machine's
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH"):
+            monkeypatch.delenv(name, raising=False)
         needed = r"401.*no such repo, or a private or gated one, which needs an access token: set HF_TOKEN"
         with pytest.raises(OSError, match=needed):
             gcvit.from_pretrained("user/private")
@@ -192,9 +201,31 @@ def test_a_private_hub_repo_takes_a_token_and_the_cdn_never_sees_it(small, cache
         assert ("/user/private/resolve/main/model.safetensors", "Bearer secret") in hub.seen
         assert "/user/private/resolve/main/model.safetensors" in [path for path, _ in cdn.seen]
         assert all(auth is None for _, auth in cdn.seen)  # the redirect's target got no token
+        monkeypatch.delenv("HF_TOKEN")
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "token").write_text("secret\n")  # what `huggingface-cli login` stores
+        again = gcvit.from_pretrained("user/old-name", cache_dir=tmp_path / "other-cache")  # renamed: a same-host 307
+        assert torch.equal(_logits(again), _logits(small))
+        assert ("/user/private/resolve/main/config.json", "Bearer secret") in hub.seen
     finally:
         hub.close()
         cdn.close()
+
+
+def test_a_folder_cached_before_digests_loads_as_it_was_without_asking_the_host(small, http_root, cache) -> None:
+    """A cache holding config.json and the weights but no SHA256SUMS (an older version's) is used as it is: asking
+    the host for its SHA256SUMS would fetch its newer weights under the cached config.json, or hang offline."""
+    root, base = http_root
+    folder = small.save_pretrained(root / "m", classes=CLASSES)
+    (folder / "SHA256SUMS").unlink()
+    gcvit.from_pretrained(f"{base}/m")
+    for leftover in [*cache.rglob("SHA256SUMS*")]:
+        leftover.unlink()  # as an older version left it
+    other = randomize_(gcvit.create_model("gcvit_xxtiny", num_classes=3, img_size=64, depths=(1, 1, 2, 1)))
+    other.save_pretrained(folder, classes=["car", "bus", "tram"])  # the host's folder changes
+    loaded = gcvit.from_pretrained(f"{base}/m")
+    assert loaded.classes == CLASSES and torch.equal(_logits(loaded), _logits(small))
+    assert not list(cache.rglob("SHA256SUMS"))
 
 
 def test_a_checkpoint_folder_with_ema_loads_alike_locally_and_remotely(small, http_root, cache) -> None:
@@ -256,19 +287,34 @@ def test_a_saved_folder_lists_its_digests_and_a_damaged_file_is_named(small, tmp
     config = folder / "config.json"  # not listed: users edit it
     config.write_text(config.read_text().replace('"crop_pct": 1.0', '"crop_pct": 0.5'))
     assert gcvit.from_pretrained(folder).pretrained_cfg.crop_pct == 0.5
-    (folder / "SHA256SUMS").write_text("0123  model.safetensors\n")
-    with pytest.raises(DamagedFileError, match=r"SHA256SUMS, line 1: expected '<64 hex digits>  <file name>'"):
-        gcvit.from_pretrained(folder)
-    (folder / "SHA256SUMS").unlink()  # folders saved before digests load as they did
+    digest, wrong = hashlib.sha256(good).hexdigest(), "0" * 64
+    sums = folder / "SHA256SUMS"
+    for listing in (f"SHA256 (model.safetensors) = {wrong}\n", f"{wrong} *./model.safetensors\n"):  # BSD's; binary
+        sums.write_text(listing)
+        with pytest.raises(DamagedFileError, match=damage):
+            gcvit.from_pretrained(folder)
+    # lines in other tools' formats, blank lines and other files' lines check nothing and block nothing
+    sums.write_text(f"0123  model.safetensors\n\n\\{wrong}  a\\\\b.bin\n{digest.upper()}  model.safetensors\n")
     assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(small))
+    sums.unlink()  # folders saved before digests load as they did
+    assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(small))
+    other = randomize_(copy.deepcopy(small))
+    small.save_pretrained(folder, classes=CLASSES)
+    gcvit.save_checkpoint(other, weights)  # the package's own writer keeps the listing true
+    assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(other))
+    weights.write_bytes(damaged)
+    with pytest.raises(DamagedFileError, match=damage):  # file:// URLs too
+        gcvit.load_checkpoint(copy.deepcopy(small), weights.as_uri())
 
 
 def test_a_failed_save_leaves_a_folder_that_loads_what_it_held(small, tmp_path: Path, monkeypatch) -> None:
     """save_pretrained wrote the weights, then config.json, then removed a stale ema.safetensors: a save stopped in
     between (a value JSON cannot hold, a full disk) left new weights under the old config.json, or the old EMA
-    weights loading silently. Now nothing is touched until the config is known to be writable, and the weights and
-    config.json are renamed into place together."""
+    weights loading silently. Now nothing is touched until every file is written under a temporary name; then the
+    stale EMA file goes and the weights, config.json and SHA256SUMS are renamed into place together."""
     folder = small.save_pretrained(tmp_path / "saved", classes=CLASSES)
+    ema = randomize_(copy.deepcopy(small))
+    gcvit.save_checkpoint(ema, folder / "ema.safetensors")  # a checkpoint folder copied without its state.pt
     wider = randomize_(gcvit.create_model("gcvit_xxtiny", num_classes=5, img_size=64, depths=(1, 1, 2, 1))).eval()
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(ValueError, match=r"config\['crop_pct'\] = np.float32\(0.9\) cannot be written to config.json"):
@@ -282,9 +328,11 @@ def test_a_failed_save_leaves_a_folder_that_loads_what_it_held(small, tmp_path: 
     with pytest.raises(OSError, match="No space left on device"):
         wider.save_pretrained(folder)
     monkeypatch.undo()
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no temporary files
-    assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(small))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary files either
+    assert torch.equal(_logits(gcvit.from_pretrained(folder)), _logits(ema))
+    (folder / ".model.x1y2z3.tmp.safetensors").write_bytes(b"left by a save killed mid-write")
     assert torch.equal(_logits(gcvit.from_pretrained(wider.save_pretrained(folder))), _logits(wider))
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "config.json", "model.safetensors"]
 
 
 def test_a_cached_folder_loads_offline_and_hosts_answering_403_work(small, http_root, cache, tmp_path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,10 +52,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_write_files(files: Mapping[str | os.PathLike[str], bytes]) -> None:
-    """Write several files that belong together: each to a temporary name beside it (fsynced) first, then all
-    renamed into place. A failure while writing (a full disk) leaves every target as it was; only a kill between
-    the renames, microseconds apart, can leave some renamed and some not."""
+def atomic_write_files(files: Mapping[str | os.PathLike[str], bytes], stale: Sequence[Path] = ()) -> None:
+    """Write files that belong together in one folder: each to a temporary name beside it (fsynced) first; then
+    remove the `stale` files that must not outlive the old versions, and rename all into place. A failure while
+    writing (a full disk) leaves the folder as it was; only a kill in the microseconds between the removals and the
+    last rename leaves a mix."""
     written: list[tuple[str, Path]] = []
     try:
         for path, data in files.items():
@@ -67,9 +68,29 @@ def atomic_write_files(files: Mapping[str | os.PathLike[str], bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())
+        for path in stale:
+            path.unlink(missing_ok=True)
         for tmp, path in written:
             os.replace(tmp, path)
+        if written:
+            fsync_dir(written[0][1].parent)
     finally:
         for tmp, _ in written:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make renames inside the folder `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(folder: Path, names: Sequence[str]) -> None:
+    """Remove the temporary files that a killed atomic write of `names` left in `folder`."""
+    for name in names:
+        for tmp in folder.glob(f".{Path(name).stem}.*.tmp{Path(name).suffix}"):
+            tmp.unlink(missing_ok=True)

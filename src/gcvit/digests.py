@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
 from pathlib import Path
 
 from gcvit.atomic import atomic_write_bytes
 
 SUMS_FILE = "SHA256SUMS"
-_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # sha256sum's format: digest, space, ' ' (text) or '*' (binary), name
+# sha256sum's line: digest, space, ' ' (text) or '*' (binary), name; BSD's (sha256sum --tag): SHA256 (name) = digest
+_GNU = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
+_BSD = re.compile(r"SHA256 \((.+)\) = ([0-9a-fA-F]{64})")
 
 
 class DamagedFileError(ValueError):
@@ -32,33 +33,44 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def write_sums(folder: Path, names: Iterable[str]) -> dict[str, str]:
-    """Write folder/SHA256SUMS (atomically) for the files `names` of `folder`; returns {name: digest}."""
-    sums = {name: sha256_of(folder / name) for name in names}
-    atomic_write_bytes(folder / SUMS_FILE, "".join(f"{d}  {n}\n" for n, d in sums.items()).encode())
-    return sums
+def sums_text(sums: dict[str, str]) -> bytes:
+    """SHA256SUMS's content for {name: digest}."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sums.items()).encode()
+
+
+def write_sums(folder: Path, sums: dict[str, str]) -> None:
+    """Write folder/SHA256SUMS (atomically) listing {name: digest}."""
+    atomic_write_bytes(folder / SUMS_FILE, sums_text(sums))
 
 
 def read_sums(folder: Path) -> dict[str, str]:
-    """{name: digest} of folder/SHA256SUMS; {} where there is none (folders saved before digests)."""
+    """{name: digest} of folder/SHA256SUMS; {} where there is none (folders saved before digests). Lines in neither
+    sha256sum's nor BSD's format (or other tools' variants) are left out: they check nothing rather than block
+    every file of the folder."""
     path = folder / SUMS_FILE
     if not path.is_file():
         return {}
     sums = {}
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        match = _LINE.fullmatch(line)
-        if match is None:
-            raise DamagedFileError(f"{path}, line {number}: expected '<64 hex digits>  <file name>'; got {line!r}")
-        sums[match[2]] = match[1]
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        gnu, bsd = _GNU.fullmatch(line), _BSD.fullmatch(line)
+        name, digest = (gnu[2], gnu[1]) if gnu else (bsd[1], bsd[2]) if bsd else (None, None)
+        if name is not None and digest is not None:
+            sums[name.removeprefix("./")] = digest.lower()
     return sums
 
 
-def check_digests(folder: Path, sums: dict[str, str], names: Iterable[str] | None = None) -> None:
-    """Raise DamagedFileError naming the first file of `folder` (of `names`; default all of `sums`) whose SHA-256
-    differs from `sums`; files that `sums` does not list pass."""
-    for name in sums if names is None else names:
-        if name in sums and sha256_of(folder / name) != sums[name]:
-            raise DamagedFileError(
-                f"{folder / name} is damaged: its SHA-256 differs from the one recorded in {folder / SUMS_FILE} "
-                f"when it was written (if you replaced the file on purpose, delete its line there)"
-            )
+def check_listed(path: Path) -> None:
+    """Raise DamagedFileError if the SHA256SUMS beside `path` lists it with another digest."""
+    expected = read_sums(path.parent).get(path.name)
+    if expected is not None and sha256_of(path) != expected:
+        raise DamagedFileError(
+            f"{path} is damaged: its SHA-256 differs from the one recorded in {path.parent / SUMS_FILE} when it was "
+            f"written (if you replaced the file on purpose, delete its line there)"
+        )
+
+
+def relist(path: Path, digest: str) -> None:
+    """Record `digest` for `path` where the SHA256SUMS beside it lists it (the file was rewritten)."""
+    sums = read_sums(path.parent)
+    if path.name in sums and sums[path.name] != digest:
+        write_sums(path.parent, sums | {path.name: digest})

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
-from urllib.request import Request, url2pathname, urlopen
+from urllib.request import HTTPRedirectHandler, Request, build_opener, url2pathname
 
 import torch.hub
 
@@ -103,6 +103,19 @@ def download(
     return dst
 
 
+class _TokenRedirects(HTTPRedirectHandler):
+    """Follows redirects; a request's unredirected headers (a token) go along to the same scheme and host (a renamed
+    Hub repo), never to another host (the CDN that serves the files)."""
+
+    def redirect_request(self, req: Request, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        old, target = urlparse(req.full_url), urlparse(newurl)
+        if new is not None and (old.scheme, old.netloc) == (target.scheme, target.netloc):
+            for key, value in req.unredirected_hdrs.items():
+                new.add_unredirected_header(key, value)
+        return new
+
+
 def _fetch(url: str, dst: Path, expected: str | None, progress: bool, headers: Mapping[str, str]) -> str:
     """Stream `url` into a temporary file beside `dst`; rename it to `dst` when every announced byte came and the
     digest starts with `expected`. Returns the SHA-256 hex digest. Concurrent downloads of one file each write their
@@ -113,7 +126,7 @@ def _fetch(url: str, dst: Path, expected: str | None, progress: bool, headers: M
     for key, value in headers.items():  # a token for the host asked, not for the CDN it redirects to
         request.add_unredirected_header(key, value)
     try:
-        with urlopen(request, timeout=TIMEOUT) as response, open(tmp, "wb") as f:
+        with build_opener(_TokenRedirects).open(request, timeout=TIMEOUT) as response, open(tmp, "wb") as f:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             bar = _progress_bar(total, dst.name) if progress else None

@@ -91,8 +91,8 @@ class HubMixin:
         Returns:
             The folder.
         """
-        from gcvit.atomic import atomic_write_files
-        from gcvit.models.weights import safetensors_bytes
+        from gcvit.atomic import atomic_write_files, remove_temporaries
+        from gcvit.models.weights import safetensors_file
 
         assert isinstance(self, nn.Module)
         values = {**model_config(self, classes, (config or {}).get("model")), **(config or {})}
@@ -106,15 +106,13 @@ class HubMixin:
                 "save into another folder"
             )
         text = _config_json(values)  # everything that can fail is done before the folder is touched
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        weights = safetensors_bytes(tensors, metadata={"format": "gcvit"})
+        weights = safetensors_file(self.state_dict(), metadata={"format": "gcvit"})
+        sums = digests.sums_text({MODEL_FILE: hashlib.sha256(weights).hexdigest()})
         folder.mkdir(parents=True, exist_ok=True)
-        # loaders prefer EMA weights where there are any: an older ema.safetensors would stand in for these, and the
-        # older SHA256SUMS would call the new weights damaged
-        for stale in (EMA_FILE, digests.SUMS_FILE):
-            (folder / stale).unlink(missing_ok=True)
-        atomic_write_files({folder / MODEL_FILE: weights, folder / CONFIG_FILE: text})
-        digests.write_sums(folder, (MODEL_FILE,))
+        files = {folder / MODEL_FILE: weights, folder / CONFIG_FILE: text, folder / digests.SUMS_FILE: sums}
+        remove_temporaries(folder, [p.name for p in files])  # a killed earlier save's
+        # loaders prefer EMA weights where there are any: an older ema.safetensors would stand in for these
+        atomic_write_files(files, stale=[folder / EMA_FILE])
         logger.info("saved %s to %s", values["model"], folder)
         return folder
 
@@ -206,11 +204,18 @@ def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | 
             (cache / name).unlink(missing_ok=True)
     config = download(f"{base}/{CONFIG_FILE}", folder=cache, warn_unverified=False, headers=headers)
     _check_entries(_read_config(config), f"{base}/{CONFIG_FILE}")
-    sums = digests.read_sums(cache) if _fetch_optional(base, digests.SUMS_FILE, cache, headers) else {}
-    download(f"{base}/{MODEL_FILE}", sums.get(MODEL_FILE), folder=cache, headers=headers)
-    if ema:
-        download(f"{base}/{EMA_FILE}", sums.get(EMA_FILE), folder=cache, headers=headers)
-    elif ema is None:
+    if not (cache / MODEL_FILE).exists():  # a folder cached whole (by any version) is used as it is, offline too
+        _fetch_optional(base, digests.SUMS_FILE, cache, headers)
+    sums = digests.read_sums(cache)  # downloads are checked as they stream; the file that loads, when it loads
+
+    def fetch(name: str) -> None:
+        download(f"{base}/{name}", sums.get(name), folder=cache, headers=headers)
+
+    if not (cache / MODEL_FILE).exists():
+        fetch(MODEL_FILE)
+    if ema and not (cache / EMA_FILE).exists():
+        fetch(EMA_FILE)
+    elif ema is None and not (cache / EMA_FILE).exists():
         _fetch_optional(base, EMA_FILE, cache, headers, sums.get(EMA_FILE))
     return cache
 
@@ -232,6 +237,21 @@ def _fetch_optional(base: str, name: str, cache: Path, headers: dict[str, str], 
             logger.warning("could not fetch %s/%s (%s); loading without it", base, name, e)
         return False
     return True
+
+
+def _stored_token() -> str | None:
+    """The Hub token where huggingface_hub looks for it: $HF_TOKEN (or the older $HUGGING_FACE_HUB_TOKEN), else the
+    file `huggingface-cli login` writes ($HF_TOKEN_PATH, else $HF_HOME/token, $HF_HOME defaulting to
+    ~/.cache/huggingface)."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    home = Path(os.environ.get("HF_HOME") or "~/.cache/huggingface").expanduser()
+    path = Path(os.environ.get("HF_TOKEN_PATH") or home / "token").expanduser()
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _bearer(token: str | None) -> dict[str, str]:
@@ -264,7 +284,7 @@ def resolve_pretrained(
     if _REPO_ID.match(text):
         endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
         cache = root / "repos" / text.replace("/", "--") / revision
-        token = token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")  # as huggingface_hub
+        token = token or _stored_token()
         try:
             return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download, ema, _bearer(token))
         except OSError as e:  # a mistyped local path looks like a repo id too
@@ -303,7 +323,8 @@ def from_pretrained(
         ema: load ema.safetensors (a training checkpoint's EMA weights) instead of model.safetensors; None: when
             the folder has it, as `gcvit eval` does.
         token: an access token for a private or gated hub repo (sent as a Bearer token to the host asked, never to
-            a host it redirects to); default for repo ids: $HF_TOKEN, as huggingface_hub reads it.
+            another host it redirects to); default for repo ids: huggingface_hub's ($HF_TOKEN, else the file
+            `huggingface-cli login` wrote).
         device: where to put the model.
     Returns:
         The model, with `model.classes` (class names) and `model.pretrained_cfg` (preprocessing) from config.json.

@@ -8,6 +8,7 @@ run code is refused.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,19 +47,21 @@ def _is_url(s: str) -> bool:
 
 
 def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> Path:
-    """A local path for a checkpoint path or URL (URLs are downloaded into the cache); a local file listed in the
+    """A local path for a checkpoint path or URL (URLs are downloaded into the cache); a file listed in the
     SHA256SUMS beside it (checkpoints and saved folders) is checked against it."""
     s = str(path_or_url)
     if _is_url(s):
-        return download(s, sha256)
-    path = Path(s).expanduser()
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"expected a checkpoint file or an http(s):// URL; {s!r} is a folder (gcvit.from_pretrained reads folders)"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"expected a checkpoint file or an http(s):// URL; {s!r} does not exist")
-    digests.check_digests(path.parent, digests.read_sums(path.parent), [path.name])  # where SHA256SUMS lists it
+        path = download(s, sha256)
+    else:
+        path = Path(s).expanduser()
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"expected a checkpoint file or an http(s):// URL; {s!r} is a folder (gcvit.from_pretrained reads "
+                "folders)"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"expected a checkpoint file or an http(s):// URL; {s!r} does not exist")
+    digests.check_listed(path)
     return path
 
 
@@ -222,12 +225,21 @@ def load_checkpoint(
     return load_state_dict_into(model, read_state_dict(path), str(path_or_url), strict=strict)
 
 
+def safetensors_file(state_dict: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The bytes of a .safetensors file holding `state_dict` (on the CPU, contiguous)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return safetensors_bytes(tensors, metadata=metadata)
+
+
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write tensors as safetensors atomically (temporary file in the same folder, fsync, rename)."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    """Write tensors as safetensors atomically (temporary file in the same folder, fsync, rename); where the
+    SHA256SUMS beside it lists the file, the digest there is updated."""
+    data = safetensors_file(state_dict, metadata)
+    path = atomic_write_bytes(path, data)
+    digests.relist(path, hashlib.sha256(data).hexdigest())
+    return path
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> Path:

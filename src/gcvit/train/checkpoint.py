@@ -14,6 +14,7 @@ in the middle of writing RUN/last/ after that epoch; the tests use it to prove t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,20 +30,12 @@ import numpy as np
 import torch
 
 from gcvit import digests
-from gcvit.atomic import atomic_write, atomic_write_bytes
-from gcvit.models.weights import read_state_dict, save_safetensors
+from gcvit.atomic import atomic_write, atomic_write_bytes, fsync_dir
+from gcvit.models.weights import read_state_dict, safetensors_file
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "ema.safetensors", "state.pt", "config.json"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -99,15 +92,18 @@ def write_checkpoint(
     try:
         tmp.mkdir(parents=True)
         meta = {"format": "gcvit", "epoch": str(state.get("epoch", ""))}
-        save_safetensors(model_state, tmp / MODEL_FILE, metadata=meta)
-        if ema_state is not None:
-            save_safetensors(ema_state, tmp / EMA_FILE, metadata=meta)
+        sums = {}
+        for file, weights in ((MODEL_FILE, model_state), (EMA_FILE, ema_state)):
+            if weights is not None:
+                data = safetensors_file(weights, meta)
+                atomic_write_bytes(tmp / file, data)
+                sums[file] = hashlib.sha256(data).hexdigest()
         atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
         _maybe_kill("write", int(state.get("epoch", -1)), name)
-        files = (MODEL_FILE, EMA_FILE) if ema_state is not None else (MODEL_FILE,)
-        state = state | {"digests": digests.write_sums(tmp, files)}  # checked on resume
+        digests.write_sums(tmp, sums)  # checked by the loaders
+        state = state | {"digests": sums}  # checked on resume
         atomic_torch_save(state, tmp / STATE_FILE)  # written last: a folder with state.pt is complete
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except (OSError, RuntimeError) as e:  # a full disk, a quota (torch.save's zip writer raises RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder goes; the previous checkpoint stays
         kept = f"{final} still holds the previous checkpoint" if final.exists() else f"{final} was not written"
@@ -118,7 +114,7 @@ def write_checkpoint(
         os.replace(final, old)
     _maybe_kill("swap", int(state.get("epoch", -1)), name)
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     if old.exists():
         shutil.rmtree(old)
     return final
@@ -209,7 +205,7 @@ def check_digests(folder: Path, state: dict[str, Any]) -> None:
     """Raise a ValueError naming a file of the checkpoint whose SHA-256 differs from the one state.pt recorded when
     it was written (a flipped byte would otherwise resume silently); checkpoints from before digests pass."""
     for name, digest in (state.get("digests") or {}).items():
-        if digests.sha256_of(folder / name) != digest:
+        if (folder / name).exists() and digests.sha256_of(folder / name) != digest:  # resuming needs no EMA file
             raise digests.DamagedFileError(
                 f"{folder / name} is damaged: its SHA-256 differs from the one recorded when it was written. "
                 f"Resume from a copy, or start a new run from best/ (--pretrained)"
