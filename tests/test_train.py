@@ -664,6 +664,7 @@ def test_digits_quick_run_reaches_95(tmp_path: Path) -> None:
             "ema.safetensors",
             "config.json",
             "state.pt",
+            "SHA256SUMS",
         }
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
