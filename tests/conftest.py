@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,3 +107,23 @@ def assert_checkpointing_keeps_gradients(model: torch.nn.Module, x: torch.Tensor
     ckpt = grads()
     model.set_grad_checkpointing(False)
     assert max((plain[n] - ckpt[n]).abs().max().item() for n in plain) < 1e-6
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core this process may use (its CPU affinity and cgroup quota, not the host's cores,
+    which psutil would count inside a container), at most 8: each worker holds its own models and datasets."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cores, 8))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets one core's worth of threads, and so do the commands it starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
