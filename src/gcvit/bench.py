@@ -296,8 +296,9 @@ def bench_train(
     """Training step (forward, backward, fused AdamW; in fp32, or the forward under bf16 autocast): throughput, and
     with no stochastic depth peak memory, with and without gradient checkpointing on our side. timm runs as created
     (NCHW) and channels-last (its faster setting on CPUs); the ratio is against the faster, and a second ratio against
-    timm as created. With stochastic depth both sides draw their own images to drop, so the row's medians average
-    over draws."""
+    timm as created. Our side gets the images channels-last, as `gcvit train`'s loop hands them over (its stem then
+    convolves them without a copy). With stochastic depth both sides draw their own images to drop, so the row's
+    medians average over draws."""
     dev = cfg.device
     ours, theirs = model_pair(name, dev, drop_path)
     theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
@@ -311,7 +312,7 @@ def bench_train(
     x_cl = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (cfg.train_batch,), device=dev)
     sides = {
-        "ours": lambda: _train_step(ours, opt_ours, x, y, dtype),
+        "ours": lambda: _train_step(ours, opt_ours, x_cl, y, dtype),
         "timm": lambda: _train_step(theirs, opt_theirs, x, y, dtype),
         "timm-cl": lambda: _train_step(theirs_cl, opt_theirs_cl, x_cl, y, dtype),
         "matmul": matmul_op(_DTYPES[dtype], dev),
@@ -322,10 +323,10 @@ def bench_train(
     if drop_path:
         log(_fmt(row))
         return
-    mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x, y, dtype), dev)
+    mem_ours = peak_memory(lambda: _train_step(ours, opt_ours, x_cl, y, dtype), dev)
     mem_theirs = peak_memory(lambda: _train_step(theirs, opt_theirs, x, y, dtype), dev)
     ours.set_grad_checkpointing(True)
-    mem_ckpt = peak_memory(lambda: _train_step(ours, opt_ours, x, y, dtype), dev)
+    mem_ckpt = peak_memory(lambda: _train_step(ours, opt_ours, x_cl, y, dtype), dev)
     mib = 2**20
     row.update({"ours peak MiB": mem_ours / mib, "timm peak MiB": mem_theirs / mib, "ckpt peak MiB": mem_ckpt / mib})
     log(_fmt(row))
