@@ -76,9 +76,10 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
     assert (bias_grad - table.grad).abs().max().item() < 1e-6
 
 
-def test_bf16_on_cpu_stays_close_to_fp32(plain_route: str) -> None:
+def test_bf16_on_cpu_stays_close_to_fp32(plain_route: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 on the CPU uses two bf16 matmuls, the softmax accumulating in fp32; its output stays within bf16
     rounding of the fp32 result."""
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)  # the plain path, on any CPU
     torch.manual_seed(0)
     attn = WindowAttention(dim=64, num_heads=2, window_size=7).eval()
     x = _windows(2, 4, 49, 64)
@@ -386,3 +387,44 @@ def test_squeeze_excite_gate_of_a_bf16_map_follows_fp32() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = se.gate(x.bfloat16())
     assert (low.float() - ref).abs().max().item() < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["local", "global"])
+def test_bf16_inference_takes_the_fused_kernel_only_on_amx(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPUs with AMX tiles, bf16 inference runs PyTorch's fused kernel (its bf16 matmuls use the tiles); without
+    them, and in training, the plain path. Both stay within bf16 rounding of the fp32 result and of each other."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    probe = attention_module.cpu_has_amx
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(args[1].dtype)  # the keys: the projection's output, bf16 under autocast
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    B, ws, heads, C = 2, 7, 2, 64
+    cls = WindowAttentionGlobal if kind == "global" else WindowAttention
+    attn = randomize_(cls(dim=C, num_heads=heads, window_size=ws)).eval()
+    x = _windows(B, 4, ws * ws, C)
+    q_global = torch.randn(B, heads, ws * ws, C // heads)
+    with torch.no_grad():
+        ref = attn(x, q_global)
+    outs = {}
+    for amx in (True, False):
+        monkeypatch.setattr(attention_module, "cpu_has_amx", lambda amx=amx: amx)
+        calls.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[amx] = attn(x, q_global).float()
+        assert calls == ([torch.bfloat16] if amx else []), amx
+        assert (outs[amx] - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+    assert (outs[True] - outs[False]).abs().max().item() < 0.05 * ref.abs().max().item()
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: the bias needs its gradient
+        attn(x, q_global).float().sum().backward()
+    assert calls == [] and attn.relative_position_bias_table.grad.abs().max() > 0
+    monkeypatch.setattr(attention_module, "cpu_has_amx", probe)  # the real probe, read inside a compiled graph
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, backend="eager", fullgraph=True)  # fails on a graph break
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (compiled(x, q_global).float() - outs[probe()]).abs().max().item() < 1e-2

@@ -6,7 +6,7 @@ through `torch.nn.functional.scaled_dot_product_attention` with that sum as its 
 (B*nW, heads, N, hd) with a 4-D mask, the layout PyTorch's fused kernels take (5-D inputs or a 3-D mask fall back to
 the slow unfused path). On the CPU they run through two matmuls: head by head on views of the projection when the
 windows are many (`_attention_per_head`); when they are few, all heads batched (`_attention_batched`), or in fp32
-inference PyTorch's fused kernel (`_fused_kernel_pays` says why).
+inference, and in bf16 inference on CPUs with AMX, PyTorch's fused kernel (`_fused_kernel_pays` says why).
 Shapes: windows (B, nW, N, C); heads split C into (heads, hd); N = ws * ws tokens per window.
 """
 
@@ -92,22 +92,41 @@ class _WindowAttentionBase(nn.Module):
 def _fused_kernel_pays(heads: torch.Tensor, mask: torch.Tensor, tracing: bool) -> bool:
     """Whether `scaled_dot_product_attention` beats plain matmul-softmax-matmul for `heads` (B*nW, N, P*heads, hd).
 
-    On GPUs always. On the CPU only in fp32 inference, and there only where the plain path would batch the heads
-    (below `_PER_HEAD_MIN_SCORES` scores per head; always when traced, which must not test sizes): PyTorch's fused
-    CPU kernel reads q, k and v in place where the batched route copies them, but with many windows the head-by-head
-    route is faster (the whole gcvit_tiny forward at batch 16: 4-8% faster than with the fused kernel everywhere;
-    at batch 1 and 4 within noise; `benchmarks/attention_route.py`). In training the fused CPU kernel cannot return
-    a gradient for the mask (the learned bias) and PyTorch would fall back to its unfused path, slower than ours;
-    in bf16 it is slower than two bf16 matmuls (1.1-1.3x on GC ViT's stages at batch 16).
+    On GPUs always. On the CPU only in inference: in bf16 on CPUs with AMX tiles, where the fused kernel's bf16
+    matmuls run on them (the whole gcvit_tiny forward 1.2x as fast at batch 16, 1.1x at batch 1, on a 2-core Intel
+    Xeon; without AMX it is slower than two bf16 matmuls, 1.1-1.3x on GC ViT's stages at batch 16 on an AMD EPYC);
+    in fp32 only where the plain path would batch the heads (below `_PER_HEAD_MIN_SCORES` scores per head; always
+    when traced, which must not test sizes): PyTorch's fused CPU kernel reads q, k and v in place where the batched
+    route copies them, but with many windows the head-by-head route is faster (the whole gcvit_tiny forward at batch
+    16: 4-8% faster than with the fused kernel everywhere; at batch 1 and 4 within noise;
+    `benchmarks/attention_route.py`). In training the fused CPU kernel cannot return a gradient for the mask (the
+    learned bias) and PyTorch would fall back to its unfused path, slower than ours.
     """
     if heads.device.type != "cpu":
         return True
     if torch.jit.is_tracing():  # torch.jit.trace checks its graph by tracing again under no_grad: one route for both
         return False
-    if heads.dtype != torch.float32 or (mask.requires_grad and torch.is_grad_enabled()):
+    if mask.requires_grad and torch.is_grad_enabled():
+        return False
+    if heads.dtype == torch.bfloat16:
+        return cpu_has_amx()
+    if heads.dtype != torch.float32:
         return False
     BnW, N = heads.shape[:2]
     return tracing or BnW * N * N < _PER_HEAD_MIN_SCORES
+
+
+def _probe_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, but the only probe torch has
+    return bool(probe is not None and probe())
+
+
+_CPU_HAS_AMX = _probe_amx()  # asked once: torch.compile cannot trace the probe (a graph break)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), which oneDNN's bf16 matmuls run on."""
+    return _CPU_HAS_AMX
 
 
 _GATHERED_BIAS = PreparedCache()  # relative-position bias per attention layer, gathered for inference
