@@ -93,8 +93,8 @@ def _fused_kernel_pays(heads: torch.Tensor, mask: torch.Tensor, tracing: bool) -
     """Whether `scaled_dot_product_attention` beats plain matmul-softmax-matmul for `heads` (B*nW, N, P*heads, hd).
 
     On GPUs always. On the CPU only in inference: in bf16 on CPUs with AMX tiles, where the fused kernel's bf16
-    matmuls run on them (the whole gcvit_tiny forward 1.2x as fast at batch 16, 1.1x at batch 1, on a 2-core Intel
-    Xeon; without AMX it is slower than two bf16 matmuls, 1.1-1.3x on GC ViT's stages at batch 16 on an AMD EPYC);
+    matmuls run on them (the whole gcvit_tiny forward 1.13x as fast at batch 16, 1.17x at batch 1, on a 2-core
+    Intel Xeon; without AMX it is slower than two bf16 matmuls, 1.1-1.3x on GC ViT's stages at batch 16 on an AMD EPYC);
     in fp32 only where the plain path would batch the heads (below `_PER_HEAD_MIN_SCORES` scores per head; always
     when traced, which must not test sizes): PyTorch's fused CPU kernel reads q, k and v in place where the batched
     route copies them, but with many windows the head-by-head route is faster (the whole gcvit_tiny forward at batch
@@ -116,12 +116,8 @@ def _fused_kernel_pays(heads: torch.Tensor, mask: torch.Tensor, tracing: bool) -
     return tracing or BnW * N * N < _PER_HEAD_MIN_SCORES
 
 
-def _probe_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, but the only probe torch has
-    return bool(probe is not None and probe())
-
-
-_CPU_HAS_AMX = _probe_amx()  # asked once: torch.compile cannot trace the probe (a graph break)
+# asked once, at import: torch.compile cannot trace the probe (a graph break); private, but the only probe torch has
+_CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def cpu_has_amx() -> bool:
