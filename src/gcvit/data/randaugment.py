@@ -10,7 +10,8 @@ What makes it timm's rather than torchvision's `v2.RandAugment`:
   factor of 1 +- 0.9 m/10 in a random direction. `inc0` keeps timm's original ops (posterize int(4 m/10) bits,
   solarize at int(256 m/10), enhance factors 0.1 + 1.8 m/10).
 Geometric ops (rotate up to 30 degrees, shear up to 0.3, translate up to 0.45 of the side, each in a random
-direction) fill uncovered pixels with the mean colour and resample with the pipeline's interpolation.
+direction) fill uncovered pixels with the mean colour and resample with the pipeline's interpolation; 'random'
+(timm's default, the official recipe's) draws bilinear or bicubic for each application of a geometric op.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from PIL import Image, ImageEnhance, ImageOps
 from torchvision.transforms import v2
 
 _MAX_MAGNITUDE = 10.0
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
+_RESAMPLES = {  # interpolation name -> the resampling filters a geometric op draws from
+    "nearest": (Image.Resampling.NEAREST,),
+    "bilinear": (Image.Resampling.BILINEAR,),
+    "bicubic": (Image.Resampling.BICUBIC,),
+    "random": (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC),  # timm's _RANDOM_INTERPOLATION
 }
 
 Op = Callable[[Image.Image, float, "_Geometry"], Image.Image]
@@ -34,11 +36,19 @@ Op = Callable[[Image.Image, float, "_Geometry"], Image.Image]
 class _Geometry:
     """Fill colour and resampling of the geometric ops."""
 
-    def __init__(self, fill: tuple[int, int, int], resample: Image.Resampling) -> None:
-        self.fill, self.resample = fill, resample
+    def __init__(self, fill: tuple[int, int, int], resample: Image.Resampling | tuple[Image.Resampling, ...]) -> None:
+        self.fill = fill
+        self.resamples = resample if isinstance(resample, tuple) else (resample,)  # one filter, or those to draw from
+
+    def resample(self) -> Image.Resampling:
+        """The filter of one op: the only one, or one drawn uniformly from torch's RNG ('random'); a single filter
+        draws nothing, so the fixed interpolations keep their random stream."""
+        if len(self.resamples) == 1:
+            return self.resamples[0]
+        return self.resamples[int(torch.randint(len(self.resamples), ()).item())]
 
     def affine(self, img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
-        return img.transform(img.size, Image.Transform.AFFINE, matrix, self.resample, fillcolor=self.fill)
+        return img.transform(img.size, Image.Transform.AFFINE, matrix, self.resample(), fillcolor=self.fill)
 
 
 def _signed(value: float) -> float:
@@ -70,7 +80,7 @@ _SHARED: dict[str, Op] = {
     "AutoContrast": lambda img, level, g: ImageOps.autocontrast(img),
     "Equalize": lambda img, level, g: ImageOps.equalize(img),
     "Invert": lambda img, level, g: ImageOps.invert(img),
-    "Rotate": lambda img, level, g: img.rotate(_signed(30.0 * level), g.resample, fillcolor=g.fill),
+    "Rotate": lambda img, level, g: img.rotate(_signed(30.0 * level), g.resample(), fillcolor=g.fill),
     "SolarizeAdd": lambda img, level, g: _solarize_add(img, int(110 * level)),
     "ShearX": lambda img, level, g: g.affine(img, (1, _signed(0.3 * level), 0, 0, 1, 0)),
     "ShearY": lambda img, level, g: g.affine(img, (1, 0, 0, _signed(0.3 * level), 1, 0)),
@@ -105,7 +115,9 @@ class RandAugment:
         increasing: timm's `inc1` op set.
         prob: probability that a drawn op is applied.
         fill: RGB fill of pixels the geometric ops uncover (timm: the mean colour).
-        interpolation: 'nearest', 'bilinear' or 'bicubic', for the geometric ops.
+        interpolation: 'nearest', 'bilinear' or 'bicubic' for the geometric ops, or 'random': bilinear or bicubic,
+            drawn for each op applied.
+        ops: names of the ops to draw from (a subset of the set's); None: all of them.
     """
 
     def __init__(
@@ -117,16 +129,23 @@ class RandAugment:
         prob: float = 0.5,
         fill: Sequence[int] = (128, 128, 128),
         interpolation: str = "bicubic",
+        ops: Sequence[str] | None = None,
     ) -> None:
+        if interpolation not in _RESAMPLES:
+            raise ValueError(f"interpolation must be one of {tuple(_RESAMPLES)}, got {interpolation!r}")
         if not 0 <= magnitude <= _MAX_MAGNITUDE or num_ops < 0 or magnitude_std < 0 or not 0 <= prob <= 1:
             raise ValueError(
                 f"expected magnitude in 0..10, num_ops >= 0, magnitude_std >= 0, prob in [0, 1]; got {magnitude}, "
                 f"{num_ops}, {magnitude_std}, {prob}"
             )
         self.magnitude, self.num_ops, self.magnitude_std, self.prob = magnitude, num_ops, magnitude_std, prob
-        self.ops = list((INCREASING_OPS if increasing else ORIGINAL_OPS).items())
+        available = INCREASING_OPS if increasing else ORIGINAL_OPS
+        unknown = sorted(set(ops or ()) - set(available))
+        if unknown or (ops is not None and not ops):
+            raise ValueError(f"ops must be a non-empty subset of {sorted(available)}, got {ops!r}")
+        self.ops = [(name, op) for name, op in available.items() if ops is None or name in ops]
         r, g, b = (int(c) for c in fill)
-        self.geometry = _Geometry((r, g, b), _RESAMPLE[interpolation])
+        self.geometry = _Geometry((r, g, b), _RESAMPLES[interpolation])
 
     def _level(self) -> float:
         m = self.magnitude

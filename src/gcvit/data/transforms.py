@@ -22,6 +22,7 @@ from gcvit.data.randaugment import RandAugment
 
 Size = int | tuple[int, int]
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+_TRAIN_INTERPOLATIONS = (*_INTERPOLATIONS, "random")  # random: bilinear or bicubic, drawn per crop and per op
 _CROP_MODES = ("center", "squash")
 
 
@@ -160,7 +161,9 @@ def train_transform(
     Args:
         img_size: output size, int or (H, W).
         mean, std: per-channel normalisation of [0, 1] values (R, G, B).
-        interpolation: 'bicubic', 'bilinear' or 'nearest', for the crop and RandAugment's geometric ops.
+        interpolation: 'bicubic', 'bilinear' or 'nearest', for the crop and RandAugment's geometric ops; or
+            'random' (timm's `train_interpolation`, the official recipe's): each crop, and each geometric op RandAugment
+            applies, resamples with bilinear or bicubic, drawn from torch's RNG like every other choice here.
         scale, ratio: area fraction and aspect-ratio ranges of the random crop.
         hflip: probability of a horizontal flip.
         randaugment: timm-style spec (see `parse_randaugment`), or None for none.
@@ -170,11 +173,13 @@ def train_transform(
     Returns:
         A callable: PIL image (or uint8 (3, h, w)) -> float32 tensor (3, H, W).
     """
-    mode = _interpolation(interpolation)
-    steps: list[Callable] = [
-        _RGBInput(),
-        v2.RandomResizedCrop(to_hw(img_size), scale=scale, ratio=ratio, interpolation=mode),
+    if interpolation not in _TRAIN_INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {_TRAIN_INTERPOLATIONS}, got {interpolation!r}")
+    modes = ("bilinear", "bicubic") if interpolation == "random" else (interpolation,)
+    crops = [
+        v2.RandomResizedCrop(to_hw(img_size), scale=scale, ratio=ratio, interpolation=_interpolation(m)) for m in modes
     ]
+    steps: list[Callable] = [_RGBInput(), crops[0] if len(crops) == 1 else v2.RandomChoice(crops)]
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(p=hflip))
     if randaugment is not None:
