@@ -329,6 +329,19 @@ DIGITS: dict[str, object] = {  # the small 32 px model `gcvit train` fits to the
 
 _LAYER_SCALE = 1e-5
 VARIANTS: dict[str, GCViTConfig] = {
+    # Two small models for small data sets, trained from scratch (no published weights). gcvit_nano is the digits
+    # model (a global block only in stage 2); gcvit_micro has a local and a global block in every stage, windows of
+    # 8 tokens in the two early stages, and runs at 64-128 px.
+    "gcvit_nano": GCViTConfig(**DIGITS, img_size=(32, 32)),  # type: ignore[arg-type]
+    "gcvit_micro": GCViTConfig(
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=(8, 8, 4, 2),
+        mlp_ratio=2.0,
+        drop_path_rate=0.1,
+        img_size=(64, 64),
+    ),
     "gcvit_xxtiny": GCViTConfig(depths=(2, 2, 6, 2)),
     "gcvit_xtiny": GCViTConfig(depths=(3, 4, 6, 5)),
     "gcvit_tiny": GCViTConfig(depths=(3, 4, 19, 5)),

@@ -18,16 +18,17 @@ from gcvit.train.distributed import is_device_name
 
 RECIPES = ("default", "official")
 AMP_DTYPES = ("none", "bf16", "fp16")
+KEEP_BEST = ("better", "ema")
 OFFICIAL_BATCH = 4096  # the global batch the official learning rate was set for
 
 
 @dataclass
 class TrainConfig:
     # model
-    model: str = "gcvit_xxtiny"  # a name from gcvit.list_models()
+    model: str | None = None  # a name from gcvit.list_models(); None: chosen by `default_model`
     pretrained: str | bool = False  # False, True (official weights) or a checkpoint path / URL
     num_classes: int | None = None  # None: the dataset's class count
-    img_size: int = 32  # training and evaluation resolution (square)
+    img_size: int | None = None  # training and evaluation resolution (square); None: 32 on the digits, else native
     model_overrides: dict[str, Any] | None = None  # GCViTConfig fields; None: the small digits model on digits
     # data
     data: str | None = None  # 'digits' or 'folder'; None: 'folder' when data_dir or train_dir is set, else 'digits'
@@ -52,6 +53,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size is per step)
     amp: str = "bf16"  # 'none', 'bf16' or 'fp16' (fp16 only on CUDA, with a GradScaler)
     ema: float | None = 0.99  # EMA decay per optimizer step (official: 0.9998); None: off
+    warmup_prefix: bool = True  # cosine after the warmup; False: from step 0, the warmup overlapping it (official)
+    decay_bias_tables: bool = False  # weight decay on the relative-position bias tables too (official: True)
+    ema_warmup: bool = True  # decay min(ema, 1 - (1 + step)**-0.75), as timm's ModelEmaV3 (official: off)
+    keep_best: str = "better"  # best/ keeps: 'better' of the raw and EMA weights on val, or 'ema' (official)
     # regularisation and augmentation
     label_smoothing: float = 0.1
     mixup: float = 0.0  # MixUp alpha; 0: off
@@ -62,10 +67,11 @@ class TrainConfig:
     hflip: float = 0.0  # horizontal flip probability (0 for digits: a flipped 2 is no 2)
     crop_scale: float = 0.75  # smallest area fraction of the random resized crop
     drop_path: float | None = None  # stochastic depth; None: the model's own
+    train_interpolation: str = "bicubic"  # crop and RandAugment: 'bicubic', 'bilinear' or 'random' (official)
     # run
     recipe: str = "default"  # 'default' (small data) or 'official' (the paper's ImageNet settings)
     seed: int = 0
-    out_dir: str = "runs/digits"
+    out_dir: str | None = None  # None: runs/digits, or runs/<the data folder's name>
     time_limit: float | None = None  # seconds; stop (with a checkpoint) after the epoch that passes it
     device: str | None = None  # None: cuda when available, else cpu
 
@@ -113,6 +119,18 @@ class TrainConfig:
                 "give data_dir (split by val_fraction) or train_dir and val_dir, not both: data_dir would be split "
                 "and val_dir ignored"
             )
+        if self.data_dir:  # a download's train/ and val/ are that split, not two classes named train and val
+            split = presplit_folders(self.data_dir)
+            if split is not None:
+                self.data_dir, (self.train_dir, self.val_dir) = None, split
+        if self.keep_best not in KEEP_BEST:
+            raise ValueError(f"keep_best must be one of {KEEP_BEST}, got {self.keep_best!r}")
+        if self.model is None:
+            self.model = default_model(self)
+        if self.img_size is None:
+            self.img_size = default_img_size(self)
+        if self.out_dir is None:
+            self.out_dir = default_out_dir(self)
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema decay must be in (0, 1) or None, got {self.ema}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -132,6 +150,11 @@ class TrainConfig:
             ("color_jitter", self.color_jitter is None or self.color_jitter >= 0, ">= 0 or None"),
             ("time_limit", self.time_limit is None or self.time_limit > 0, "> 0 seconds or None"),
             ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
+            (
+                "train_interpolation",
+                self.train_interpolation in ("bicubic", "bilinear", "random"),
+                "'bicubic', 'bilinear' or 'random' (bilinear or bicubic, drawn per crop and per op)",
+            ),
             (
                 "device",
                 self.device is None or is_device_name(self.device),
@@ -166,6 +189,76 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+VAL_FOLDERS = ("val", "validation", "valid")  # names of a pre-split folder's validation half, in order of preference
+
+
+def presplit_folders(data_dir: str) -> tuple[str, str] | None:
+    """(DATA/train, DATA/val) when `data_dir` holds a train/ folder and a val/ (or validation/, valid/) folder, the
+    layout of ImageNet and most downloads; None otherwise."""
+    root = Path(data_dir).expanduser()
+    val = next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), None)
+    if val is None or not (root / "train").is_dir():
+        return None
+    return str(root / "train"), str(val)
+
+
+def saved_model_config(pretrained: str | bool) -> dict[str, Any] | None:
+    """config.json of a local checkpoint of this package named by --pretrained (a run, checkpoint or saved folder,
+    or a weights file beside its config.json), or None (official weights, a URL, a foreign checkpoint)."""
+    from gcvit.train import checkpoint as ckpt
+
+    if not isinstance(pretrained, str) or "://" in pretrained:
+        return None
+    path = Path(pretrained).expanduser()
+    for folder in (path, path / "best", path / "last", path.parent):
+        if (folder / ckpt.CONFIG_FILE).is_file() and (folder is not path.parent or path.is_file()):
+            try:
+                return ckpt.read_model_config(folder)
+            except ValueError:
+                return None
+    return None
+
+
+SMALL_MODELS = ("gcvit_nano", "gcvit_micro")  # the registered models made for small data sets (32 px and 64 px)
+
+
+def default_model(cfg: TrainConfig) -> str:
+    """The model a run without --model trains: the one --pretrained saved (a run or folder of this package),
+    gcvit_xxtiny for NVIDIA's weights (or any other checkpoint) and the official recipe, gcvit_nano on the digits
+    (or when model_overrides describe the model, as configs/digits.yaml does from it), else gcvit_micro, the small
+    64 px GC ViT for a folder of a few hundred to a few thousand images trained from scratch."""
+    saved = saved_model_config(cfg.pretrained)
+    if saved is not None and isinstance(saved.get("model"), str):
+        return saved["model"]
+    if cfg.pretrained or cfg.recipe == "official":
+        return "gcvit_xxtiny"
+    return "gcvit_nano" if cfg.data == "digits" or cfg.model_overrides else "gcvit_micro"
+
+
+def default_img_size(cfg: TrainConfig) -> int:
+    """32 px on the digits (whatever the model: every family's digits model is made for 32 px); else the
+    native size of the model, or of the --pretrained checkpoint of this package."""
+    from gcvit.models.registry import resolve_name
+
+    if cfg.data == "digits":
+        return 32
+    saved = saved_model_config(cfg.pretrained)
+    size = saved.get("img_size") if saved is not None else None
+    if isinstance(size, list) and size and all(isinstance(s, int) for s in size):
+        return min(size)
+    return min(resolve_name(str(cfg.model)).config.img_size)
+
+
+def default_out_dir(cfg: TrainConfig) -> str:
+    """runs/digits, or runs/<name of the data folder> (of the folder above a train/ folder)."""
+    if cfg.data == "digits":
+        return "runs/digits"
+    folder = Path(str(cfg.data_dir or cfg.train_dir)).expanduser().resolve()
+    if folder.name == "train" and cfg.train_dir:
+        folder = folder.parent
+    return str(Path("runs") / (folder.name or "data"))
+
+
 def _coerce(name: str, value: Any, annotation: str) -> Any:
     """`value` as the field's annotated type: ints stay ints, numbers (and numeric strings: PyYAML reads 1e-3 as a
     string) become floats for float fields; anything else of the wrong type is a ValueError naming the field."""
@@ -194,7 +287,10 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
 def official_recipe(global_batch: int) -> dict[str, Any]:
     """The paper's ImageNet-1K settings (GCVIT_SPEC.md), the lr scaled linearly from 5e-3 at batch 4096 (min_lr and
     warmup_lr stay as they are, capped at that lr for batches below 5). Colour jitter stays off: timm's transform,
-    which the official code uses, ignores its 0.4 while RandAugment is on."""
+    which the official code uses, ignores its 0.4 while RandAugment is on. As NVIDIA's timm-based run: the cosine
+    counts from step 0 with the warmup overlapping it (warmup_prefix False), every crop and geometric RandAugment op
+    resamples bilinear or bicubic at random (train_interpolation 'random'), and the relative-position bias tables are
+    decayed (its exemption list was never read: decay_bias_tables True)."""
     lr = 5e-3 * global_batch / OFFICIAL_BATCH
     return {
         "img_size": 224,
@@ -216,6 +312,11 @@ def official_recipe(global_batch: int) -> dict[str, Any]:
         "hflip": 0.5,
         "crop_scale": 0.08,
         "amp": "bf16",
+        "warmup_prefix": False,
+        "decay_bias_tables": True,
+        "train_interpolation": "random",
+        "ema_warmup": False,  # NVIDIA's ModelEma (timm's V1) decays at 0.9998 from the first step
+        "keep_best": "ema",  # best/ chosen on the EMA's accuracy, as NVIDIA's train.py does
     }
 
 
@@ -268,8 +369,7 @@ def resolve_config(
     """
     from_file = read_yaml(yaml_path) if yaml_path else {}
     if base is not None:  # a saved run's config is whole: a field it lacks (newer than the run) had its default
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-        base = defaults | dict(base)
+        base = _whole(base)
     given = dict(overrides or {})
     _check_keys(given, "overrides")
     merged = {**(base or {}), **from_file, **given}
@@ -297,6 +397,15 @@ def resolve_config(
 
 PATH_FIELDS = ("data_dir", "train_dir", "val_dir", "pretrained")  # local paths where they name one
 
+# fields whose default changed when they were added: a saved run that lacks them ran as these say
+BEFORE_FIELD = {"ema_warmup": False, "keep_best": "ema"}
+
+
+def _whole(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved run's config with every field: one it lacks (newer than the run) takes the behaviour the run had."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    return defaults | BEFORE_FIELD | dict(saved)
+
 
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
     """Write the resolved config (atomically) so that `resolve_config(path)` rebuilds it."""
@@ -309,4 +418,4 @@ def save_yaml(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> TrainConfig:
     """The TrainConfig saved in RUN/config.yaml."""
-    return TrainConfig(**read_yaml(Path(run_dir) / "config.yaml"))
+    return TrainConfig(**_whole(read_yaml(Path(run_dir) / "config.yaml")))

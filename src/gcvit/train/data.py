@@ -88,7 +88,7 @@ def build_datasets(
         cfg.img_size,
         mean,
         std,
-        interpolation=interpolation,
+        interpolation=cfg.train_interpolation,  # the eval transform keeps the model's `interpolation`
         scale=(cfg.crop_scale, 1.0),
         hflip=cfg.hflip,
         randaugment=cfg.randaugment,
@@ -121,7 +121,11 @@ def train_loader(
     """Shuffled, drop-last loader of per-process batches with (seed, epoch, index)-seeded augmentations."""
     inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     if len(inner) < batch_size:
-        raise ValueError(f"{len(inner)} training samples per process make no full batch of {batch_size}")
+        per = " per process" if world_size > 1 else ""
+        raise ValueError(
+            f"{len(inner)} training images{per} make no full batch of {batch_size}: lower --batch-size (batch_size) "
+            f"to at most {len(inner) * world_size}"
+        )
     return DataLoader(
         SeededAugment(dataset, seed),
         batch_size=batch_size,

@@ -30,8 +30,9 @@ from gcvit.data import DataError, mixup_cutmix
 from gcvit.models.registry import digits_overrides, family_of
 from gcvit.train import checkpoint as ckpt
 from gcvit.train import distributed as D
-from gcvit.train.config import PATH_FIELDS, TrainConfig, load_run_config, save_yaml
+from gcvit.train.config import PATH_FIELDS, SMALL_MODELS, TrainConfig, load_run_config, save_yaml, saved_model_config
 from gcvit.train.data import build_datasets, eval_loader, train_loader
+from gcvit.train.header import run_header
 from gcvit.train.metrics import TensorBoard, plot_history, write_csv
 from gcvit.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 
@@ -42,12 +43,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the weights became NaN or infinite; the run stopped and RUN/last/ keeps the last good epoch."""
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a run; its message says after which epoch, where the checkpoint is and how to go on."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
     epochs_done: int
-    best_top1: float  # best val top-1 (%), of the EMA model when EMA is on
+    best_top1: float  # best val top-1 (%) of the weights best/ keeps
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0  # the epoch best/ holds
+    best_weights: str = ""  # which of its weights files it chose: model.safetensors (raw) or ema.safetensors
 
 
 @dataclass
@@ -68,6 +75,7 @@ class _Run:
     classes: list[str]
     model_meta: dict[str, Any]
     epoch: int = 0  # epochs completed
+    saved: int = 0  # the epoch RUN/last/ holds
     step: int = 0  # optimizer steps done
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -92,25 +100,27 @@ def _model_overrides(cfg: TrainConfig, architecture: dict[str, Any] | None = Non
     overrides = dict(cfg.model_overrides) if cfg.model_overrides is not None else {}
     if cfg.model_overrides is None and cfg.pretrained:
         overrides = _saved_architecture(cfg)
-    elif cfg.model_overrides is None and cfg.data == "digits":
+    elif cfg.model_overrides is None and _digits_model_of(cfg):
         overrides = digits_overrides(cfg.model)  # each family's small 32 px model
     if cfg.drop_path is not None:
         overrides["drop_path_rate"] = cfg.drop_path
     return overrides
 
 
+def _digits_model_of(cfg: TrainConfig) -> bool:
+    """Whether the run trains the family's small 32 px digits model in place of --model: on the digits, from
+    scratch, for a model not made for small data (gcvit_tiny on the digits trains the small GC ViT)."""
+    return cfg.data == "digits" and not cfg.pretrained and cfg.model not in SMALL_MODELS
+
+
 def _saved_architecture(cfg: TrainConfig) -> dict[str, Any]:
-    """The architecture recorded in config.json beside a local --pretrained checkpoint of this package, when it is of
-    --model's family: fine-tuning a run's weights rebuilds the run's model (the digits model is no named variant).
-    The head, the input size and stochastic depth stay the new run's."""
-    if not isinstance(cfg.pretrained, str):
+    """The architecture recorded in config.json of a local --pretrained checkpoint of this package, when it is of
+    --model's family: fine-tuning a run's weights rebuilds the run's model (its fields may differ from any named
+    variant). The head, the input size and stochastic depth stay the new run's."""
+    saved = saved_model_config(cfg.pretrained)
+    if saved is None:
         return {}
-    path = Path(cfg.pretrained).expanduser()
-    folder = path if path.is_dir() else path.parent
-    if not (folder / ckpt.CONFIG_FILE).is_file():
-        return {}
-    saved = ckpt.read_model_config(folder)
-    if family_of(str(saved.get("model", "")).split(".")[0]) is not family_of(cfg.model):
+    if family_of(str(saved.get("model", "")).split(".")[0]) is not family_of(str(cfg.model)):
         return {}
     drop = ("num_classes", "img_size", "drop_path_rate")
     return {k: v for k, v in (saved.get("config") or {}).items() if k not in drop}
@@ -172,16 +182,28 @@ def _wrap_ddp(model: nn.Module, info: D.DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
-def _ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
-    """AveragedModel's update: floating tensors move to decay * ema + (1 - decay) * current, the others (integer
-    buffers such as the relative-position index, batch norm's step count) are copied. torch's own EMA function
-    averages those too, in float, and truncates: for decays like 0.9999 index k became k - 1."""
+EMA_WARMUP_POWER = 0.75  # timm's ModelEmaV3 warmup power for runs shorter than about 200k steps
+
+
+def ema_decay(decay: float, step: int, warmup: bool) -> float:
+    """The EMA decay at update `step` (1 for the first average after the copy): `decay`, or with warmup
+    min(decay, 1 - (1 + step) ** -0.75), as timm's ModelEmaV3 with use_warmup (gamma 1). The warmup lets the average
+    follow the weights early on: at 0.99 a plain EMA still holds a third of a 100-step run's first weights."""
+    return min(decay, 1.0 - (1.0 + step) ** -EMA_WARMUP_POWER) if warmup else decay
+
+
+def _ema_update(decay: float, warmup: bool) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
+    """AveragedModel's update: floating tensors move to d * ema + (1 - d) * current (d = `ema_decay`, from the
+    count of averages, which AveragedModel keeps in its state dict), the others (integer buffers such as the
+    relative-position index, batch norm's step count) are copied. torch's own EMA function averages those too, in
+    float, and truncates: for decays like 0.9999 index k became k - 1."""
 
     def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        d = ema_decay(decay, int(num_averaged), warmup)
         with torch.no_grad():
             floats = [(e, c) for e, c in zip(ema, current) if e.is_floating_point()]
             if floats:
-                torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - decay)
+                torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - d)
             for e, c in zip(ema, current):
                 if not e.is_floating_point():
                     e.copy_(c)
@@ -207,20 +229,20 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
     )
     vl = eval_loader(data.val, max(micro, 64), cfg.num_workers, info.distributed)
     model = _build_model(cfg, num_classes, architecture).to(info.device)
-    if info.is_main and architecture is None and cfg.data == "digits" and cfg.model_overrides is None:
-        logger.info(
-            "the digits train %s's small 32 px model (%.2f M parameters; --model-override changes its fields)",
-            cfg.model.split(".")[0],
-            sum(p.numel() for p in model.parameters()) / 1e6,
-        )
     net = _wrap_ddp(model, info) if info.distributed else model
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    optimizer = build_optimizer(
+        model, cfg.lr, cfg.weight_decay, cfg.layer_decay, decay_bias_tables=cfg.decay_bias_tables
+    )
     steps_per_epoch = len(tl) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise DataError(
             f"{len(data.train)} training images make no optimizer step of batch_size {cfg.batch_size} "
-            f"({len(tl)} micro-batches per epoch, grad_accum {cfg.grad_accum}): use a smaller batch_size"
+            f"({len(tl)} micro-batches per epoch, grad_accum {cfg.grad_accum}): lower --batch-size (batch_size) "
+            f"or --grad-accum"
         )
+    if info.is_main:
+        for line in run_header(cfg, model, data.train, data.val, data.classes, steps_per_epoch, info.device):
+            logger.info("%s", line)
     scheduler = build_scheduler(
         optimizer,
         cfg.epochs * steps_per_epoch,
@@ -228,9 +250,10 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
         cfg.lr,
         cfg.min_lr,
         cfg.warmup_lr,
+        warmup_prefix=cfg.warmup_prefix,
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
-    ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
+    ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema, cfg.ema_warmup), use_buffers=True) if cfg.ema else None
     mixer = mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing)
     torch.manual_seed(cfg.seed + info.rank)  # drop path and mixing differ between ranks
     return _Run(
@@ -272,7 +295,29 @@ def _state(run: _Run) -> dict[str, Any]:
     }
 
 
-def _save(run: _Run, run_dir: Path, is_best: bool) -> None:
+def kept_weights(row: dict[str, Any], keep_best: str) -> tuple[str, float]:
+    """(weights file, its val top-1) that a checkpoint of an epoch's history `row` offers its loaders: the EMA's
+    with keep_best 'ema' (the official recipe, as NVIDIA's train.py chooses), else the better of the raw and the
+    EMA weights (the EMA on a tie). An EMA lags far behind on short runs (68% against the raw weights' 82% on a
+    user's 480 photo crops); on long ones it is usually the better."""
+    ema = row.get("ema_top1")
+    if ema is not None and (keep_best == "ema" or ema >= row["val_top1"]):
+        return ckpt.EMA_FILE, ema
+    return ckpt.MODEL_FILE, row["val_top1"]
+
+
+def best_epoch(history: list[dict[str, Any]], keep_best: str) -> tuple[int, str, float]:
+    """(epoch, weights file, val top-1) of the checkpoint in best/: the first epoch of the highest kept top-1."""
+    best = (0, "", -1.0)
+    for row in history:
+        weights, top1 = kept_weights(row, keep_best)
+        if top1 > best[2]:
+            best = (row["epoch"], weights, top1)
+    return best
+
+
+def _save(run: _Run, run_dir: Path, is_best: bool, kept: dict[str, Any]) -> None:
+    """Write last/ (and best/): `kept` (the chosen weights file, epoch and its val top-1) goes into config.json."""
     state = _state(run)  # collective under DDP: every rank takes part
     if not run.info.is_main:
         return
@@ -280,7 +325,7 @@ def _save(run: _Run, run_dir: Path, is_best: bool) -> None:
     # best/ first: a crash between the two leaves last/ at the previous epoch, so the resumed run redoes this epoch and
     # writes best/ again (the other order would leave best/ behind for good, its epoch already counted in last/).
     for name in ("best", "last") if is_best else ("last",):
-        ckpt.write_checkpoint(run_dir, name, run.model.state_dict(), run.model_meta, state, ema_sd)
+        ckpt.write_checkpoint(run_dir, name, run.model.state_dict(), run.model_meta | kept, state, ema_sd)
 
 
 # what a resumed run may change: how long it runs and where, not what it computes
@@ -372,6 +417,7 @@ def _restore(run: _Run, folder: Path, meta: dict[str, Any], state: dict[str, Any
     if run.ema is not None and state["ema"] is not None:
         run.ema.load_state_dict(state["ema"])
     run.epoch, run.step, run.best, run.history = state["epoch"], state["step"], state["best"], state["history"]
+    run.saved = run.epoch
     run.train_loader.generator.set_state(state["loader_generator"])
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
@@ -502,10 +548,11 @@ def _epoch_end(run: _Run, run_dir: Path, train_loss: float, seconds: float, tb: 
     }
     run.history.append(row)
     _check_finite_weights(run, run_dir)
-    metric = ema_top1 if ema_top1 is not None else val["top1"]
+    weights, metric = kept_weights(row, run.cfg.keep_best)
     is_best = metric > run.best
     run.best = max(run.best, metric)
-    _save(run, run_dir, is_best)
+    _save(run, run_dir, is_best, {"weights": weights, "epoch": run.epoch, "val_top1": metric})
+    run.saved = run.epoch
     if run.info.is_main:
         write_csv(run_dir / "metrics.csv", run.history)
         plot_history(run_dir / "plots", run.history)
@@ -626,10 +673,23 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
             if cfg.time_limit is not None and time.perf_counter() - start > cfg.time_limit:
                 logger.info("time limit of %.0f s reached after epoch %d", cfg.time_limit, run.epoch)
                 break
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted(run, run_dir)) from None
     finally:
         if tb is not None:
             tb.close()
-    return TrainResult(run_dir, run.epoch, run.best, run.history)
+    epoch, weights, _ = best_epoch(run.history, cfg.keep_best)
+    return TrainResult(run_dir, run.epoch, run.best, run.history, epoch, weights)
+
+
+def _interrupted(run: _Run, run_dir: Path) -> str:
+    """The one line a Ctrl-C ends with."""
+    if run.saved == 0:
+        return "interrupted during epoch 1; no checkpoint was written (start again with the same command)"
+    return (
+        f"interrupted after epoch {run.saved}; checkpoint {run_dir / 'last'}; resume with "
+        f"`gcvit train --resume {run_dir}`"
+    )
 
 
 def _log_epoch(row: dict[str, Any], run: _Run, start: float, first_epoch: int) -> None:
@@ -638,14 +698,15 @@ def _log_epoch(row: dict[str, Any], run: _Run, start: float, first_epoch: int) -
     total = run.cfg.epochs + run.cfg.cooldown_epochs
     eta = (time.perf_counter() - start) / max(1, run.epoch - first_epoch) * (total - run.epoch)
     ema = f" ema_top1 {row['ema_top1']:.2f}" if row["ema_top1"] is not None else ""
+    top5 = f"  top5 {row['val_top5']:.2f}" if len(run.classes) > 5 else ""  # with 5 classes or fewer it is 100
     logger.info(
-        "epoch %d/%d  train_loss %.4f  val_loss %.4f  top1 %.2f  top5 %.2f%s  lr %.2e  %.1fs  eta %s",
+        "epoch %d/%d  train_loss %.4f  val_loss %.4f  top1 %.2f%s%s  lr %.2e  %.1fs  eta %s",
         row["epoch"],
         total,
         row["train_loss"],
         row["val_loss"],
         row["val_top1"],
-        row["val_top5"],
+        top5,
         ema,
         row["lr"],
         row["epoch_time"],
