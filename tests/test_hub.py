@@ -79,7 +79,8 @@ def test_config_json_is_the_training_checkpoint_format(small, tmp_path: Path) ->
     small.save_pretrained(tmp_path / "run" / "best", classes=CLASSES)
     saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     trained = _model_meta(types.SimpleNamespace(model="gcvit_xxtiny", img_size=64), small, CLASSES, 1.0, "center")
-    assert saved.keys() == trained.keys() and saved["config"] == json.loads(json.dumps(trained["config"]))
+    assert saved.keys() ^ trained.keys() <= {"license"}  # which save_pretrained records (training: not yet)
+    assert saved["config"] == json.loads(json.dumps(trained["config"]))
     model, meta = load_run(tmp_path / "run" / "best")  # as `gcvit eval/predict` read it
     assert meta.classes == CLASSES and meta.img_size == (64, 64)
     assert torch.equal(_logits(model), _logits(small))

@@ -1,29 +1,35 @@
-"""The `gcvit` command line: thin wrappers that parse arguments and call the library."""
+"""The `gcvit` command line: thin wrappers that parse arguments and call the library.
+
+torch, the models and the other commands' modules are imported inside the commands: `gcvit --version` and `gcvit
+--help` answer in a fraction of a second, and `gcvit <command>` builds only that command's arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
-import torch
-
-import gcvit
+from gcvit import __version__
 from gcvit.allocator import keep_freed_memory
-from gcvit.cli_compare import add_subcommands as add_compare_subcommands
-from gcvit.cli_export import add_subcommands as add_export_subcommands
 from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument, parse_seed
-from gcvit.cli_train import add_subcommands as add_train_subcommands
-from gcvit.cli_visualize import add_subcommands as add_visualize_subcommands
 from gcvit.extras import EXTRA_OF, install_hint
-from gcvit.flops import count_macs, count_params
-from gcvit.models import FAMILIES, resolve_name
+
+# the modules that add the other commands (each lists them in its COMMANDS), in the order `gcvit --help` shows them
+_COMMAND_MODULES = ("gcvit.cli_train", "gcvit.cli_visualize", "gcvit.cli_export", "gcvit.cli_compare")
 
 
 def _models(args: argparse.Namespace) -> None:
+    import torch
+
+    import gcvit
+    from gcvit.flops import count_macs, count_params
+    from gcvit.models import FAMILIES, resolve_name
+
     rows = []
     order = {arch: i for i, arch in enumerate(a for f in FAMILIES.values() for a in f.variants)}
     names = gcvit.list_models(args.pattern)
@@ -56,7 +62,11 @@ def _models(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     """Run real photos through a model at its native size and at their own size, and show the feature pyramid."""
+    import torch
     from sklearn.datasets import load_sample_images
+
+    import gcvit
+    from gcvit.flops import count_params
 
     torch.manual_seed(0)
     model = gcvit.create_model(args.model, pretrained=args.pretrained).eval()
@@ -126,9 +136,15 @@ def _bench(args: argparse.Namespace) -> None:
     run(cfg)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `gcvit` parser, listing every command.
+
+    Args:
+        commands: the commands whose arguments to add (some import torch to describe them); the others are listed
+            with their one-line help only. None: every command's.
+    """
     parser = argparse.ArgumentParser(prog="gcvit", description="Global Context Vision Transformer (GC ViT)")
-    parser.add_argument("--version", action="version", version=f"gcvit {gcvit.__version__}")
+    parser.add_argument("--version", action="version", version=f"gcvit {__version__}")
     parser.add_argument(
         "--system-malloc",
         action="store_true",
@@ -156,10 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="as in training")
     p.add_argument("--seed", type=parse_seed, default=0, help="split seed, as in training")
     p.set_defaults(func=_digits)
-    add_train_subcommands(sub)
-    add_visualize_subcommands(sub)
-    add_export_subcommands(sub)
-    add_compare_subcommands(sub)
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(name)
+        if commands is None or any(c in commands for c in module.COMMANDS):
+            module.add_subcommands(sub)
+        else:  # listed by `gcvit --help`; never parsed, as `main` builds the command it runs
+            for command, help_ in module.COMMANDS.items():
+                sub.add_parser(command, help=help_)
     p = sub.add_parser(
         "bench", help="speed and memory side by side with timm's GC ViT (needs timm)", formatter_class=DefaultsFormatter
     )
@@ -191,24 +210,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `gcvit` command; returns the exit status: 0, 1 for a command that did part of its work (`gcvit
+    predict` with unreadable inputs), 2 for an error (one line on stderr), 130 when interrupted (Ctrl-C)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    if not args.system_malloc:
-        keep_freed_memory()
-    from gcvit.train.loop import NonFiniteLossError
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # gcvit's own options take no values
     try:
-        args.func(args)
+        args = build_parser(set() if command is None else {command}).parse_args(argv)
+        if not args.system_malloc:
+            keep_freed_memory()
+        return args.func(args) or 0
+    except KeyboardInterrupt as e:  # Ctrl-C; training says where its checkpoint is and how to resume
+        print(f"gcvit: {' '.join(str(e).split()) or 'interrupted'}", file=sys.stderr)
+        return 130
     except ImportError as e:  # an optional dependency (the extras of pyproject.toml)
         print(f"gcvit: error: {_missing(e)}", file=sys.stderr)
         return 2
     except (FileExistsError, NotADirectoryError) as e:  # a file where a folder was to be made or read
         print(f"gcvit: error: {_the_file(e.filename)} is a file; expected a folder there", file=sys.stderr)
         return 2
-    except (ValueError, OSError, gcvit.ChecksumError, NonFiniteLossError) as e:
+    except Exception as e:  # not SystemExit: `--help` and `--version` import nothing more
+        if not isinstance(e, (ValueError, OSError, *_library_errors())):
+            raise
         print(f"gcvit: error: {e}", file=sys.stderr)
         return 2
-    return 0
+
+
+def _library_errors() -> tuple[type[Exception], ...]:
+    """The library's errors that end a command with their message (imported only when an error reaches `main`:
+    their modules import torch)."""
+    from gcvit.download import ChecksumError
+    from gcvit.train.loop import NonFiniteLossError
+
+    return ChecksumError, NonFiniteLossError
 
 
 def _the_file(path: str | None) -> str | None:

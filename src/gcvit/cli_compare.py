@@ -7,6 +7,9 @@ from typing import Any
 
 from gcvit.cli_train import parse_seed
 
+# this module's command and its line in `gcvit --help`
+COMMANDS = {"compare": "train GC ViT, Swin and ViT with one recipe and time budget; table and chart of the results"}
+
 
 def _compare(args: argparse.Namespace) -> None:
     import torch
@@ -44,11 +47,7 @@ def add_subcommands(subparsers: Any) -> None:
     from gcvit.compare import CompareConfig
 
     defaults = CompareConfig()
-    p = subparsers.add_parser(
-        "compare",
-        help="train GC ViT, Swin and ViT with one recipe and time budget; table and chart of the results",
-        formatter_class=DefaultsFormatter,
-    )
+    p = subparsers.add_parser("compare", help=COMMANDS["compare"], formatter_class=DefaultsFormatter)
     p.add_argument("--models", nargs="+", default=list(defaults.models), help="names from `gcvit models`")
     p.add_argument("--data", default="digits", help="'digits' (bundled) or a folder of class folders")
     p.add_argument("--time-budget", type=float, default=defaults.time_budget, help="minutes of training per model")

@@ -8,11 +8,15 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# this module's command and its line in `gcvit --help`
+COMMANDS = {"export": "export to ONNX or torch.export (.pt2), checked against PyTorch"}
 
 
 def load_for_export(
@@ -46,7 +50,7 @@ def _default_out(model: str, fmt: str) -> Path:
     return Path(f"{stem}.{fmt}")
 
 
-def _export(args: argparse.Namespace) -> None:
+def _export(args: argparse.Namespace) -> int:
     from gcvit.export import ExportMismatchError, check_opset, export
     from gcvit.flops import count_params
 
@@ -57,8 +61,10 @@ def _export(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {out} is a folder; expected the file to write (e.g. {out / ('model.' + args.format)})")
     if not args.atol > 0:
         raise ValueError(f"expected --atol above 0; got {args.atol:g}")
-    if args.format == "onnx":
-        check_opset(args.opset)  # before any weights are read (or downloaded)
+    if args.format == "onnx":  # before any weights are read (or downloaded) and any file is written
+        import onnxruntime  # noqa: F401 -- checks the export; a missing one is named with its install command
+
+        check_opset(args.opset)
     net, config = load_for_export(args.model, args.pretrained, args.ema)
     size = args.img_size or config["img_size"]
     if len(size) > 2:
@@ -73,7 +79,7 @@ def _export(args: argparse.Namespace) -> None:
         )
     except ExportMismatchError as e:
         print(f"gcvit: export check FAILED: {e} ({out} is kept for inspection)", file=sys.stderr)
-        raise SystemExit(1) from None
+        return 1
     h, w = result.img_size
     shape = f"(batch, {net.cfg.in_chans}, {h}, {w})"
     print(f"exported and checked in {time.perf_counter() - t0:.1f} s: input images {shape}, dynamic batch")
@@ -82,15 +88,12 @@ def _export(args: argparse.Namespace) -> None:
     for c in result.checks:
         print(f"  check {checker} vs PyTorch, input {c.shape}: max abs diff {c.max_abs_diff:.2e} (atol {args.atol:g})")
     print(f"ok: {result.path}")
+    return 0
 
 
 def add_subcommands(subparsers: Any) -> None:
     """Add `export` to the `gcvit` command's subparsers."""
-    p = subparsers.add_parser(
-        "export",
-        help="export to ONNX or torch.export (.pt2), checked against PyTorch",
-        formatter_class=DefaultsFormatter,
-    )
+    p = subparsers.add_parser("export", help=COMMANDS["export"], formatter_class=DefaultsFormatter)
     p.add_argument(
         "model",
         help="model name (gcvit_tiny, gcvit_tiny.in1k with --pretrained true), a folder from save_pretrained or "

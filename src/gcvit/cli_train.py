@@ -11,10 +11,18 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import sys
 from typing import Any
 
 _NONE = ("none", "null", "off")
+
+# this module's commands and their line in `gcvit --help` (listed there without building their arguments)
+COMMANDS = {
+    "train": "train or fine-tune a GC ViT (default: the bundled digits, from scratch)",
+    "eval": "top-1/top-5, per-class accuracy and confusion matrix of a trained model",
+    "predict": "classify image files or folders",
+}
 
 
 def _optional(parse: Any) -> Any:
@@ -77,11 +85,16 @@ def add_pretrained_argument(p: argparse.ArgumentParser, default: bool | None, wh
 
 _PARSERS = {"int": int, "float": float, "str": str, "str | bool": parse_pretrained}
 _HELP = {
-    "model": "model name (gcvit models lists them); on the digits, that family's small 32 px model",
+    "model": "model name (gcvit models lists them); on the digits, that family's small 32 px model; none: "
+    "gcvit_nano on the digits, gcvit_micro on a folder from scratch, gcvit_xxtiny with --pretrained true",
+    "img_size": "training and evaluation size in px; none: 32 on the digits, else the model's native size",
+    "out_dir": "run folder; none: runs/digits, or runs/<name of the data folder>",
+    "keep_best": "'better' (best/ keeps the better of the raw and EMA weights on val) or 'ema' (official)",
+    "ema_warmup": "EMA decay min(ema, 1 - (1 + step)^-0.75), timm's ModelEmaV3 warmup (official recipe: off)",
     "pretrained": "'true' for the official weights, or a checkpoint path / URL",
     "data": "'digits' (bundled) or 'folder'; none: folder when --data-dir / --train-dir is given, else digits",
     "recipe": "'default' (small data) or 'official' (the paper's ImageNet settings; lr scaled to the batch)",
-    "amp": "autocast dtype: none, bf16 (CPU or GPU), fp16 (GPU, with a GradScaler)",
+    "amp": "autocast dtype: auto (bf16 where the CPU or GPU is fast at it, else none), none, bf16, fp16 (GPU)",
     "ema": "EMA decay per step, e.g. 0.9998 ('none': off)",
     "layer_decay": "layer-wise lr decay factor, e.g. 0.75 ('none': off)",
     "batch_size": "global batch per optimizer step (split over processes and --grad-accum)",
@@ -95,6 +108,9 @@ _HELP = {
     "drop_path": "stochastic depth rate; none: the model's own",
     "crop_pct": "centre crop share for validation; none: 1.0, or the --pretrained model's own",
     "clip_grad": "gradient norm clip ('none': off)",
+    "warmup_prefix": "cosine after the warmup; --no-warmup-prefix: from step 0, the warmup overlapping it (official)",
+    "decay_bias_tables": "weight decay on the relative-position bias tables too (official recipe: on)",
+    "train_interpolation": "training crop and RandAugment resampling: bicubic, bilinear or random (official)",
 }
 
 
@@ -139,9 +155,31 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if any(len(p) != 2 for p in pairs):
             raise ValueError(f"--model-override needs KEY=VALUE, got {given['model_overrides']}")
         given["model_overrides"] = {k: yaml.safe_load(v) for k, v in pairs}
+    _check_data_flags(given, args)
     if ("data_dir" in given or "train_dir" in given) and "data" not in given:
         given["data"] = "folder"  # over a --config file's data: digits
     return given
+
+
+def _check_data_flags(given: dict[str, Any], args: argparse.Namespace) -> None:
+    """Data folder flags that cannot go together, named as the user typed them (TrainConfig names its fields): a
+    folder flag needs its partner from a flag, the --config file or the resumed run."""
+    from pathlib import Path
+
+    from gcvit.train.config import read_yaml
+
+    named = [k for k in ("data_dir", "train_dir", "val_dir") if given.get(k)]
+    if "data_dir" in named and len(named) > 1:
+        flags = " and ".join("--" + k.replace("_", "-") for k in named)
+        raise ValueError(f"give --data-dir or --train-dir with --val-dir, not both (got {flags})")
+    settled: dict[str, Any] = {}  # what the flags override
+    resumed = Path(getattr(args, "resume", None) or "", "config.yaml")
+    for path in (resumed if resumed.is_file() else None, getattr(args, "config", None)):
+        settled |= read_yaml(path) if path else {}
+    for flag, partner in (("val_dir", "train_dir"), ("train_dir", "val_dir")):
+        if flag in named and not (given[partner] if partner in given else settled.get(partner)):
+            a, b = "--" + flag.replace("_", "-"), "--" + partner.replace("_", "-")
+            raise ValueError(f"{a} needs {b} (or use --data-dir alone, split by --val-fraction)")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -164,12 +202,16 @@ def _train(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    progress = not args.no_progress and sys.stderr.isatty()  # no bars in a log file or a pipe
+    result = train(cfg, resume=args.resume, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process reports, as it logs
         return
-    which = "EMA " if cfg.ema else ""
     run = result.run_dir
-    print(f"done: {result.epochs_done} epochs, best {which}val top-1 {result.best_top1:.2f}% -> {run}")
+    which = "EMA" if result.best_weights == "ema.safetensors" else "raw"
+    print(
+        f"done: {result.epochs_done} epochs, best val top-1 {result.best_top1:.2f}% ({which} weights, epoch "
+        f"{result.best_epoch}) -> {run}"
+    )
     print(f"checkpoints: {run / 'best'}, {run / 'last'}; metrics: {run / 'metrics.csv'}; plots: {run / 'plots'}")
 
 
@@ -189,15 +231,26 @@ def _eval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=args.device,
         out_dir=args.out_dir,
+        plot_name="confusion.png" if args.data is None else f"confusion_{_data_name(data, split)}.png",
         val_fraction=args.val_fraction,
         seed=args.seed,
         split=split,
     )
-    print(f"{report.num_samples} images: top-1 {report.top1:.2f}%  top-5 {report.top5:.2f}%")
+    top5 = f"  top-5 {report.top5:.2f}%" if len(report.per_class) > 5 else ""  # 100% with 5 classes or fewer
+    print(f"{report.num_samples} images: top-1 {report.top1:.2f}%{top5}")
     for name, acc in report.per_class.items():
         print(f"  {name:>12s}  {acc:6.2f}%")
     if report.confusion_png:
         print(f"confusion matrix: {report.confusion_png}")
+
+
+def _data_name(data: str, split: bool) -> str:
+    """The data in a file name: 'digits', a folder's name ('faces'), '_val' added for its val split."""
+    from pathlib import Path
+
+    name = "digits" if data == "digits" else Path(data).expanduser().resolve().name or "data"
+    name = re.sub(r"[^\w.-]+", "_", name)
+    return f"{name}_val" if split and data != "digits" else name
 
 
 def _eval_data(args: argparse.Namespace, run_dir: Any) -> tuple[str, bool]:
@@ -219,16 +272,20 @@ def _eval_data(args: argparse.Namespace, run_dir: Any) -> tuple[str, bool]:
     return "digits", False
 
 
-def _predict(args: argparse.Namespace) -> None:
+def _predict(args: argparse.Namespace) -> int:
     from gcvit.train.evaluate import predict
 
-    for file, top in predict(args.inputs, args.model, topk=args.topk, device=args.device):
+    skipped: list[tuple[str, str]] = []
+    for file, top in predict(args.inputs, args.model, topk=args.topk, device=args.device, skipped=skipped):
         print(file + "  " + "  ".join(f"{label}:{p:.3f}" for label, p in top))
+    for file, why in skipped:
+        print(f"gcvit: skipped {file}: not a readable image ({why})", file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def add_subcommands(subparsers: Any) -> None:
     """Add `train`, `eval` and `predict` to the `gcvit` command's subparsers."""
-    p = subparsers.add_parser("train", help="train or fine-tune a GC ViT (default: the bundled digits, from scratch)")
+    p = subparsers.add_parser("train", help=COMMANDS["train"])
     p.add_argument("--config", default=None, help="YAML file of training options (flags override it)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last/")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -236,11 +293,7 @@ def add_subcommands(subparsers: Any) -> None:
     _add_config_flags(p)
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser(
-        "eval",
-        help="top-1/top-5, per-class accuracy and confusion matrix of a trained model",
-        formatter_class=DefaultsFormatter,
-    )
+    p = subparsers.add_parser("eval", help=COMMANDS["eval"], formatter_class=DefaultsFormatter)
     p.add_argument("checkpoint", help="run folder, checkpoint folder (best/, last/) or .safetensors with config.json")
     p.add_argument(
         "--data",
@@ -252,7 +305,9 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument(
         "--out-dir",
         default=None,
-        help="where confusion.png goes (default: the run's plots folder, else the checkpoint's own folder)",
+        help="folder of the confusion matrix: confusion.png for the run's own validation data, "
+        "confusion_<data>.png for --data (digits, or the folder's name, with _val for its split), so the run's own "
+        "plot is never overwritten (default: the run's plots folder, else the checkpoint's own folder)",
     )
     p.add_argument(
         "--val-fraction",
@@ -264,7 +319,13 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--seed", type=parse_seed, default=None, help="seed of that split (default: the run's)")
     p.set_defaults(func=_eval)
 
-    p = subparsers.add_parser("predict", help="classify image files or folders", formatter_class=DefaultsFormatter)
+    p = subparsers.add_parser(
+        "predict",
+        help=COMMANDS["predict"],
+        description="Print the top classes of each image. Files that cannot be read as images are named on stderr, "
+        "one line each, after the others' predictions, and the exit status is then 1.",
+        formatter_class=DefaultsFormatter,
+    )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--model", required=True, help="run folder, checkpoint, .safetensors, or a model name")
     p.add_argument("--topk", type=int, default=5)

@@ -9,6 +9,9 @@ from typing import Any
 
 from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
 
+# this module's command and its line in `gcvit --help`
+COMMANDS = {"visualize": "PNGs of what a model looks at: global and local attention, Grad-CAM"}
+
 
 def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, str]:
     """(model, RunMeta, description) for a run folder / checkpoint, or a registered name (random weights unless
@@ -122,11 +125,7 @@ def _visualize(args: argparse.Namespace) -> None:
 
 def add_subcommands(subparsers: Any) -> None:
     """Add `visualize` to the `gcvit` command's subparsers."""
-    p = subparsers.add_parser(
-        "visualize",
-        help="PNGs of what a model looks at: global and local attention, Grad-CAM",
-        formatter_class=DefaultsFormatter,
-    )
+    p = subparsers.add_parser("visualize", help=COMMANDS["visualize"], formatter_class=DefaultsFormatter)
     p.add_argument("image", help="an image file")
     p.add_argument("--model", default="gcvit_xxtiny", help="model name (random weights unless --pretrained) or run")
     add_pretrained_argument(p, False, "with a model name: ")

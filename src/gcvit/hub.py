@@ -3,7 +3,8 @@
 A folder holds `config.json` and `model.safetensors` at its root, the layout of huggingface_hub's ModelHubMixin, so a
 folder pushed to the Hugging Face Hub loads back with one call. `config.json` is the one `gcvit train` writes into its
 checkpoint folders ("model", "config" with every config field, "classes", "img_size", "mean", "std", "interpolation",
-"crop_pct", "crop_mode"), so training checkpoints, run folders and saved folders are interchangeable:
+"crop_pct", "crop_mode"; save_pretrained adds "license", `gcvit train` "weights", "epoch" and "val_top1"), so
+training checkpoints, run folders and saved folders are interchangeable:
 `gcvit eval/predict/export` take any of them and `from_pretrained` loads any of them.
 """
 
@@ -66,6 +67,7 @@ def model_config(model: nn.Module, classes: Sequence[str] | None = None, name: s
         "interpolation": pc.interpolation,
         "crop_pct": pc.crop_pct,
         "crop_mode": pc.crop_mode,
+        "license": pc.license,  # of the weights: NVIDIA's binds their fine-tunes; '' for none known
     }
 
 
@@ -133,10 +135,13 @@ def _check_entries(config: Mapping[str, Any], source: str) -> None:
         raise ValueError(f"{source}: expected 'model' (a name) and 'config' (its fields) entries; missing {missing}")
 
 
-def build_from_config(config: Mapping[str, Any], source: str = "config.json") -> nn.Module:
+def build_from_config(config: Mapping[str, Any], source: str = "config.json", *, origin: str = "") -> nn.Module:
     """An untrained model with the architecture a config.json describes (in train mode, weights not loaded).
 
-    `model.classes` holds the class names and `model.pretrained_cfg` the preprocessing of the config.
+    `model.classes` holds the class names and `model.pretrained_cfg` describes the weights the caller loads from
+    `origin` (a file or URL), not the registered variant's: the preprocessing of the config, `url` the origin, no
+    `top1` (NVIDIA's ImageNet number is not these weights'), the class count of the head, `label_set` and
+    `license` from config.json where it records them (see `_weights_record`).
     """
     import gcvit
     from gcvit.models.pretrained import PretrainedCfg
@@ -163,10 +168,28 @@ def build_from_config(config: Mapping[str, Any], source: str = "config.json") ->
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
     ):
         raise ValueError(f"{source}: img_size must be an int or [H, W] in pixels; got {config['img_size']!r}")
+    registered = getattr(model, "pretrained_cfg", None) or PretrainedCfg(url="", license="")
     model.pretrained_cfg = dataclasses.replace(
-        getattr(model, "pretrained_cfg", PretrainedCfg(url="")), **pc, num_classes=model.num_classes
+        registered, **pc, **_weights_record(config, classes, registered), url=origin, num_classes=model.num_classes
     )
     return model
+
+
+def _weights_record(config: Mapping[str, Any], classes: list[str], registered: Any) -> dict[str, Any]:
+    """What `pretrained_cfg` says of loaded weights beyond their preprocessing: no sha256 nor top1 (the registry's
+    are the official file's); label_set as config.json records it, else 'imagenet-1k' for the ImageNet-1K class
+    names and '' (not a known label set, as after `reset_classifier`) for others; license as config.json records
+    it, else the registered weights' (NVIDIA's licence binds a fine-tune of their weights, not a model trained
+    from scratch, and a folder that does not say how it was trained is taken to descend from them)."""
+    from gcvit.imagenet import NUM_CLASSES, imagenet1k_classes
+
+    imagenet = len(classes) == NUM_CLASSES and classes == imagenet1k_classes()
+    label_set = config.get("label_set", "imagenet-1k" if imagenet else "")
+    license_ = config.get("license", registered.license)
+    for key, value in (("label_set", label_set), ("license", license_)):
+        if not isinstance(value, str):
+            raise ValueError(f"{CONFIG_FILE}: {key!r} must be a string; got {value!r}")
+    return {"sha256": None, "top1": None, "label_set": label_set, "license": license_}
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -177,6 +200,21 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a JSON object; got {type(values).__name__}")
     return values
+
+
+def chosen_weights(folder: Path, config: Mapping[str, Any], ema: bool | None) -> Path:
+    """The weights file of a checkpoint or saved folder that loaders take: ema.safetensors with `ema` True,
+    model.safetensors with False; with None, the file `config` (its config.json) names under "weights" (`gcvit
+    train` records there the better of its raw and EMA weights on validation), else ema.safetensors where the
+    folder has one, else model.safetensors."""
+    if ema is not None:
+        return folder / (EMA_FILE if ema else MODEL_FILE)
+    named = config.get("weights")
+    if named is None:
+        return folder / (EMA_FILE if (folder / EMA_FILE).is_file() else MODEL_FILE)
+    if named not in (MODEL_FILE, EMA_FILE):
+        raise ValueError(f"{folder / CONFIG_FILE}: 'weights' must be {MODEL_FILE!r} or {EMA_FILE!r}; got {named!r}")
+    return folder / named
 
 
 def _local_folder(path: Path) -> Path:
@@ -192,9 +230,11 @@ def _local_folder(path: Path) -> Path:
 def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | None, headers: dict[str, str]) -> Path:
     """Download config.json, model.safetensors and ema.safetensors under `base_url` into `cache` (kept for later
     calls). config.json comes first: a folder that is not gcvit's is named before its weights are fetched. The
-    weights are checked against the folder's SHA256SUMS where it has one. ema.safetensors is fetched where it exists
-    (`ema` None: a training checkpoint's folder then loads its EMA weights, as it does locally), required with `ema`
-    True, skipped with False; the absence of optional files is remembered."""
+    weights are checked against the folder's SHA256SUMS where it has one. ema.safetensors is required with `ema`
+    True, skipped with False; with None, required where config.json names it as the folder's weights (see
+    `chosen_weights`), skipped where it names model.safetensors, else fetched where it exists (a training
+    checkpoint's folder then loads its EMA weights, as it does locally); the absence of optional files is
+    remembered."""
     from gcvit.download import download
 
     base = base_url.rstrip("/")
@@ -203,7 +243,10 @@ def _fetch_folder(base_url: str, cache: Path, force_download: bool, ema: bool | 
         for name in (CONFIG_FILE, MODEL_FILE, *optional, *(f"{n}.absent" for n in optional)):
             (cache / name).unlink(missing_ok=True)
     config = download(f"{base}/{CONFIG_FILE}", folder=cache, warn_unverified=False, headers=headers)
-    _check_entries(_read_config(config), f"{base}/{CONFIG_FILE}")
+    values = _read_config(config)
+    _check_entries(values, f"{base}/{CONFIG_FILE}")
+    if ema is None and "weights" in values:  # the folder names its weights: that file is required, the other not
+        ema = chosen_weights(cache, values, None).name == EMA_FILE
     if not (cache / MODEL_FILE).exists():  # a folder cached whole (by any version) is used as it is, offline too
         _fetch_optional(base, digests.SUMS_FILE, cache, headers)
     sums = digests.read_sums(cache)  # downloads are checked as they stream; the file that loads, when it loads
@@ -258,6 +301,11 @@ def _bearer(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _repo_url(repo_id: str, revision: str) -> str:
+    """The URL of a hub repo's folder at `revision`, on $HF_ENDPOINT (default https://huggingface.co)."""
+    return f"{os.environ.get('HF_ENDPOINT', HF_ENDPOINT).rstrip('/')}/{repo_id}/resolve/{revision}"
+
+
 def resolve_pretrained(
     source: str | os.PathLike[str],
     *,
@@ -282,11 +330,10 @@ def resolve_pretrained(
         digest = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
         return _fetch_folder(text, root / "urls" / digest, force_download, ema, _bearer(token))
     if _REPO_ID.match(text):
-        endpoint = os.environ.get("HF_ENDPOINT", HF_ENDPOINT).rstrip("/")
         cache = root / "repos" / text.replace("/", "--") / revision
         token = token or _stored_token()
         try:
-            return _fetch_folder(f"{endpoint}/{text}/resolve/{revision}", cache, force_download, ema, _bearer(token))
+            return _fetch_folder(_repo_url(text, revision), cache, force_download, ema, _bearer(token))
         except OSError as e:  # a mistyped local path looks like a repo id too
             why = ""
             if getattr(e.__cause__, "code", None) == 401:
@@ -335,22 +382,28 @@ def from_pretrained(
     """
     from gcvit.models.weights import load_checkpoint
 
-    file = Path(pretrained_model_name_or_path).expanduser()
+    source = str(pretrained_model_name_or_path)
+    file = Path(source).expanduser()
+    named = None
     if file.is_file() and file.suffix == ".safetensors":  # these weights, the architecture of config.json beside them
         if ema is not None:
             raise ValueError(f"ema goes with a folder; {file} names its weights itself")
-        folder, weights = file.parent, file
+        folder, named = file.parent, file
         if not (folder / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{folder / CONFIG_FILE} does not exist; expected it beside {file.name}")
     else:
-        source = pretrained_model_name_or_path
         folder = resolve_pretrained(
             source, revision=revision, cache_dir=cache_dir, force_download=force_download, ema=ema, token=token
         )
-        use_ema = (folder / EMA_FILE).is_file() if ema is None else ema
-        weights = folder / (EMA_FILE if use_ema else MODEL_FILE)
+    config = _read_config(folder / CONFIG_FILE)
+    weights = named or chosen_weights(folder, config, ema)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; expected the weights next to {CONFIG_FILE}")
-    model = build_from_config(_read_config(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+    if file.exists():
+        origin = str(weights)
+    else:  # the file's URL, not the cache's copy
+        base = source if source.startswith(("http://", "https://")) else _repo_url(source, revision)
+        origin = f"{base.rstrip('/')}/{weights.name}"
+    model = build_from_config(config, str(folder / CONFIG_FILE), origin=origin)
     load_checkpoint(model, weights, strict=True)
     return model.to(device).eval()

@@ -22,9 +22,10 @@ from gcvit.data import DigitsDataset, ImageFolderDataset, eval_transform, split_
 from gcvit.data.datasets import check_val_fraction, image_files
 from gcvit.data.transforms import load_rgb
 from gcvit.figures import subplots
-from gcvit.hub import build_from_config
+from gcvit.hub import EMA_FILE, build_from_config, chosen_weights
 from gcvit.train import checkpoint as ckpt
 from gcvit.train.distributed import require_cuda
+from gcvit.train.metrics import describe_data, plot_title, wrap_title
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +55,16 @@ class RunMeta:
         return cls(name, classes, size, mean, std, pc.interpolation, pc.crop_pct, pc.crop_mode, source=source)
 
 
-def _weights_file(path: Path, ema: bool | None) -> tuple[Path, Path]:
-    """(weights file, folder holding config.json) for a run folder, checkpoint folder or .safetensors file."""
+def _checkpoint_folder(path: Path) -> tuple[Path, Path | None]:
+    """(folder holding config.json, the weights file named) for a run folder (its best/, else last/), a checkpoint
+    folder or a .safetensors file; the file is None for a folder, whose config.json says which weights to load."""
     if path.is_file():
         if not (path.parent / ckpt.CONFIG_FILE).is_file():
             raise FileNotFoundError(
                 f"{path} has no config.json beside it; expected a run folder, a checkpoint folder or a .safetensors "
                 "file that `gcvit train` or save_pretrained wrote"
             )
-        return path, path.parent
+        return path.parent, path
     if not path.is_dir():
         raise FileNotFoundError(f"{path} does not exist; expected a run folder, a checkpoint folder or a .safetensors")
     if not (path / ckpt.CONFIG_FILE).is_file():
@@ -73,8 +75,7 @@ def _weights_file(path: Path, ema: bool | None) -> tuple[Path, Path]:
                 f"{path} holds no checkpoint (best/ or last/ with model.safetensors and config.json)"
             )
         path = found
-    use_ema = (path / ckpt.EMA_FILE).is_file() if ema is None else ema
-    return path / (ckpt.EMA_FILE if use_ema else ckpt.MODEL_FILE), path
+    return path, None
 
 
 def load_run(
@@ -84,17 +85,23 @@ def load_run(
 
     Args:
         path: a run folder (its best/, else last/), a checkpoint folder, or a .safetensors file with config.json beside.
-        ema: load the EMA weights; None: the EMA weights when the checkpoint has them.
+        ema: load the EMA weights (True) or the raw ones (False); None: the weights the checkpoint chose (see
+            `gcvit.hub.chosen_weights`).
         device: where to put the model.
 
     Returns:
-        (model, meta): meta gives the class names and the preprocessing.
+        (model, meta): meta gives the class names and the preprocessing; meta.extra the "epoch" and "val_top1" of
+        the checkpoint where its config.json records them.
     """
-    weights, folder = _weights_file(Path(path), ema)
+    folder, weights = _checkpoint_folder(Path(path))
+    if weights is not None and ema is not None:
+        raise ValueError(f"ema goes with a folder; {weights} names its weights itself")
     config = ckpt.read_model_config(folder)
-    model = build_from_config(config, str(folder / ckpt.CONFIG_FILE))  # also reads the classes and preprocessing
+    weights = weights or chosen_weights(folder, config, ema)
+    model = build_from_config(config, str(folder / ckpt.CONFIG_FILE), origin=str(weights))  # classes, preprocessing
     gcvit.load_checkpoint(model, weights)
     meta = RunMeta.from_model(config["model"], model, model.classes, source=str(weights))
+    meta.extra = {k: config[k] for k in ("epoch", "val_top1") if k in config}
     return model.to(device).eval(), meta
 
 
@@ -167,6 +174,23 @@ def _dataset(data: str | PathLike, meta: RunMeta, val_fraction: float, seed: int
     return ImageFolderDataset(data, transform, classes=meta.classes)
 
 
+def describe_model(meta: RunMeta) -> tuple[str, str]:
+    """(run, weights) of a plot title: ('runs/faces', 'EMA weights (best/, epoch 31)') for a run's checkpoint;
+    (name, 'pretrained weights') for a registered model; (name, its source) for a model given with its meta."""
+    source = Path(meta.source)
+    if source.suffix != ".safetensors":
+        return meta.model, "pretrained weights" if meta.source == meta.model else meta.source
+    folder = source.parent
+    in_run = folder.name in ("best", "last") or folder.name.startswith(("best.old-", "last.old-"))
+    run = folder.parent if in_run else folder
+    kind = {EMA_FILE: "EMA weights", ckpt.MODEL_FILE: "raw weights" if (folder / EMA_FILE).is_file() else "weights"}
+    where = [f"{folder.name}/"] if in_run else []
+    if meta.extra.get("epoch") is not None:
+        where.append(f"epoch {meta.extra['epoch']}")
+    weights = kind.get(source.name, source.name)
+    return str(run), f"{weights} ({', '.join(where)})" if where else weights
+
+
 @torch.no_grad()
 def evaluate(
     model: PathLike | nn.Module,
@@ -176,6 +200,8 @@ def evaluate(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     out_dir: PathLike | None = None,
+    plot_name: str = "confusion.png",
+    title: str | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
     split: bool = False,
@@ -187,7 +213,8 @@ def evaluate(
         model: a run folder, checkpoint folder or .safetensors (see `load_run`), or a model with `meta`.
         data: 'digits' (the validation split of `seed` / `val_fraction`, as in training) or an image folder whose
             sub-folders are the checkpoint's class names (all of it, or with `split` its val split, as in training).
-        out_dir: write confusion.png here (needs matplotlib); None: no file.
+        out_dir: write the confusion matrix here as `plot_name` (needs matplotlib); None: no file.
+        title: the plot's title; None: the run, the data and the weights (`describe_model`, `describe_data`).
 
     Returns:
         An EvalReport.
@@ -211,12 +238,16 @@ def evaluate(
     per_class = {c: 100.0 * confusion[i, i] / max(1, confusion[i].sum()) for i, c in enumerate(meta.classes)}
     report = EvalReport(100.0 * np.trace(confusion) / n, 100.0 * top5 / n, per_class, confusion, n)
     if out_dir is not None:
-        report.confusion_png = plot_confusion(confusion, meta.classes, Path(out_dir) / "confusion.png")
+        run, weights = describe_model(meta)
+        title = plot_title(run, describe_data(data, split), weights) if title is None else title
+        report.confusion_png = plot_confusion(confusion, meta.classes, Path(out_dir) / plot_name, title=title)
     return report
 
 
-def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path) -> Path | None:
-    """Write the confusion matrix as a PNG; None without matplotlib."""
+def plot_confusion(
+    confusion: np.ndarray, classes: Sequence[str], path: Path, *, title: str | None = None
+) -> Path | None:
+    """Write the confusion matrix as a PNG, with `title` above it (wrapped); None without matplotlib."""
     k = len(classes)
     try:
         fig, ax = subplots(figsize=(max(4, 0.5 * k + 2), max(4, 0.5 * k + 2)))
@@ -239,6 +270,8 @@ def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path) ->
                 )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    if title:
+        ax.set_title(wrap_title(title, fig), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -267,17 +300,23 @@ def predict(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
     meta: RunMeta | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[tuple[str, list[tuple[str, float]]]]:
-    """Classify images.
+    """Classify images; files that cannot be read as images are skipped, as in training.
 
     Args:
         inputs: image files and/or folders (searched recursively for images).
         model: a run folder, checkpoint folder, .safetensors with config.json, a model name (pretrained weights;
             ImageNet-1K class names), or a model object with `meta`.
         topk: predictions per image.
+        skipped: a list that receives (file, reason) for each skipped file, for the caller to report (as `gcvit
+            predict` does); None: each is logged as a warning.
 
     Returns:
         [(file, [(class name, probability), ...]), ...] in file order, best first.
+
+    Raises:
+        ValueError: no input could be read.
     """
     if topk < 1:
         raise ValueError(f"expected topk of at least 1; got {topk}")
@@ -295,7 +334,10 @@ def predict(
                 images.append(transform(load_rgb(f)))
                 chunk.append(f)
             except Exception as e:  # unreadable, corrupt or a decompression bomb: skipped, as in training
-                logger.warning("skipped unreadable image %s: %s", f, e)
+                if skipped is None:
+                    logger.warning("skipped unreadable image %s: %s", f, e)
+                else:
+                    skipped.append((str(f), str(e)))
         if not images:
             continue
         probs = net(torch.stack(images).to(device)).float().softmax(-1).cpu()

@@ -33,7 +33,7 @@ from gcvit.train import distributed as D
 from gcvit.train.config import PATH_FIELDS, SMALL_MODELS, TrainConfig, load_run_config, save_yaml, saved_model_config
 from gcvit.train.data import build_datasets, eval_loader, train_loader
 from gcvit.train.header import run_header
-from gcvit.train.metrics import TensorBoard, plot_history, write_csv
+from gcvit.train.metrics import TensorBoard, describe_data, plot_history, plot_title, write_csv
 from gcvit.train.optim import build_optimizer, build_scheduler, load_optimizer_state
 
 logger = logging.getLogger(__name__)
@@ -150,20 +150,15 @@ def _build_model(cfg: TrainConfig, num_classes: int, architecture: dict[str, Any
 def _model_meta(
     cfg: TrainConfig, model: nn.Module, classes: list[str], crop_pct: float, crop_mode: str
 ) -> dict[str, Any]:
-    """config.json of every checkpoint: what `load_run` needs to rebuild the model and prepare its inputs."""
-    pc = model.pretrained_cfg
-    return {
-        "model": cfg.model,
-        "config": dataclasses.asdict(model.cfg),
-        "classes": classes,
-        "num_classes": len(classes),
-        "img_size": [cfg.img_size, cfg.img_size],
-        "mean": list(pc.mean),
-        "std": list(pc.std),
-        "interpolation": pc.interpolation,
-        "crop_pct": crop_pct,
-        "crop_mode": crop_mode,
-    }
+    """config.json of every checkpoint (the one writer, `gcvit.hub.model_config`): what `load_run` needs to rebuild
+    the model and prepare its inputs, with this run's size and evaluation crop."""
+    from gcvit.hub import model_config
+
+    meta = model_config(model, classes, cfg.model)
+    meta |= {"img_size": [cfg.img_size, cfg.img_size], "crop_pct": crop_pct, "crop_mode": crop_mode}
+    if not cfg.pretrained:  # trained from scratch: NVIDIA's licence does not bind these weights
+        meta["license"] = ""
+    return meta
 
 
 def _micro_batch(cfg: TrainConfig, info: D.DistInfo) -> int:
@@ -555,10 +550,23 @@ def _epoch_end(run: _Run, run_dir: Path, train_loss: float, seconds: float, tb: 
     run.saved = run.epoch
     if run.info.is_main:
         write_csv(run_dir / "metrics.csv", run.history)
-        plot_history(run_dir / "plots", run.history)
+        _plot(run, run_dir)
         if tb is not None:
             tb.log(row)
     return row
+
+
+def _plot(run: _Run, run_dir: Path) -> None:
+    """plots/: loss and accuracy, titled with the run, its validation data and the weights best/ keeps (marked)."""
+    cfg = run.cfg
+    epoch, weights, _ = best_epoch(run.history, cfg.keep_best)
+    which = "EMA" if weights == ckpt.EMA_FILE else "raw"
+    if cfg.data == "digits":
+        data = describe_data("digits", True)
+    else:
+        data = describe_data(cfg.val_dir, False) if cfg.val_dir else describe_data(cfg.data_dir, True)
+    title = plot_title(str(run_dir), data, f"best/: {which} weights, epoch {epoch}")
+    plot_history(run_dir / "plots", run.history, title=title, best_epoch=epoch, num_classes=len(run.classes))
 
 
 def _progress_bar(run: _Run, enabled: bool) -> Any:
@@ -658,7 +666,7 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
         save_yaml(cfg, run_dir / "config.yaml")
         if run.history:  # as the checkpoint has it: a kill between checkpoint and CSV left them an epoch behind
             write_csv(run_dir / "metrics.csv", run.history)
-            plot_history(run_dir / "plots", run.history)
+            _plot(run, run_dir)
     tb = TensorBoard(run_dir / "tb") if info.is_main else None
     start, first_epoch = time.perf_counter(), run.epoch
     try:

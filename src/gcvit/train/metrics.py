@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,44 @@ class TensorBoard:
             self.writer.close()
 
 
-def plot_history(plot_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
-    """loss.png and accuracy.png from the history; returns the files written ([] without matplotlib)."""
+def plot_title(*parts: str | None) -> str:
+    """The title of a run's plots: its parts joined by ' · ', e.g. 'runs/faces · val split of /data/faces · EMA
+    weights (best/, epoch 31)' (the run, the data, the weights); empty parts are left out."""
+    return " · ".join(p for p in parts if p)
+
+
+def describe_data(data: str | os.PathLike[str], split: bool) -> str:
+    """The data of a plot title: 'val split of the digits', 'val split of /data/faces' (a folder's seeded val split),
+    'all of /data/faces_val' (a folder whole)."""
+    if str(data) == "digits":
+        return "val split of the digits"
+    return f"{'val split' if split else 'all'} of {data}"
+
+
+def wrap_title(title: str, fig: Any, fontsize: float = 9) -> str:
+    """`title` broken into lines that fit the width of `fig` at `fontsize` points (long paths would be cut off)."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))  # an average glyph is about 0.6 em wide
+    return textwrap.fill(title, chars, break_on_hyphens=False)
+
+
+def plot_history(
+    plot_dir: Path,
+    history: list[dict[str, Any]],
+    *,
+    title: str | None = None,
+    best_epoch: int | None = None,
+    num_classes: int | None = None,
+) -> list[Path]:
+    """loss.png and accuracy.png from the history; returns the files written ([] without matplotlib).
+
+    Args:
+        plot_dir: the folder (RUN/plots).
+        history: a row per epoch, with the keys of COLUMNS (a missing or None value is not drawn).
+        title: above both plots (see `plot_title`); None: none.
+        best_epoch: the epoch whose weights best/ keeps, marked on the accuracy plot.
+        num_classes: the classes of the head: top-5 is drawn only above 5 (with 5 or fewer it is 100%); None:
+            whenever the history has it.
+    """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -60,18 +98,23 @@ def plot_history(plot_dir: Path, history: list[dict[str, Any]]) -> list[Path]:
         return []
     plot_dir.mkdir(parents=True, exist_ok=True)
     epochs = [r["epoch"] for r in history]
+    top5 = ("val_top5",) if num_classes is None or num_classes > 5 else ()
     written = []
     for name, keys, ylabel in (
         ("loss", ("train_loss", "val_loss"), "loss"),
-        ("accuracy", ("val_top1", "val_top5", "ema_top1"), "accuracy (%)"),
+        ("accuracy", ("val_top1", *top5, "ema_top1"), "accuracy (%)"),
     ):
         fig, ax = subplots(figsize=(6, 4))
         for key in keys:
             points = [(e, r[key]) for e, r in zip(epochs, history) if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker=".", label=key)
+        if name == "accuracy" and best_epoch is not None:
+            ax.axvline(best_epoch, color="0.4", linestyle=":", label=f"kept in best/ (epoch {best_epoch})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
+        if title:
+            ax.set_title(wrap_title(title, fig), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
