@@ -127,3 +127,16 @@ def pytest_configure(config: pytest.Config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cpu_bf16` check the bf16 CPU kernels. A CPU without them (an AVX2-only AMD EPYC, say) runs bf16
+    through PyTorch's slow fallbacks (60x slower than fp32) or not at all: those tests are skipped there, saying why."""
+    from gcvit.layers.fused import cpu_has_bf16
+
+    if cpu_has_bf16():
+        return
+    skip = pytest.mark.skip(reason="this CPU has no bf16 kernels (oneDNN needs AVX-512 or AMX, or BF16 on Arm)")
+    for item in items:
+        if "cpu_bf16" in item.keywords:
+            item.add_marker(skip)

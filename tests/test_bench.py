@@ -10,6 +10,7 @@ import torch
 from gcvit.cli import main
 
 
+@pytest.mark.cpu_bf16
 def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "--models", "gcvit_xxtiny", "--train-models", "gcvit_xxtiny", "--batches", "1"]
     argv += ["--train-batch", "2", "--repeats", "1", "--agreement-images", "16", "--device", "cpu"]
@@ -43,6 +44,19 @@ def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]
     for dtype in ("fp32", "bf16"):
         assert "ckpt peak MiB" in re.search(rf"train {dtype}\s+b2\s.*", out).group(0)
     assert "peak MiB" not in re.search(r"train fp32 dp0.2\s+b2\s.*", out).group(0)  # random draws: not measured
+
+
+def test_bench_leaves_out_bf16_rows_on_a_cpu_without_bf16_kernels(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gcvit import bench
+
+    monkeypatch.setattr(bench, "cpu_has_bf16", lambda: False)
+    argv = ["bench", "--models", "gcvit_xxtiny", "--train-models", "--batches", "1", "--repeats", "1"]
+    assert main([*argv, "--agreement-images", "4", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "note: this CPU has no bf16 kernels (oneDNN needs AVX-512 or AMX): the bf16 rows are left out" in out
+    assert re.search(r"gcvit_xxtiny infer fp32\s+b1\s", out) and "bf16" not in out.split("both sides")[1]
 
 
 def test_bench_rejects_a_bad_drop_path_rate(capsys: pytest.CaptureFixture[str]) -> None:

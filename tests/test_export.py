@@ -94,6 +94,7 @@ def test_pt2_export_reloads_and_matches(tmp_path: Path) -> None:
         assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.cpu_bf16
 def test_a_bf16_model_exports_with_a_dynamic_batch() -> None:
     """torch.export of a bf16 model traces one attention route for every batch: the eager route choice by problem
     size (a guard on the batch) must stay out of the graph, or the export fails on the dynamic batch."""

@@ -11,6 +11,7 @@ import gcvit
 from gcvit.flops import count_macs
 from gcvit.layers import WindowAttention, WindowAttentionGlobal, padding_key_mask, window_partition, window_reverse
 from gcvit.models import VARIANTS
+from gcvit.models.pretrained import PRETRAINED
 
 # Parameter counts of GCVIT_SPEC.md (millions); the 384/512 large models carry larger bias tables.
 PARAMS_M = {
@@ -26,7 +27,7 @@ PARAMS_M = {
     "gcvit_large.in21k_ft_in1k_384": 202.86,
     "gcvit_large.in21k_ft_in1k_512": 203.80,
 }
-ALL_ARCHS = list(VARIANTS)
+ALL_ARCHS = [a for a in VARIANTS if a in PRETRAINED]  # the official variants (the small ones have no weights)
 SMALL_ARCHS = ["gcvit_xxtiny", "gcvit_xtiny", "gcvit_tiny"]
 LARGE_TAGS = ["gcvit_large.in21k_ft_in1k_384", "gcvit_large.in21k_ft_in1k_512"]
 

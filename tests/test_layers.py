@@ -76,6 +76,7 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
     assert (bias_grad - table.grad).abs().max().item() < 1e-6
 
 
+@pytest.mark.cpu_bf16
 def test_bf16_on_cpu_stays_close_to_fp32(plain_route: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 on the CPU uses two bf16 matmuls, the softmax accumulating in fp32; its output stays within bf16
     rounding of the fp32 result."""
@@ -93,6 +94,7 @@ def test_bf16_on_cpu_stays_close_to_fp32(plain_route: str, monkeypatch: pytest.M
 
 @pytest.mark.parametrize("kind", ["local", "global"])
 @pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.cpu_bf16
 def test_bf16_padded_score_rows_equal_plain_rows(kind: str, padded: bool, plain_route: str) -> None:
     """bf16 inference pads 7x7 windows' score rows to 64 keys (-inf, zero after the softmax): the same attention as
     49-key rows up to bf16 rounding, with and without the padding mask."""
@@ -389,6 +391,7 @@ def test_squeeze_excite_gate_of_a_bf16_map_follows_fp32() -> None:
     assert (low.float() - ref).abs().max().item() < 1e-2
 
 
+@pytest.mark.cpu_bf16
 @pytest.mark.parametrize("kind", ["local", "global"])
 def test_bf16_inference_takes_the_fused_kernel_only_on_amx(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On CPUs with AMX tiles, bf16 inference runs PyTorch's fused kernel (its bf16 matmuls use the tiles); without

@@ -12,7 +12,7 @@ from gcvit.layers import fused
 from gcvit.layers.fused import linear
 
 
-@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("autocast", [False, pytest.param(True, marks=pytest.mark.cpu_bf16)])
 def test_prepared_weights_follow_in_place_updates(autocast: bool) -> None:
     """The packed (and, under autocast, bf16) copy of a weight kept for the fused kernel is refreshed when the weight
     changes in place (EMA, loading), and stays out of deepcopy and the state dict."""
@@ -30,7 +30,7 @@ def test_prepared_weights_follow_in_place_updates(autocast: bool) -> None:
     assert set(layer.state_dict()) == {"weight", "bias"}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.cpu_bf16)])
 def test_model_made_in_inference_mode_runs_and_follows_new_weights(dtype: torch.dtype) -> None:
     """Parameters made under `torch.inference_mode()` have no version counter, so nothing prepared from them may be
     kept: the model runs, equals one made normally, and a state dict loaded in inference mode takes effect."""
@@ -118,6 +118,7 @@ def _small() -> gcvit.GCViT:
     return gcvit.create_model("gcvit_xxtiny", img_size=64, depths=(1, 1, 2, 1), num_classes=5).eval()
 
 
+@pytest.mark.cpu_bf16
 def test_swapping_parameters_after_a_forward_works() -> None:
     """With PyTorch's swap-on-conversion mode, load_state_dict and .bfloat16() swap parameter tensors; kept copies
     must not hold weak references (swap_tensors refuses those) and must not outlive the swap."""

@@ -24,6 +24,7 @@ from torch import nn
 import gcvit
 from gcvit.allocator import freed_memory_kept
 from gcvit.flops import count_macs
+from gcvit.layers.fused import cpu_has_bf16
 from gcvit.models.registry import resolve_name
 from gcvit.models.weights import load_state_dict_into
 from gcvit.train.distributed import require_cuda
@@ -377,6 +378,13 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict]:
     )
     if timm.__version__ != _TIMM_REFERENCE:
         log(f"note: the reference is timm {_TIMM_REFERENCE}; other versions may run another GC ViT")
+    if cfg.device == "cpu" and not cpu_has_bf16() and "bf16" in cfg.dtypes + cfg.train_dtypes:
+        log(
+            "note: this CPU has no bf16 kernels (oneDNN needs AVX-512 or AMX): the bf16 rows are left out, bf16 "
+            "running 60x slower than fp32 here on both sides"
+        )
+        cfg.dtypes = tuple(d for d in cfg.dtypes if d != "bf16")
+        cfg.train_dtypes = tuple(d for d in cfg.train_dtypes if d != "bf16")
     n = matmul_size(cfg.device)
     log(f"% of matmul: against a {n}^3 matrix multiply in the row's dtype, timed in the same rounds as the row")
     rates = {name: [drop_path_rate(name, s) for s in cfg.train_drop_paths] for name in cfg.train_models}

@@ -166,9 +166,22 @@ def conv2d_gelu(x: torch.Tensor, conv: nn.Conv2d, act: nn.Module) -> torch.Tenso
     )  # (B, C_out, H_out, W_out)
 
 
+# asked once, at import (torch.compile cannot trace the probe): whether oneDNN has bf16 kernels on this CPU (AVX-512
+# or AMX on x86, BF16 on Arm). Without them its bf16 ops fail ("bf16 path needs the cpu support ..."), while
+# PyTorch's own ops still run bf16, slowly: an AVX2-only AMD EPYC.
+_CPU_BF16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN computes bf16 on this CPU (else bf16 runs through PyTorch's slow fallbacks)."""
+    return _CPU_BF16
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the op would run in (CPU autocast's, else the input's), or None when oneDNN should not run it."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype == torch.bfloat16 and not cpu_has_bf16():
+        return None
     return dtype if dtype in (torch.float32, torch.bfloat16) else None
 
 

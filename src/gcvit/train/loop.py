@@ -335,8 +335,9 @@ def _same_path(key: str, a: Any, b: Any) -> bool:
 def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, meta: dict[str, Any]) -> None:
     """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
     optimizer, schedule and weights restored from the checkpoint would silently keep the old values.
-    `model_overrides` that spell the checkpoint's architecture differently (the digits model by default, or written
-    out as in configs/digits.yaml) are no change. `meta`: the checkpoint's config.json."""
+    A `model` and `model_overrides` that spell the checkpoint's architecture differently (the digits model by
+    default, or written out from another variant as in configs/digits.yaml before it named gcvit_nano) are no
+    change. `meta`: the checkpoint's config.json."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))  # tuples read as lists
     changed = [
         f"{k} ({saved[k]!r} -> {now[k]!r})"
@@ -345,7 +346,7 @@ def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, meta
         and k not in RESUME_MAY_CHANGE
         and saved[k] != now[k]
         and not _same_path(k, saved[k], now[k])
-        and not (k == "model_overrides" and _describes(cfg, meta))
+        and not (k in ("model", "model_overrides") and _describes(cfg, meta))
     ]
     if changed:
         raise ValueError(
@@ -379,8 +380,20 @@ def _describes(cfg: TrainConfig, meta: dict[str, Any]) -> bool:
         model = probe_model(cfg, num_classes=meta.get("num_classes"))
     except (TypeError, ValueError, OSError):
         return False
-    built = json.loads(json.dumps(dataclasses.asdict(model.cfg)))  # tuples read as lists
-    return built == meta.get("config")
+    try:
+        saved = type(model.cfg)(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return False
+    return _architecture(model.cfg) == _architecture(saved)
+
+
+def _architecture(config: Any) -> dict[str, Any]:
+    """A model config as JSON, its global-query pools written out: None (derived from the native size) and the
+    derived values build the same modules."""
+    spelled = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples read as lists
+    if hasattr(config, "pools"):
+        spelled["global_query_pools"] = list(config.pools)
+    return spelled
 
 
 def _restore(run: _Run, folder: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
