@@ -21,6 +21,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# a GC ViT of a few thousand parameters for fast training tests (`model_overrides`, or `--model-override` flags)
+TINY = {
+    "embed_dim": 16,
+    "depths": [1, 1, 1, 1],
+    "num_heads": [1, 1, 2, 2],
+    "window_size": [4, 4, 4, 2],
+    "mlp_ratio": 2.0,
+    "global_query_pools": None,
+}
+
+
 def randomize_(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
     """Perturb every parameter so that no weight keeps its special initial value (LayerNorm 1/0, layer scale 1e-5)."""
     g = torch.Generator().manual_seed(1234)

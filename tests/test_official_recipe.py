@@ -19,20 +19,13 @@ from gcvit.data import eval_transform, train_transform
 from gcvit.data.randaugment import RandAugment
 from gcvit.train import TrainConfig, resolve_config
 from gcvit.train.optim import build_optimizer, build_scheduler, param_groups
+from tests.conftest import TINY
 
 # The official schedule (configs/gc_vit_*.yml), scaled down to 10 optimizer steps per epoch.
 STEPS_PER_EPOCH = 10
 EPOCHS, WARMUP_EPOCHS, COOLDOWN_EPOCHS = 310, 20, 10
 TOTAL, WARMUP = EPOCHS * STEPS_PER_EPOCH, WARMUP_EPOCHS * STEPS_PER_EPOCH  # 3100 and 200 steps
 LR, MIN_LR, WARMUP_LR = 5e-3, 5e-6, 1e-6
-TINY = {
-    "embed_dim": 16,
-    "depths": [1, 1, 1, 1],
-    "num_heads": [1, 1, 2, 2],
-    "window_size": [4, 4, 4, 2],
-    "mlp_ratio": 2.0,
-    "global_query_pools": None,
-}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -32,15 +32,8 @@ from gcvit.train import TrainConfig, resolve_config, train
 from gcvit.train import checkpoint as ckpt
 from gcvit.train.evaluate import evaluate, load_run, predict
 from gcvit.train.optim import build_optimizer, build_scheduler, layer_id, param_groups
+from tests.conftest import TINY
 
-TINY = {
-    "embed_dim": 16,
-    "depths": [1, 1, 1, 1],
-    "num_heads": [1, 1, 2, 2],
-    "window_size": [4, 4, 4, 2],
-    "mlp_ratio": 2.0,
-    "global_query_pools": None,
-}
 # the same model as command-line flags: --model-override embed_dim=16 ...
 TINY_FLAGS = [a for k, v in TINY.items() for a in ("--model-override", f"{k}={json.dumps(v)}")]
 

@@ -24,15 +24,8 @@ from gcvit.train import TrainConfig, resolve_config, train
 from gcvit.train import checkpoint as ckpt
 from gcvit.train.evaluate import evaluate
 from gcvit.train.loop import best_epoch, ema_decay, kept_weights
+from tests.conftest import TINY
 
-TINY = {
-    "embed_dim": 16,
-    "depths": [1, 1, 1, 1],
-    "num_heads": [1, 1, 2, 2],
-    "window_size": [4, 4, 4, 2],
-    "mlp_ratio": 2.0,
-    "global_query_pools": None,
-}
 STRIPES = ("blue", "green", "red")
 HUE = {"red": (0, 1, 2), "green": (1, 0, 2), "blue": (2, 1, 0)}  # which channel is bright
 
