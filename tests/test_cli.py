@@ -87,7 +87,7 @@ def test_visualize_loads_a_checkpoint_given_to_pretrained(tmp_path: Path) -> Non
     import torch
 
     import gcvit
-    from gcvit.cli_visualize import _load
+    from gcvit.cli.visualize import _load
 
     trained = gcvit.create_model("gcvit_xxtiny", img_size=64, num_classes=3)
     path = gcvit.save_checkpoint(trained, tmp_path / "w.safetensors")

@@ -93,7 +93,7 @@ def test_ctrl_c_ends_any_command_in_one_line_with_status_130(
         raise error
 
     monkeypatch.setattr("gcvit.cli._models", interrupted)
-    monkeypatch.setattr("gcvit.cli_train._predict", interrupted)
+    monkeypatch.setattr("gcvit.cli.train._predict", interrupted)
     assert main(command) == 130
     captured = capsys.readouterr()
     assert captured.err == line + "\n" and captured.out == ""
@@ -244,7 +244,7 @@ def test_data_folder_flags_that_do_not_go_together_are_named_as_typed(
 
 
 def test_a_val_dir_flag_may_complete_a_config_files_train_dir(tmp_path: Path) -> None:
-    from gcvit.cli_train import _overrides
+    from gcvit.cli.train import _overrides
 
     (tmp_path / "c.yaml").write_text(f"train_dir: {tmp_path}/t\nval_dir: {tmp_path}/v0\n")
     args = build_parser({"train"}).parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--val-dir", "v1"])
@@ -260,7 +260,7 @@ def test_onnx_export_asks_for_onnxruntime_before_building_anything(tmp_path: Pat
     def never(*args: object) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr("gcvit.cli_export.load_for_export", never)
+    monkeypatch.setattr("gcvit.cli.export.load_for_export", never)
     out = tmp_path / "m.onnx"
     assert main(["export", "gcvit_xxtiny", "--out", str(out)]) == 2
     err = capsys.readouterr().err

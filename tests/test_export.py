@@ -154,7 +154,7 @@ def test_the_pt2_batch_has_no_upper_bound(saved_and_onnx, tmp_path: Path) -> Non
 
 
 def test_the_default_output_of_a_folder_given_as_dot_is_named_after_it(tmp_path: Path, monkeypatch) -> None:
-    from gcvit.cli_export import _default_out
+    from gcvit.cli.export import _default_out
 
     (tmp_path / "saved").mkdir()
     monkeypatch.chdir(tmp_path / "saved")
@@ -163,7 +163,7 @@ def test_the_default_output_of_a_folder_given_as_dot_is_named_after_it(tmp_path:
 
 def test_a_named_safetensors_file_is_the_one_exported(saved_and_onnx, tmp_path: Path) -> None:
     """`gcvit export DIR/finetuned.safetensors` exports that file's weights, not DIR/model.safetensors."""
-    from gcvit.cli_export import load_for_export
+    from gcvit.cli.export import load_for_export
 
     model, saved, _, _ = saved_and_onnx
     folder = tmp_path / "saved"
@@ -220,7 +220,7 @@ def test_pretrained_flag_is_parsed_alike_by_every_command() -> None:
     """--pretrained 'true' / 'false' / a path mean the same to train, demo and export (export used to crash on
     'true' with an AttributeError before reaching the download)."""
     from gcvit.cli import build_parser
-    from gcvit.cli_export import load_for_export
+    from gcvit.cli.export import load_for_export
 
     parser = build_parser()
     for command in (["train"], ["demo"], ["export", "gcvit_xxtiny"]):

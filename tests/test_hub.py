@@ -551,7 +551,7 @@ def test_visualize_checks_its_image_before_downloading_weights(http_root, cache,
 def test_the_preprocessing_size_survives_every_round_trip(small, tmp_path: Path) -> None:
     """config.json's img_size is the preprocessing's, as its other entries: a loaded model saved again kept cfg's
     size instead, and a plain int (what create_model takes) loaded, then broke export and visualize."""
-    from gcvit.cli_export import load_for_export
+    from gcvit.cli.export import load_for_export
 
     small.save_pretrained(tmp_path / "a", config={"img_size": [80, 80], "crop_pct": 0.9, "interpolation": "bilinear"})
     loaded = gcvit.from_pretrained(tmp_path / "a")

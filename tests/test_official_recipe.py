@@ -269,7 +269,7 @@ def test_the_official_recipe_switches_all_three_and_the_default_keeps_todays_val
 
 
 def test_the_new_fields_are_command_line_flags() -> None:
-    from gcvit.cli_train import _overrides, add_subcommands
+    from gcvit.cli.train import _overrides, add_subcommands
 
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())

@@ -96,7 +96,7 @@ def test_the_official_recipe_is_the_papers_every_value() -> None:
 def test_none_flags_turn_settings_off_and_model_overrides_merge(tmp_path: Path) -> None:
     """`--ema none` (and the other 'none' switches) override the YAML file, the recipe and a resumed run instead of
     being dropped; `--model-override` changes single fields of the YAML file's model instead of replacing it."""
-    from gcvit.cli_train import _overrides, add_subcommands
+    from gcvit.cli.train import _overrides, add_subcommands
 
     path = tmp_path / "c.yaml"
     path.write_text("recipe: official\nclip_grad: 1.0\nmodel_overrides: {embed_dim: 32, depths: [1, 1, 2, 1]}\n")
@@ -1029,7 +1029,7 @@ def _torchrun(run_dir: Path, nproc: int) -> subprocess.CompletedProcess[str]:
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
-        "gcvit.cli_train",
+        "gcvit.cli",
         "train",
         "--out-dir",
         str(run_dir),
@@ -1066,7 +1066,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
 
 
 def test_cli_parses_every_config_field() -> None:
-    from gcvit.cli_train import _overrides, add_subcommands
+    from gcvit.cli.train import _overrides, add_subcommands
 
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers(dest="command"))

@@ -329,7 +329,7 @@ def test_the_image_is_read_as_training_and_predict_read_it(tmp_path: Path) -> No
     import numpy as np
     from PIL import Image
 
-    from gcvit.cli_visualize import _read_image
+    from gcvit.cli.visualize import _read_image
     from gcvit.data import load_rgb
     from gcvit.train.evaluate import RunMeta, preprocess
 

@@ -7,15 +7,13 @@ the command line override the YAML file given with --config, which overrides the
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
-import logging
 import os
 import re
 import sys
 from typing import Any
 
-_NONE = ("none", "null", "off")
+from gcvit.cli.args import DefaultsFormatter, or_none, parse_pretrained, parse_seed
 
 # this module's commands and their line in `gcvit --help` (listed there without building their arguments)
 COMMANDS = {
@@ -23,64 +21,6 @@ COMMANDS = {
     "eval": "top-1/top-5, per-class accuracy and confusion matrix of a trained model",
     "predict": "classify image files or folders",
 }
-
-
-def _optional(parse: Any) -> Any:
-    def parse_or_none(text: str) -> Any:
-        return None if text.lower() in _NONE else parse(text)
-
-    parse_or_none.__name__ = getattr(parse, "__name__", "value")
-    return parse_or_none
-
-
-def parse_pretrained(text: str) -> str | bool:
-    """--pretrained: 'true' (the official weights), 'false' or 'none' (random weights), else a path or URL."""
-    return {"true": True, "false": False, "none": False}.get(text.lower(), text)
-
-
-def parse_seed(text: str) -> int:
-    """--seed of the commands that split data: an integer in [0, 2**32), as NumPy and scikit-learn take it."""
-    try:
-        seed = int(text)
-    except ValueError:
-        seed = -1
-    if not 0 <= seed < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32); got {text!r}")
-    return seed
-
-
-class DefaultsFormatter(argparse.HelpFormatter):
-    """Help that ends with each option's default, unless the text speaks of its default already or there is none."""
-
-    def _format_action(self, action: argparse.Action) -> str:
-        if not action.help and self._shows_default(action):  # argparse prints no help line for an empty help
-            action = copy.copy(action)
-            action.help = "(default: %(default)s)"
-        return super()._format_action(action)
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "(default" in text or not self._shows_default(action):
-            return text
-        return f"{text} (default: %(default)s)"
-
-    @staticmethod
-    def _shows_default(action: argparse.Action) -> bool:
-        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
-        return bool(action.option_strings) and not hidden  # 0 is a default to show (0 == False)
-
-
-def add_pretrained_argument(p: argparse.ArgumentParser, default: bool | None, what: str) -> None:
-    """--pretrained as demo, export and visualize take it: no value or 'true' for the official weights, or a
-    checkpoint path or URL."""
-    p.add_argument(
-        "--pretrained",
-        type=parse_pretrained,
-        nargs="?",
-        const=True,
-        default=default,
-        help=f"{what}'true' (or no value) for NVIDIA's ImageNet weights, or a checkpoint path or URL",
-    )
 
 
 _PARSERS = {"int": int, "float": float, "str": str, "str | bool": parse_pretrained}
@@ -138,7 +78,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         else:
             base = kind.removesuffix(" | None")
             parse = _PARSERS[base] if base in _PARSERS else str
-            optional = _optional(parse) if kind.endswith("| None") else parse
+            optional = or_none(parse) if kind.endswith("| None") else parse
             p.add_argument(flag, type=optional, default=argparse.SUPPRESS, help=help_)
 
 
@@ -331,21 +271,3 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_predict)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (python -m gcvit.cli_train ...) until `gcvit.cli` wires the subcommands in."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(prog="gcvit")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"gcvit: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

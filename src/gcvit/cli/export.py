@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
+from gcvit.cli.args import DefaultsFormatter, add_pretrained_argument
 
 if TYPE_CHECKING:
     from torch import nn

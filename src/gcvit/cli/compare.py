@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gcvit.cli_train import parse_seed
+from gcvit.cli.args import parse_seed
 
 # this module's command and its line in `gcvit --help`
 COMMANDS = {"compare": "train GC ViT, Swin and ViT with one recipe and time budget; table and chart of the results"}
@@ -43,7 +43,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 def add_subcommands(subparsers: Any) -> None:
     """Add `compare` to the `gcvit` command's subparsers."""
-    from gcvit.cli_train import DefaultsFormatter
+    from gcvit.cli.train import DefaultsFormatter
     from gcvit.compare import CompareConfig
 
     defaults = CompareConfig()

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument
+from gcvit.cli.args import DefaultsFormatter, add_pretrained_argument
 
 # this module's command and its line in `gcvit --help`
 COMMANDS = {"visualize": "PNGs of what a model looks at: global and local attention, Grad-CAM"}

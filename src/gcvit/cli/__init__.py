@@ -16,11 +16,11 @@ from pathlib import Path
 
 from gcvit import __version__
 from gcvit.allocator import keep_freed_memory
-from gcvit.cli_train import DefaultsFormatter, add_pretrained_argument, parse_seed
+from gcvit.cli.args import DefaultsFormatter, add_pretrained_argument, parse_seed
 from gcvit.extras import EXTRA_OF, install_hint
 
 # the modules that add the other commands (each lists them in its COMMANDS), in the order `gcvit --help` shows them
-_COMMAND_MODULES = ("gcvit.cli_train", "gcvit.cli_visualize", "gcvit.cli_export", "gcvit.cli_compare")
+_COMMAND_MODULES = ("gcvit.cli.train", "gcvit.cli.visualize", "gcvit.cli.export", "gcvit.cli.compare")
 
 
 def _models(args: argparse.Namespace) -> None:
