@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gcvit.layers.fused import linear
-from gcvit.layers.prepared import PreparedCache
+from gcvit.layers.kernel_cache import PreparedCache
 from gcvit.layers.rel_pos import relative_position_index
 
 
@@ -50,7 +50,7 @@ class _WindowAttentionBase(nn.Module):
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The bias in `dtype`; gathered once and kept while no gradient is needed and the table is unchanged
-        (`gcvit.layers.prepared`)."""
+        (`gcvit.layers.kernel_cache`)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return self.relative_position_bias().to(dtype)  # a traced graph must read the table, not a constant
         table = self.relative_position_bias_table

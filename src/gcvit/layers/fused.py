@@ -20,7 +20,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from gcvit.layers.prepared import PreparedCache
+from gcvit.layers.kernel_cache import PreparedCache
 
 
 def _onednn_usable(x: torch.Tensor, layer: nn.Linear | nn.Conv2d) -> bool:
@@ -191,7 +191,7 @@ def _params(
     """The layer's weight and bias in `dtype`, the weight in oneDNN's blocked linear layout if `pack` (its kernels
     then skip reordering it on every call: 2-12% faster in fp32, 4-16% in bf16 on GC ViT's layers). The copies are
     kept while the parameters are unchanged (autocast would cast them again on every call), outside the module so that
-    deepcopy and state dicts never see them (`gcvit.layers.prepared`)."""
+    deepcopy and state dicts never see them (`gcvit.layers.kernel_cache`)."""
     weight, bias = layer.weight, layer.bias
     if weight.dtype == dtype and not pack:
         return weight, bias

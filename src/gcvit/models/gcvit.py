@@ -33,7 +33,7 @@ from gcvit.layers import (
     padding_key_mask,
     window_view,
 )
-from gcvit.models.common import PyramidClassifier, check_config, check_images, init_weights, stem_conv
+from gcvit.models.base import PyramidClassifier, check_config, check_images, init_weights, stem_conv
 
 MIN_INPUT_SIZE = 32
 

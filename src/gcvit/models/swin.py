@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gcvit.layers import DropPath, Mlp, WindowAttention, pad_to_window_multiple, window_partition, window_reverse
-from gcvit.models.common import PyramidClassifier, check_config, check_images, init_weights, stem_conv
+from gcvit.models.base import PyramidClassifier, check_config, check_images, init_weights, stem_conv
 
 MIN_INPUT_SIZE = 32
 

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gcvit.hub import HubMixin
 from gcvit.layers import DropPath, GlobalAttention, Mlp
-from gcvit.models.common import check_config, check_images, init_weights, replace_head
+from gcvit.models.base import check_config, check_images, init_weights, replace_head
 
 NORM_LAYERS = ("ln", "bn")
 

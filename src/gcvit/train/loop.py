@@ -487,7 +487,7 @@ def _train_epoch(run: _Run, run_dir: Path, bar: Any) -> float:
     for i, (images, labels) in enumerate(run.train_loader):
         if i >= steps * cfg.grad_accum:
             break  # an incomplete accumulation at the end of the epoch is skipped
-        images = images.to(dev, non_blocking=True, memory_format=torch.channels_last)  # see models.common.stem_conv
+        images = images.to(dev, non_blocking=True, memory_format=torch.channels_last)  # see models.base.stem_conv
         labels = labels.to(dev, non_blocking=True)
         images, targets = run.mixer(images, labels)
         last_micro = (i + 1) % cfg.grad_accum == 0
