@@ -217,7 +217,7 @@ def chosen_weights(folder: Path, config: Mapping[str, Any], ema: bool | None) ->
     return folder / named
 
 
-def _local_folder(path: Path) -> Path:
+def checkpoint_folder(path: Path) -> Path:
     """The checkpoint folder inside a run folder (best/, else last/), or the folder itself."""
     if (path / CONFIG_FILE).is_file():
         return path
@@ -324,7 +324,7 @@ def resolve_pretrained(
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} is a file; expected a folder holding {CONFIG_FILE} and {MODEL_FILE}")
-        return _local_folder(path)
+        return checkpoint_folder(path)
     root = Path(cache_dir) if cache_dir is not None else default_cache() / "hub"
     if text.startswith(("http://", "https://")):
         digest = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]

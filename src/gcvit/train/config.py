@@ -220,18 +220,16 @@ def presplit_folders(data_dir: str) -> tuple[str, str] | None:
 def saved_model_config(pretrained: str | bool) -> dict[str, Any] | None:
     """config.json of a local checkpoint of this package named by --pretrained (a run, checkpoint or saved folder,
     or a weights file beside its config.json), or None (official weights, a URL, a foreign checkpoint)."""
+    from gcvit.hub import checkpoint_folder
     from gcvit.train import checkpoint as ckpt
 
     if not isinstance(pretrained, str) or "://" in pretrained:
         return None
     path = Path(pretrained).expanduser()
-    for folder in (path, path / "best", path / "last", path.parent):
-        if (folder / ckpt.CONFIG_FILE).is_file() and (folder is not path.parent or path.is_file()):
-            try:
-                return ckpt.read_model_config(folder)
-            except ValueError:
-                return None
-    return None
+    try:
+        return ckpt.read_model_config(path.parent if path.is_file() else checkpoint_folder(path))
+    except (FileNotFoundError, ValueError):  # no config.json there: not a checkpoint of this package
+        return None
 
 
 SMALL_MODELS = ("gcvit_nano", "gcvit_micro")  # the registered models made for small data sets (32 px and 64 px)
