@@ -15,7 +15,7 @@ from PIL import Image
 
 import gcvit
 from gcvit.cli import build_parser, main
-from gcvit.train.evaluate import evaluate, load_run, predict
+from gcvit.train.evaluate import evaluate, predict
 from gcvit.train.metrics import plot_history
 from tests.conftest import randomize_
 
@@ -288,11 +288,11 @@ def _ema_checkpoint(folder: Path, weights: str | None) -> tuple[torch.Tensor, to
 def test_loaders_take_the_weights_config_json_names(weights: str | None, want: int, tmp_path: Path) -> None:
     heads = _ema_checkpoint(tmp_path / "run" / "best", weights)
     assert torch.equal(gcvit.from_pretrained(tmp_path / "run").head.weight, heads[want])
-    model, meta = load_run(tmp_path / "run")
+    model = gcvit.load(tmp_path / "run")
     assert torch.equal(model.head.weight, heads[want])
-    assert Path(meta.source).name == (weights or "ema.safetensors")
+    assert Path(model.pretrained_cfg.url).name == (weights or "ema.safetensors")
     assert torch.equal(gcvit.from_pretrained(tmp_path / "run", ema=True).head.weight, heads[1])  # asked: as asked
-    assert torch.equal(load_run(tmp_path / "run", ema=False)[0].head.weight, heads[0])
+    assert torch.equal(gcvit.load(tmp_path / "run", ema=False).head.weight, heads[0])
 
 
 def test_a_remote_checkpoint_fetches_only_the_weights_it_names(http_root, cache) -> None:
@@ -324,7 +324,7 @@ def test_a_loaded_models_pretrained_cfg_describes_its_own_weights(tmp_path: Path
     assert pc.url == str(folder / "model.safetensors") and pc.top1 is None and pc.sha256 is None
     assert pc.label_set == "" and pc.num_classes == 10 and pc.img_size == (32, 32)
     assert pc.license == official.license  # kept: the folder does not say whether it descends from NVIDIA's
-    assert load_run(folder)[0].pretrained_cfg == pc
+    assert gcvit.load(folder).pretrained_cfg == pc
 
     (folder / "config.json").write_text(json.dumps(config | {"license": ""}))  # trained from scratch
     again = gcvit.from_pretrained(folder).save_pretrained(tmp_path / "again")

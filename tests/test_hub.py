@@ -73,7 +73,6 @@ def test_round_trip_of_swin_and_vit(name: str, tmp_path: Path) -> None:
 def test_config_json_is_the_training_checkpoint_format(small, tmp_path: Path) -> None:
     """Same keys as `gcvit train`'s config.json, so `gcvit eval/predict` read saved folders and `from_pretrained`
     reads training checkpoints and run folders (best/, else last/)."""
-    from gcvit.train.evaluate import load_run
     from gcvit.train.loop import _model_meta
 
     small.save_pretrained(tmp_path / "run" / "best", classes=CLASSES)
@@ -82,8 +81,8 @@ def test_config_json_is_the_training_checkpoint_format(small, tmp_path: Path) ->
     trained = _model_meta(run, small, CLASSES, 1.0, "center")
     assert saved.keys() == trained.keys()
     assert saved["config"] == json.loads(json.dumps(trained["config"]))
-    model, meta = load_run(tmp_path / "run" / "best")  # as `gcvit eval/predict` read it
-    assert meta.classes == CLASSES and meta.img_size == (64, 64)
+    model = gcvit.load(tmp_path / "run" / "best")  # as `gcvit eval/predict` read it
+    assert model.classes == CLASSES and model.pretrained_cfg.img_size == (64, 64)
     assert torch.equal(_logits(model), _logits(small))
     assert torch.equal(_logits(gcvit.from_pretrained(tmp_path / "run")), _logits(small))
     ema = randomize_(gcvit.from_pretrained(tmp_path / "run"), scale=0.01)
@@ -96,7 +95,7 @@ def test_imagenet_heads_save_imagenet_names(tmp_path: Path) -> None:
     with torch.device("meta"):
         model = gcvit.create_model("gcvit_xxtiny")
         other = gcvit.create_model("gcvit_xxtiny", num_classes=10)
-    from gcvit.hub import model_config
+    from gcvit.models.folder import model_config
 
     assert model_config(model)["classes"] == imagenet1k_classes()
     assert model_config(other)["classes"] == [str(i) for i in range(10)]
@@ -488,9 +487,9 @@ def test_a_fresh_head_drops_the_old_heads_class_names(small, tmp_path: Path) -> 
     again = gcvit.from_pretrained(loaded.save_pretrained(tmp_path / "fresh"))
     assert again.classes == ["0", "1", "2"]
     imagenet = gcvit.create_model("gcvit_xxtiny", img_size=64)
-    assert gcvit.hub.model_config(imagenet)["classes"][:2] == ["tench", "goldfish"]
+    assert gcvit.models.folder.model_config(imagenet)["classes"][:2] == ["tench", "goldfish"]
     imagenet.reset_classifier(1000)
-    assert gcvit.hub.model_config(imagenet)["classes"][:2] == ["0", "1"]
+    assert gcvit.models.folder.model_config(imagenet)["classes"][:2] == ["0", "1"]
 
 
 def test_a_headless_checkpoint_loads_under_a_fresh_head(tmp_path: Path) -> None:

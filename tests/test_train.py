@@ -30,7 +30,8 @@ import gcvit
 from gcvit.data import DataError, split_image_folder
 from gcvit.train import TrainConfig, resolve_config, train
 from gcvit.train import checkpoint as ckpt
-from gcvit.train.evaluate import evaluate, load_run, predict
+from gcvit.models.folder import read_config
+from gcvit.train.evaluate import evaluate, predict
 from gcvit.train.optim import build_optimizer, build_scheduler, layer_id, param_groups
 from tests.conftest import TINY
 
@@ -683,12 +684,12 @@ def test_digits_quick_run_reaches_95(tmp_path: Path) -> None:
     config = json.loads((run / "best" / "config.json").read_text())
     assert config["classes"] == [str(d) for d in range(10)] and config["img_size"] == [32, 32]
 
-    model, meta = load_run(run)
-    assert meta.classes[3] == "3" and not model.training
+    model = gcvit.load(run)
+    assert model.classes[3] == "3" and not model.training
     report = evaluate(run / "best", "digits", out_dir=tmp_path / "eval")
     assert report.top1 == pytest.approx(result.best_top1)
     assert report.confusion.sum() == 360 and report.confusion_png and report.confusion_png.is_file()
-    assert set(report.per_class) == set(meta.classes)
+    assert set(report.per_class) == set(model.classes)
 
     from gcvit.data import DigitsDataset
 
@@ -923,7 +924,7 @@ def test_image_folder_with_bad_files_trains_and_names_them(shapes: Path, tmp_pat
         assert str(shapes / name) in done.stderr, name
     assert "done: 2 epochs" in done.stdout
     assert ckpt.read_training_state(run / "last")["epoch"] == 2
-    assert ckpt.read_model_config(run / "last")["classes"] == list(SHAPES)
+    assert read_config(run / "last")["classes"] == list(SHAPES)
 
     strict = tmp_path / "strict"
     stopped = _cli(strict, "--data-dir", str(shapes), "--batch-size", "8", "--epochs", "2", "--strict-data")
@@ -958,14 +959,14 @@ def test_fine_tune_digits_run_on_three_classes_then_eval_and_predict(
     done = _cli(run, "--pretrained", str(pretrained), "--data-dir", str(shapes), "--batch-size", "8", "--epochs", "1")
     assert done.returncode == 0, done.stderr
     assert "done: 1 epochs" in done.stdout
-    config = ckpt.read_model_config(run / "best")
+    config = read_config(run / "best")
     assert config["classes"] == list(SHAPES) and config["num_classes"] == 3
     new, old = ckpt.read_weights(run / "last"), ckpt.read_weights(uninterrupted / "best")
     assert new["head.weight"].shape[0] == 3 and old["head.weight"].shape[0] == 10
     assert new["head.bias"].shape == (3,)
     assert new.keys() == old.keys()
     # the backbone starts from the digits weights: 3 small warm-up steps move it far less than digits training did
-    arch = ckpt.read_model_config(uninterrupted / "best")["config"]
+    arch = read_config(uninterrupted / "best")["config"]
     torch.manual_seed(0)  # the digits run's initial weights (seed 0)
     fresh = gcvit.create_model("gcvit_xxtiny", **arch).state_dict()
     backbone = [k for k in new if not k.startswith("head.")]
@@ -1336,10 +1337,10 @@ def test_damaged_run_files_and_a_missing_gpu_are_named(uninterrupted: Path, tmp_
     assert resumed.returncode == 2 and "state.pt is damaged and cannot be read" in resumed.stderr
     (run / "best" / "config.json").write_text('{"model": "gcvit_xxtiny",\n')
     with pytest.raises(ValueError, match=r"best/config.json is not valid JSON"):
-        ckpt.read_model_config(run / "best")
+        read_config(run / "best")
     (run / "best" / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"best/config.json: expected a JSON object with the model's name"):
-        ckpt.read_model_config(run / "best")
+        read_config(run / "best")
     torch.save([1, 2], run / "last" / "state.pt")
     with pytest.raises(ValueError, match=r"last/state.pt holds a list; expected the training state"):
         ckpt.read_training_state(run / "last")
@@ -1394,15 +1395,15 @@ def test_a_flipped_byte_in_the_weights_is_found_wherever_they_load(uninterrupted
     ema.write_bytes(bytes(data))
     damage = r"best/ema.safetensors is damaged: its SHA-256 differs from the one recorded in .*best/SHA256SUMS"
     with pytest.raises(ValueError, match=damage):
-        load_run(run)
+        gcvit.load(run)
     evaluated = _gcvit("eval", str(run))
     assert evaluated.returncode == 2 and re.search(damage, evaluated.stderr), evaluated.stderr
-    model, _ = load_run(run, ema=False)  # the other weights file of the folder is sound
+    model = gcvit.load(run, ema=False)  # the other weights file of the folder is sound
     assert not model.training
     with pytest.raises(ValueError, match=damage):  # as --pretrained, or gcvit.load_checkpoint in Python
         gcvit.load_checkpoint(model, ema)
     (run / "best" / "SHA256SUMS").unlink()  # checkpoints from before digests load as they did
-    load_run(run)
+    gcvit.load(run)
 
 
 def test_eval_reads_a_run_whose_training_state_was_deleted(uninterrupted: Path, tmp_path: Path) -> None:
@@ -1413,12 +1414,12 @@ def test_eval_reads_a_run_whose_training_state_was_deleted(uninterrupted: Path, 
     shutil.copytree(uninterrupted, run)
     for name in ("best", "last"):
         (run / name / "state.pt").unlink()
-    model, meta = load_run(run)
-    reference, _ = load_run(uninterrupted)
-    x = torch.randn(2, 3, *meta.img_size)
+    model = gcvit.load(run)
+    reference = gcvit.load(uninterrupted)
+    x = torch.randn(2, 3, *model.pretrained_cfg.img_size)
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
     for name in ("best", "last"):
         (run / name / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"holds no checkpoint \(best/ or last/ with model.safetensors"):
-        load_run(run)
+        gcvit.load(run)

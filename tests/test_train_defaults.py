@@ -106,7 +106,7 @@ def test_a_folder_holding_train_and_val_is_that_split(stripes: Path, tmp_path: P
     assert cfg.out_dir == "runs/download"
     run = tmp_path / "run"
     train(TrainConfig(data_dir=str(root), out_dir=str(run), epochs=1, batch_size=8, model_overrides=TINY, amp="none"))
-    meta = ckpt.read_model_config(run / "last")
+    meta = read_config(run / "last")
     assert meta["classes"] == list(STRIPES)
     assert evaluate(run, root / "validation").num_samples == 12
 
@@ -166,7 +166,7 @@ def test_a_short_run_keeps_raw_weights_when_the_ema_lags_and_eval_takes_them(str
     epoch, weights, top1 = best_epoch(result.history, "better")
     assert weights == "model.safetensors" and result.best_weights == weights and result.best_epoch == epoch
     assert all(row["val_top1"] > row["ema_top1"] for row in result.history)
-    meta = ckpt.read_model_config(run / "best")
+    meta = read_config(run / "best")
     assert (meta["weights"], meta["epoch"], meta["val_top1"]) == (weights, epoch, top1)
     kept = evaluate(run, stripes, split=True).top1  # the run's val split, as `gcvit eval RUN` scores it
     assert kept == pytest.approx(top1)

@@ -299,7 +299,7 @@ def test_cli_takes_a_run_folder(photo_file: Path, tmp_path: Path, capsys: pytest
         (["--stage", "4"], r"--stage 4 is out of range: gcvit_xxtiny has 4 stages \(expected -4..3\)"),
         (["--cam-stage", "-5"], r"--cam-stage -5 is out of range"),
         (["--class", "cat"], r"--class 'cat' is not a class of this model"),
-        (["--model", "gcvit_nope"], r"'gcvit_nope' is neither a run folder, a checkpoint nor a model name"),
+        (["--model", "gcvit_nope"], r"'gcvit_nope' is neither a model name"),
         (["--model", "swin_tiny"], r"expected a GC ViT model \(gcvit_\*\) to visualize; got SwinTransformer"),
         (["--model", "vit_tiny"], r"expected a GC ViT model \(gcvit_\*\) to visualize; got VisionTransformer"),
     ],
@@ -331,9 +331,11 @@ def test_the_image_is_read_as_training_and_predict_read_it(tmp_path: Path) -> No
 
     from gcvit.cli.visualize import _read_image
     from gcvit.data import load_rgb
-    from gcvit.train.evaluate import RunMeta, preprocess
+    from gcvit.models import PretrainedCfg
+    from gcvit.train.evaluate import preprocess
 
-    meta = RunMeta("gcvit_xxtiny", ["a", "b"], (32, 32), (0, 0, 0), (1, 1, 1), crop_pct=1.0)
+    meta = torch.nn.Module()  # a model's preprocessing record is all that is read
+    meta.pretrained_cfg = PretrainedCfg(url="", img_size=(32, 32), mean=(0, 0, 0), std=(1, 1, 1), crop_pct=1.0)
     Image.fromarray(np.full((20, 24), 32896, np.uint16)).save(tmp_path / "grey16.png")
     assert torch.allclose(_read_image(str(tmp_path / "grey16.png"), meta), torch.full((1, 3, 32, 32), 128 / 255))
     stored = Image.fromarray(np.tile(np.linspace(0, 255, 30, dtype=np.uint8), (20, 1))).convert("RGB")

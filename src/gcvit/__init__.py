@@ -3,6 +3,7 @@
 >>> import gcvit
 >>> model = gcvit.create_model("gcvit_tiny", pretrained=True)   # NVIDIA's ImageNet-1K weights
 >>> logits = model(images)                                      # (B, 3, H, W), any H, W >= 32
+>>> model = gcvit.load("runs/digits")                           # a run, saved folder, URL, hub repo id or name
 
 The names below are imported on first use (PEP 562), so that `import gcvit` costs nothing until a model is needed:
 `gcvit --version` and `gcvit --help` answer without importing torch.
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gcvit.download import ChecksumError
-    from gcvit.hub import from_pretrained
+    from gcvit.loading import from_pretrained, load
     from gcvit.models import (
         CheckpointError,
         GCViT,
@@ -49,12 +50,13 @@ __all__ = [
     "create_model",
     "from_pretrained",
     "list_models",
+    "load",
     "load_checkpoint",
     "save_checkpoint",
 ]
 
 # public name -> the module that defines it: gcvit.models, except these
-_HOMES = {"ChecksumError": "gcvit.download", "from_pretrained": "gcvit.hub"}
+_HOMES = {"ChecksumError": "gcvit.download", "from_pretrained": "gcvit.loading", "load": "gcvit.loading"}
 
 
 def __getattr__(name: str) -> Any:

@@ -209,7 +209,7 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
         ValueError: an unknown model name (before any training), or a run folder that already holds a run.
     """
     from gcvit.train.checkpoint import holds_run
-    from gcvit.train.evaluate import load_run
+    from gcvit.loading import load
     from gcvit.train.loop import probe_model
 
     # everything that can be wrong fails before hours of training
@@ -237,7 +237,7 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     trained = _train_all(cfg, log)
-    models = {name: load_run(Path(out, "runs", name), device=device)[0] for name in cfg.models}
+    models = {name: load(Path(out, "runs", name), device=device) for name in cfg.models}
     measured = _measure(cfg, models, device)
     results = []
     for name, model in models.items():

@@ -213,7 +213,7 @@ def export(
     """Export `model` (CPU, eval mode) and check it at each batch size of `batches`.
 
     Args:
-        model: a model built by gcvit (`create_model`, `from_pretrained`, `load_run`).
+        model: a model built by gcvit (`create_model`, `gcvit.load`).
         path: the output file (.onnx or .pt2).
         format: "onnx" or "pt2".
         img_size: the fixed input (H, W); default: the model's native size.

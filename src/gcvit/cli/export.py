@@ -22,27 +22,22 @@ COMMANDS = {"export": "export to ONNX or torch.export (.pt2), checked against Py
 def load_for_export(
     model: str, pretrained: bool | str | None = None, ema: bool | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A registered name (weights with --pretrained), or a folder / URL / hub repo id that `gcvit.from_pretrained`
-    reads (save_pretrained folders, checkpoint and run folders), or a .safetensors file with config.json beside it.
-    Returns (model, its config.json contents)."""
-    import gcvit
-    from gcvit.hub import model_config
+    """What `gcvit.load` reads: a registered name (weights with --pretrained), a folder, URL or hub repo id (saved,
+    checkpoint and run folders), or a .safetensors file with config.json beside it. Returns (model, its
+    config.json contents)."""
+    from gcvit.loading import load
+    from gcvit.models.folder import model_config
 
     path = Path(model)
-    if not path.exists() and model.split(".")[0] in gcvit.list_models():
-        net = gcvit.create_model(model, pretrained=pretrained or False)
-    else:
-        if pretrained is not None:
-            raise ValueError(f"--pretrained goes with a model name; {model!r} is a folder or URL with its own weights")
-        if path.is_file() and path.suffix != ".safetensors":
-            raise ValueError(f"expected a folder, or a .safetensors file with config.json beside it; got {path}")
-        if path.is_file() and ema is not None:
-            raise ValueError(f"--ema goes with a folder; {path} names its weights itself")
-        net = gcvit.from_pretrained(path if path.exists() else model, ema=ema)
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ValueError(f"expected a folder, or a .safetensors file with config.json beside it; got {path}")
+    if path.is_file() and ema is not None:
+        raise ValueError(f"--ema goes with a folder; {path} names its weights itself")
+    if pretrained is not None and (path.exists() or "/" in model):
+        raise ValueError(f"--pretrained goes with a model name; {model!r} is a folder or URL with its own weights")
+    net = load(model, ema=ema) if pretrained is None else load(model, pretrained=pretrained)
     config = model_config(net)
-    pc = net.pretrained_cfg
-    config["img_size"] = list(pc.img_size)  # the preprocessing's size (a run's config.json may differ from cfg's)
-    return net.eval(), config
+    return net, config
 
 
 def _default_out(model: str, fmt: str) -> Path:

@@ -13,38 +13,31 @@ from gcvit.cli.args import DefaultsFormatter, add_pretrained_argument
 COMMANDS = {"visualize": "PNGs of what a model looks at: global and local attention, Grad-CAM"}
 
 
-def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, Any, str]:
-    """(model, RunMeta, description) for a run folder / checkpoint, or a registered name (random weights unless
-    `pretrained`)."""
+def _load(model: str, pretrained: bool | str, device: str) -> tuple[Any, str]:
+    """(model, description) for a run folder / checkpoint / saved folder, or a registered name (random weights
+    unless `pretrained`: True for its tag's, or a checkpoint path or URL)."""
     import torch
 
-    import gcvit
+    from gcvit.loading import load
     from gcvit.train.distributed import require_cuda
-    from gcvit.train.evaluate import RunMeta, load_model, unknown_model
 
     require_cuda(device)
     if Path(model).exists():
         if pretrained:
             raise ValueError(f"--pretrained applies to model names; {model} holds its own weights")
-        net, meta = load_model(model, device)
-        return net, meta, f"{meta.model} from {meta.source}"
+        net = load(model, device=device)
+        return net, f"{net.model_name} from {net.pretrained_cfg.url}"
+    torch.manual_seed(0)  # the same random weights every time
+    net = load(model, pretrained=pretrained or False, device=device)
     if pretrained is True:
-        net, meta = load_model(model, device)
-        return net, meta, f"{model} (NVIDIA's ImageNet weights)"
-    if model.split(".")[0] not in gcvit.list_models():
-        raise unknown_model(model)
-    torch.manual_seed(0)
-    net = gcvit.create_model(model, pretrained=pretrained or False)  # a checkpoint path or URL, or random weights
-    classes = [str(i) for i in range(net.pretrained_cfg.num_classes)]
-    source = str(pretrained) if pretrained else "random weights"
-    meta = RunMeta.from_model(model, net, classes, source=source)
-    what = (
-        f"{model} from {pretrained}" if pretrained else f"{model} (random weights: pass --pretrained for trained ones)"
-    )
-    return net.to(device).eval(), meta, what
+        return net, f"{model} (NVIDIA's ImageNet weights)"
+    net.classes = [str(i) for i in range(net.num_classes)]  # ImageNet's names would not name these outputs
+    if pretrained:
+        return net, f"{model} from {pretrained}"
+    return net, f"{model} (random weights: pass --pretrained for trained ones)"
 
 
-def _read_image(path: str, meta: Any) -> Any:
+def _read_image(path: str, model: Any) -> Any:
     """The image (an existing file: `_check_image_path`) read as training and `gcvit predict` read it (upright, any
     bit depth: `load_rgb`), as the model's preprocessing makes it: (1, 3, H, W)."""
     from gcvit.data import load_rgb
@@ -54,7 +47,7 @@ def _read_image(path: str, meta: Any) -> Any:
         image = load_rgb(path)
     except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for files it cannot read
         raise ValueError(f"{path} is not a readable image ({e})") from e
-    return preprocess(meta)(image)[None]
+    return preprocess(model)(image)[None]
 
 
 def _check_image_path(path: str) -> None:
@@ -86,39 +79,41 @@ def _visualize(args: argparse.Namespace) -> None:
     from gcvit import visualize as viz
 
     _check_image_path(args.image)  # a mistyped path fails before any weights are downloaded
-    net, meta, what = _load(args.model, args.pretrained, args.device)
+    net, what = _load(args.model, args.pretrained, args.device)
     viz.require_gcvit(net)
     if args.img_size:
         if len(args.img_size) > 2:
             raise ValueError(f"--img-size takes H or H W; got {args.img_size}")
-        meta = dataclasses.replace(meta, img_size=(args.img_size[0], args.img_size[-1]))
-    x = _read_image(args.image, meta).to(args.device)
+        size = (args.img_size[0], args.img_size[-1])  # the images' size; the model runs at any
+        net.pretrained_cfg = dataclasses.replace(net.pretrained_cfg, img_size=size)
+    x = _read_image(args.image, net).to(args.device)
+    classes, pc = net.classes, net.pretrained_cfg
     n = len(net.levels)
     for flag, s in (("--stage", args.stage), ("--cam-stage", args.cam_stage)):
         if s is not None and not -n <= s < n:
-            raise ValueError(f"{flag} {s} is out of range: {meta.model} has {n} stages (expected {-n}..{n - 1})")
-    cls = _class_index(args.cls, meta.classes)
+            raise ValueError(f"{flag} {s} is out of range: {net.model_name} has {n} stages (expected {-n}..{n - 1})")
+    cls = _class_index(args.cls, classes)
 
     maps = viz.attention_maps(net, x)
     grid = maps.stages[args.stage].grid
     window = tuple(args.window) if args.window else (grid[0] // 2, grid[1] // 2)
     cam_stage = _cam_stage(maps) if args.cam_stage is None else args.cam_stage
     cam = viz.grad_cam(net, x, cls, stage=cam_stage)
-    image = viz.denormalize(x, meta.mean, meta.std)[0]
+    image = viz.denormalize(x, pc.mean, pc.std)[0]
     out, stem, dpi = Path(args.out_dir), Path(args.image).stem, args.dpi
     local = viz.plot_local_attention(image, maps, out / f"{stem}_local.png", args.stage, window, args.query, dpi=dpi)
     files = [
         viz.plot_global_attention(image, maps, out / f"{stem}_global.png", dpi=dpi),
         local,
-        viz.plot_grad_cam(image, cam, out / f"{stem}_gradcam.png", meta.classes, dpi=dpi),
+        viz.plot_grad_cam(image, cam, out / f"{stem}_gradcam.png", classes, dpi=dpi),
     ]
     top = int(maps.logits[0].argmax())
     p = float(maps.logits[0].softmax(-1)[top])
-    print(f"{what}; input {tuple(x.shape[2:])}: predicted class {meta.classes[top]} (p={p:.3f})")
+    print(f"{what}; input {tuple(x.shape[2:])}: predicted class {classes[top]} (p={p:.3f})")
     for st in maps.stages:
         kinds = f"{len(st.local_blocks)} local + {len(st.global_blocks)} global blocks"
         print(f"  stage {st.stage}: map {st.map_size}, {st.grid[0]}x{st.grid[1]} windows of {st.window_size}, {kinds}")
-    print(f"  Grad-CAM of class {meta.classes[int(cam.class_idx[0])]} at stage {cam.stage}")
+    print(f"  Grad-CAM of class {classes[int(cam.class_idx[0])]} at stage {cam.stage}")
     for f in files:
         print(f"wrote {f}")
 

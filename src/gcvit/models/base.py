@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from gcvit.hub import HubMixin
+from gcvit.models.folder import HubMixin
 
 
 def check_images(x: torch.Tensor, in_chans: int) -> None:
@@ -79,7 +79,7 @@ def check_config(
 def replace_head(model: nn.Module, num_classes: int, like: torch.Tensor) -> None:
     """A fresh Linear(model.num_features, num_classes) head on `like`'s device and dtype (nn.Identity for 0), with the
     class count recorded where save_pretrained (`cfg`) and visualize (`pretrained_cfg`, set by create_model) read it.
-    The old head's class names (`classes`, set by from_pretrained, and an ImageNet `label_set`) go with it."""
+    The old head's class names (`classes`, set by gcvit.load, and an ImageNet `label_set`) go with it."""
     model.num_classes = num_classes
     model.cfg = dataclasses.replace(model.cfg, num_classes=num_classes)
     if getattr(model, "pretrained_cfg", None) is not None:

@@ -202,7 +202,7 @@ class GCViTLayer(nn.Module):
 
 class GCViT(PyramidClassifier):
     """GC ViT classifier and backbone. Input NCHW float images; see `forward` and `forward_intermediates`;
-    `save_pretrained(dir)` writes a folder that `gcvit.from_pretrained(dir)` loads."""
+    `save_pretrained(dir)` writes a folder that `gcvit.load(dir)` loads."""
 
     def __init__(self, cfg: GCViTConfig) -> None:
         super().__init__()
@@ -228,6 +228,13 @@ class GCViT(PyramidClassifier):
             for i in range(len(cfg.depths))
         ]
         self.apply(init_weights)
+
+    @staticmethod
+    def convert_checkpoint(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+        """Official or timm state dict -> (official keys, format name); `load_checkpoint` calls it."""
+        if is_timm_state_dict(state_dict):
+            return convert_timm(dict(state_dict)), "timm"
+        return dict(state_dict), "official"
 
     @property
     def stages(self) -> nn.ModuleList:

@@ -31,6 +31,7 @@ class PretrainedCfg:
     label_set: str = "imagenet-1k"
     license: str = NVIDIA_LICENSE
     arch: dict[str, Any] = field(default_factory=dict)  # config fields this tag changes (window sizes, ...)
+    epoch: int | None = None  # the training epoch of weights from a `gcvit train` checkpoint; None otherwise
 
     @property
     def file_name(self) -> str:

@@ -172,6 +172,8 @@ def create_model(
     meta = spec.pretrained or PretrainedCfg(url="", license="", top1=None)
     if state_dict is not None:
         _load_pretrained(model, state_dict, source)
+        if pretrained is not True:  # another file than the tag's: its own origin; its digest and top-1 unknown
+            meta = dataclasses.replace(meta, url=source, sha256=None, top1=None)
     model.pretrained_cfg = dataclasses.replace(meta, img_size=config.img_size, num_classes=config.num_classes)
     model.model_name = name  # what save_pretrained records in config.json
     return model

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gcvit.hub import HubMixin
+from gcvit.models.folder import HubMixin
 from gcvit.layers import DropPath, GlobalAttention, Mlp
 from gcvit.models.base import check_config, check_images, init_weights, replace_head
 

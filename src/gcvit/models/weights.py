@@ -23,7 +23,6 @@ from gcvit import digests
 from gcvit.atomic import atomic_write_bytes
 from gcvit.download import download
 from gcvit.layers.rel_pos import resize_bias_table
-from gcvit.models.gcvit import convert_timm, is_timm_state_dict
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
@@ -56,7 +55,7 @@ def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> P
         path = Path(s).expanduser()
         if path.is_dir():
             raise IsADirectoryError(
-                f"expected a checkpoint file or an http(s):// URL; {s!r} is a folder (gcvit.from_pretrained reads "
+                f"expected a checkpoint file or an http(s):// URL; {s!r} is a folder (gcvit.load reads "
                 "folders)"
             )
         if not path.is_file():
@@ -137,17 +136,11 @@ def _unwrapped(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def to_official(
-    state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Convert any recognised format to official key names; returns (state_dict, format name). A model class with a
-    `convert_checkpoint` function (Swin, ViT) converts for itself; GC ViT's formats are the default."""
-    convert = getattr(model, "convert_checkpoint", None)
-    if convert is not None:
-        return convert(state_dict)
-    if is_timm_state_dict(state_dict):
-        return convert_timm(dict(state_dict)), "timm"
-    return dict(state_dict), "official"
+def to_official(state_dict: Mapping[str, torch.Tensor], model: nn.Module | type[nn.Module]) -> tuple[dict[str, torch.Tensor], str]:
+    """Convert any format the model's family recognises to official key names; returns (state_dict, format name).
+    Every model class converts its own family's foreign checkpoints (`convert_checkpoint`: GC ViT's and Swin's
+    timm and Microsoft formats, ViT's timm format)."""
+    return model.convert_checkpoint(state_dict)
 
 
 def adapt_to_model(state_dict: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:

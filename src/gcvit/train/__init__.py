@@ -1,9 +1,12 @@
 """Training, evaluation and prediction for GC ViT.
 
->>> from gcvit.train import TrainConfig, train, evaluate, predict, load_run
+>>> import gcvit
+>>> from gcvit.train import TrainConfig, train
+>>> from gcvit.train.evaluate import evaluate, predict
 >>> result = train(TrainConfig(out_dir="runs/digits"))      # the bundled digits, from scratch
 >>> report = evaluate("runs/digits", data="digits")
 >>> predict(["img.png"], model="runs/digits", topk=3)
+>>> model = gcvit.load("runs/digits")                       # its best/ weights, class names and preprocessing
 """
 
 from gcvit.models.gcvit import DIGITS as DIGITS_MODEL

@@ -15,7 +15,6 @@ in the middle of writing RUN/last/ after that epoch; the tests use it to prove t
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -31,11 +30,13 @@ import torch
 
 from gcvit import digests
 from gcvit.atomic import atomic_write, atomic_write_bytes, fsync_dir
+from gcvit.models import folder
+from gcvit.models.folder import CONFIG_FILE, EMA_FILE, MODEL_FILE
 from gcvit.models.weights import read_state_dict, safetensors_file
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE, EMA_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "ema.safetensors", "state.pt", "config.json"
+STATE_FILE = "state.pt"  # beside the saved-model files (`gcvit.models.folder`): what a resumed run needs
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -81,7 +82,7 @@ def write_checkpoint(
         run_dir: the run folder.
         name: 'last' or 'best'.
         model_state: the model's state dict (official key names).
-        model_config: JSON-able description for `load_run` (model name, config, classes, preprocessing).
+        model_config: its config.json (`gcvit.models.folder.model_config`, with the run's "weights", "epoch", ...).
         state: training state for resuming, saved with torch.save (plain Python, NumPy and tensors).
         ema_state: the EMA model's state dict, or None.
     """
@@ -98,7 +99,7 @@ def write_checkpoint(
                 data = safetensors_file(weights, meta)
                 atomic_write_bytes(tmp / file, data)
                 sums[file] = hashlib.sha256(data).hexdigest()
-        atomic_write_bytes(tmp / CONFIG_FILE, json.dumps(model_config, indent=2).encode())
+        atomic_write_bytes(tmp / CONFIG_FILE, folder.config_json(model_config))
         _maybe_kill("write", int(state.get("epoch", -1)), name)
         digests.write_sums(tmp, sums)  # checked by the loaders
         state = state | {"digests": sums}  # checked on resume
@@ -120,20 +121,12 @@ def write_checkpoint(
     return final
 
 
-def _complete(path: Path, weights_only: bool = False) -> bool:
-    needed = (MODEL_FILE, CONFIG_FILE) if weights_only else (MODEL_FILE, STATE_FILE)
-    return path.is_dir() and all((path / f).is_file() for f in needed)
-
-
 def find_checkpoint(run_dir: str | os.PathLike[str], name: str = "last", weights_only: bool = False) -> Path | None:
     """The complete RUN/<name>/ folder, or a complete RUN/<name>.old-*/ left by a crash mid-swap; None if neither.
     With `weights_only` (evaluation), a folder needs its weights and config.json but not the training state (which
     users may delete to save space)."""
-    run_dir = Path(run_dir)
-    if _complete(run_dir / name, weights_only):
-        return run_dir / name
-    olds = [p for p in run_dir.glob(f"{name}.old-*") if _complete(p, weights_only)]
-    return max(olds, key=lambda p: p.stat().st_mtime) if olds else None
+    needed = (MODEL_FILE, CONFIG_FILE) if weights_only else (MODEL_FILE, STATE_FILE)
+    return folder.find_checkpoint(Path(run_dir), name, needed)
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -179,21 +172,6 @@ def read_training_state(folder: Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path} lacks {missing}; expected the training state `gcvit train` writes")
     return state
-
-
-def read_model_config(folder: Path) -> dict[str, Any]:
-    """config.json of a checkpoint folder (or of any folder this package saved a model to) as a mapping; a
-    ValueError naming the file when it is no JSON object."""
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; expected a checkpoint folder written by `gcvit train`")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
-        raise ValueError(f"{path}: expected a JSON object with the model's name and config, as `gcvit train` writes")
-    return meta
 
 
 def read_weights(folder: Path, ema: bool = False) -> dict[str, torch.Tensor]:

@@ -220,14 +220,13 @@ def presplit_folders(data_dir: str) -> tuple[str, str] | None:
 def saved_model_config(pretrained: str | bool) -> dict[str, Any] | None:
     """config.json of a local checkpoint of this package named by --pretrained (a run, checkpoint or saved folder,
     or a weights file beside its config.json), or None (official weights, a URL, a foreign checkpoint)."""
-    from gcvit.hub import checkpoint_folder
-    from gcvit.train import checkpoint as ckpt
+    from gcvit.models.folder import checkpoint_folder, read_config
 
     if not isinstance(pretrained, str) or "://" in pretrained:
         return None
     path = Path(pretrained).expanduser()
     try:
-        return ckpt.read_model_config(path.parent if path.is_file() else checkpoint_folder(path))
+        return read_config(path.parent if path.is_file() else checkpoint_folder(path))
     except (FileNotFoundError, ValueError):  # no config.json there: not a checkpoint of this package
         return None
 

@@ -27,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import gcvit
 from gcvit.data import DataError, mixup_cutmix
+from gcvit.models.folder import model_config, read_config
 from gcvit.models.registry import digits_overrides, family_of
 from gcvit.train import checkpoint as ckpt
 from gcvit.train import distributed as D
@@ -152,8 +153,6 @@ def _model_meta(
 ) -> dict[str, Any]:
     """config.json of every checkpoint (the one writer, `gcvit.hub.model_config`): what `load_run` needs to rebuild
     the model and prepare its inputs, with this run's size and evaluation crop."""
-    from gcvit.hub import model_config
-
     meta = model_config(model, classes, cfg.model)
     meta |= {"img_size": [cfg.img_size, cfg.img_size], "crop_pct": crop_pct, "crop_mode": crop_mode}
     if not cfg.pretrained:  # trained from scratch: NVIDIA's licence does not bind these weights
@@ -670,7 +669,7 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
         logger.info("no complete checkpoint in %s: starting from scratch", run_dir)
     meta = state = None
     if found is not None:  # settings checked before the model is built: another family would not build
-        meta, state = ckpt.read_model_config(found), ckpt.read_training_state(found)
+        meta, state = read_config(found), ckpt.read_training_state(found)
         _check_resumable(state.get("config", {}), cfg, found, meta)
     run = _setup(cfg, info, meta.get("config") if meta is not None else None)
     if found is not None:
