@@ -1,7 +1,7 @@
 """Whole-model A/B of the CPU attention routes: PyTorch's fused kernel (`scaled_dot_product_attention`) everywhere
-against the routes `gcvit.layers.attention` picks on the CPU (`_fused_kernel_pays`). The two alternate forward by
-forward in one process, so machine drift hits both alike; prints the median of each and the max difference of their
-outputs.
+against the routes `gcvit.layers.attention` picks on the CPU (`attention_route("fused")` against "auto", which
+`gcvit.layers.cpu_attention.auto_route` decides). The two alternate forward by forward in one process, so machine
+drift hits both alike; prints the median of each and the max difference of their outputs.
 
 python benchmarks/attention_route.py --model gcvit_tiny --batch 16 --dtype fp32 --repeats 8
 """
@@ -16,7 +16,7 @@ import torch
 
 import gcvit
 from gcvit.allocator import keep_freed_memory
-from gcvit.layers import attention
+from gcvit.layers import attention_route
 
 
 def main() -> None:
@@ -30,23 +30,22 @@ def main() -> None:
     torch.manual_seed(0)
     model = gcvit.create_model(args.model).eval()
     x = torch.randn(args.batch, 3, *model.cfg.img_size)
-    chosen_route = attention._fused_kernel_pays
 
     def forward(fused: bool) -> torch.Tensor:
-        attention._fused_kernel_pays = (lambda *args: True) if fused else chosen_route
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bf16"):
+        with (
+            attention_route("fused" if fused else "auto"),
+            torch.inference_mode(),
+            torch.autocast("cpu", torch.bfloat16, enabled=args.dtype == "bf16"),
+        ):
             return model(x)
 
-    try:
-        diff = (forward(True).float() - forward(False).float()).abs().max().item()
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for i in range(args.repeats):
-            for fused in (True, False) if i % 2 else (False, True):
-                start = time.perf_counter()
-                forward(fused)
-                times[fused].append(time.perf_counter() - start)
-    finally:
-        attention._fused_kernel_pays = chosen_route
+    diff = (forward(True).float() - forward(False).float()).abs().max().item()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(args.repeats):
+        for fused in (True, False) if i % 2 else (False, True):
+            start = time.perf_counter()
+            forward(fused)
+            times[fused].append(time.perf_counter() - start)
     fused_s, chosen_s = statistics.median(times[True]), statistics.median(times[False])
     print(f"{args.model} {args.dtype} batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(

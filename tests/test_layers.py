@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gcvit.layers import FusedMBConv, WindowAttention, WindowAttentionGlobal, padding_key_mask
-from gcvit.layers import attention as attention_module
+from gcvit.layers import (
+    FusedMBConv,
+    WindowAttention,
+    WindowAttentionGlobal,
+    attention_route,
+    get_attention_route,
+    padding_key_mask,
+    window_attention,
+)
 from gcvit.layers import fused as fused_module
-from gcvit.layers.attention import _fused_kernel_pays
+from gcvit.layers.cpu_attention import cpu_has_amx, fused_kernel_pays, score_width
 from gcvit.layers.fused import _onednn_pays, conv2d_gelu, linear
 from tests.conftest import randomize_
 
@@ -21,10 +29,10 @@ def _windows(B: int, nW: int, N: int, C: int, dtype: torch.dtype = torch.float32
 
 
 @pytest.fixture(params=["per_head", "batched"])
-def plain_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def plain_route(request: pytest.FixtureRequest) -> Iterator[str]:
     """Sends the plain (unfused) path head by head, or all heads batched, whatever the size."""
-    monkeypatch.setattr(attention_module, "_PER_HEAD_MIN_SCORES", 0 if request.param == "per_head" else 2**62)
-    return request.param
+    with attention_route(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("kind", ["local", "global"])
@@ -48,8 +56,7 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
         x.grad = q_global.grad = None
         table = attn.relative_position_bias_table
         table.requires_grad_(not fused)  # a bias without gradient lets PyTorch's fused CPU kernel run
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(attention_module, "_fused_kernel_pays", lambda *args: fused)
+        with attention_route("fused" if fused else plain_route):
             out = attn(x, q_global, pad_mask)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         table.requires_grad_(True)
@@ -57,18 +64,14 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
         return out.detach(), *grads
 
     table = attn.relative_position_bias_table
-    assert not _fused_kernel_pays(x, attn.relative_position_bias(), False)  # training: the bias needs a gradient
+    assert not fused_kernel_pays(x, attn.relative_position_bias(), False)  # training: the bias needs a gradient
     plain = run(fused=False)
     # bias gradient of the plain path against autograd through PyTorch's reference (math) attention
     bias_grad = table.grad.clone()
     fused = run(fused=True)
     for a, b in zip(plain, fused):
         assert (a - b).abs().max().item() < 1e-5
-    with (
-        pytest.MonkeyPatch.context() as m,
-        torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH),
-    ):
-        m.setattr(attention_module, "_fused_kernel_pays", lambda *args: True)
+    with attention_route("fused"), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         attn.zero_grad()
         out = attn(x, q_global, pad_mask)  # the math backend returns the mask's gradient
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
@@ -76,11 +79,73 @@ def test_plain_path_equals_fused_kernel_with_gradients(kind: str, padded: bool, 
     assert (bias_grad - table.grad).abs().max().item() < 1e-6
 
 
+def _reference(
+    attn: torch.nn.Module, x: torch.Tensor, q_global: torch.Tensor, pad_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """What a window-attention module must return, written out from its own weights: its projections around
+    `window_attention`. x (B, nW, N, C), q_global (B, heads, N, hd) (global attention only) -> (B, nW, N, C)."""
+    B, nW, N, C = x.shape
+    P = attn.qkv.out_features // C  # 3 (q, k, v) or 2 (k, v)
+    qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, nW, N, P, attn.num_heads, attn.head_dim)
+    qkv = qkv.permute(3, 0, 1, 4, 2, 5)  # (P, B, nW, heads, N, hd)
+    q, k, v = qkv if P == 3 else (q_global.unsqueeze(1), *qkv)  # global: (B, 1, heads, N, hd), one query per image
+    out = window_attention(q, k, v, attn.relative_position_bias(), pad_mask, scale=attn.scale)  # (B, nW, heads, N, hd)
+    return F.linear(out.transpose(2, 3).reshape(B, nW, N, C), attn.proj.weight, attn.proj.bias)  # (B, nW, N, C)
+
+
+@pytest.mark.parametrize("route", ["plain", "fused", "batched", "per_head", "auto"])
+@pytest.mark.parametrize("kind", ["local", "global"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_every_route_equals_the_reference_window_attention(route: str, kind: str, padded: bool, training: bool) -> None:
+    """Every route a module can take (the plain reference itself, PyTorch's fused kernel, the batched and the per-head
+    matmuls, and the one "auto" picks) returns `window_attention` of its own projections in fp32, with the learned
+    bias and with and without the padding mask; in training, with the same gradients for the input, the global query
+    and the bias table."""
+    torch.manual_seed(0)
+    B, ws, heads, C = 2, 4, 4, 32
+    H, W = (6, 7) if padded else (8, 8)  # 6x7 is padded to 8x8: some keys of 3 of the 4 windows masked
+    cls = WindowAttentionGlobal if kind == "global" else WindowAttention
+    attn = randomize_(cls(dim=C, num_heads=heads, window_size=ws), 0.3).train(training)  # a bias worth the name
+    x = _windows(B, 4, ws * ws, C).requires_grad_(training)
+    q_global = torch.randn(B, heads, ws * ws, C // heads, requires_grad=training)
+    pad_mask = padding_key_mask(H, W, ws, x.device, x.dtype)
+    assert (pad_mask is not None) == padded
+    with torch.set_grad_enabled(training):
+        want = _reference(attn, x, q_global, pad_mask)
+        with attention_route(route):
+            got = attn(x, q_global, pad_mask)
+    assert got.shape == want.shape == (B, 4, ws * ws, C)
+    assert (got - want).abs().max().item() < 1e-5
+    if training:
+        weights = torch.linspace(-1, 1, want.numel()).view_as(want)
+        inputs = [x, attn.relative_position_bias_table, *([q_global] if kind == "global" else [])]
+        got_grads = torch.autograd.grad((got * weights).sum(), inputs)
+        for a, b in zip(got_grads, torch.autograd.grad((want * weights).sum(), inputs)):
+            scale = b.abs().max().item()  # the bias table's gradient sums over windows: up to about 50
+            assert scale > 0 and (a - b).abs().max().item() < 1e-5 * max(1.0, scale)
+
+
+def test_attention_route_names_a_known_route_and_is_restored() -> None:
+    """`attention_route` takes one of the routes by name and gives the previous route back on leaving, even on an
+    error; an unknown name is refused, naming the known ones."""
+    before = get_attention_route()
+    assert before.kind == "auto" and before.cpu_has_amx is None and before.pad_score_rows
+    with pytest.raises(RuntimeError), attention_route("per_head", cpu_has_amx=True) as route:
+        assert get_attention_route() is route and route.kind == "per_head" and route.cpu_has_amx
+        raise RuntimeError
+    assert get_attention_route() is before
+    with pytest.raises(ValueError, match="'sdpa'.*'auto', 'plain', 'fused', 'batched', 'per_head'"):
+        with attention_route("sdpa"):  # type: ignore[arg-type]
+            pass
+    assert get_attention_route() is before
+
+
 @pytest.mark.cpu_bf16
-def test_bf16_on_cpu_stays_close_to_fp32(plain_route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_on_cpu_stays_close_to_fp32(plain_route: str) -> None:
     """bf16 on the CPU uses two bf16 matmuls, the softmax accumulating in fp32; its output stays within bf16
     rounding of the fp32 result."""
-    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: False)  # the plain path, on any CPU
+    assert get_attention_route().kind == plain_route  # the plain path, on any CPU (AMX or not)
     torch.manual_seed(0)
     attn = WindowAttention(dim=64, num_heads=2, window_size=7).eval()
     x = _windows(2, 4, 49, 64)
@@ -107,14 +172,13 @@ def test_bf16_padded_score_rows_equal_plain_rows(kind: str, padded: bool, plain_
     pad_mask = padding_key_mask(H, W, ws, x.device, x.dtype)
     scores = torch.zeros(1, dtype=torch.bfloat16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attention_module._score_width(ws * ws, scores) == 64
-        assert attention_module._score_width(ws * ws, scores.float()) == 49  # fp32 keeps its rows
-        assert attention_module._score_width(64, scores) == 64
+        assert score_width(ws * ws, scores) == 64
+        assert score_width(ws * ws, scores.float()) == 49  # fp32 keeps its rows
+        assert score_width(64, scores) == 64
         wide = attn.eval()(x, q_global, pad_mask)
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(attention_module, "_score_width", lambda N, like: N)
+        with attention_route(plain_route, pad_score_rows=False):
             plain = attn(x, q_global, pad_mask)
-    assert attention_module._score_width(ws * ws, scores) == 49  # autograd (training) keeps them too
+    assert score_width(ws * ws, scores) == 49  # autograd (training) keeps them too
     assert wide.dtype == plain.dtype == torch.bfloat16 and torch.isfinite(wide).all()
     assert (wide.float() - plain.float()).abs().max().item() <= 2**-7 * plain.float().abs().max().item()
 
@@ -398,13 +462,12 @@ def test_bf16_inference_takes_the_fused_kernel_only_on_amx(kind: str, monkeypatc
     them, and in training, the plain path. Both stay within bf16 rounding of the fp32 result and of each other."""
     calls = []
     sdpa = F.scaled_dot_product_attention
-    probe = attention_module.cpu_has_amx
 
     def spy(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(args[1].dtype)  # the keys: the projection's output, bf16 under autocast
         return sdpa(*args, **kwargs)
 
-    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)  # torch's own function, which the fused route calls
     torch.manual_seed(0)
     B, ws, heads, C = 2, 7, 2, 64
     cls = WindowAttentionGlobal if kind == "global" else WindowAttention
@@ -415,19 +478,18 @@ def test_bf16_inference_takes_the_fused_kernel_only_on_amx(kind: str, monkeypatc
         ref = attn(x, q_global)
     outs = {}
     for amx in (True, False):
-        monkeypatch.setattr(attention_module, "cpu_has_amx", lambda amx=amx: amx)
         calls.clear()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with attention_route(cpu_has_amx=amx), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             outs[amx] = attn(x, q_global).float()
         assert calls == ([torch.bfloat16] if amx else []), amx
         assert (outs[amx] - ref).abs().max().item() < 0.05 * ref.abs().max().item()
     assert (outs[True] - outs[False]).abs().max().item() < 0.05 * ref.abs().max().item()
     calls.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: the bias needs its gradient
-        attn(x, q_global).float().sum().backward()
+    with attention_route(cpu_has_amx=True), torch.autocast("cpu", dtype=torch.bfloat16):  # training: the bias
+        attn(x, q_global).float().sum().backward()  # needs its gradient
     assert calls == [] and attn.relative_position_bias_table.grad.abs().max() > 0
-    monkeypatch.setattr(attention_module, "cpu_has_amx", probe)  # the real probe, read inside a compiled graph
+    assert get_attention_route().cpu_has_amx is None  # the real probe, read inside a compiled graph
     torch._dynamo.reset()
     compiled = torch.compile(attn, backend="eager", fullgraph=True)  # fails on a graph break
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert (compiled(x, q_global).float() - outs[probe()]).abs().max().item() < 1e-2
+        assert (compiled(x, q_global).float() - outs[cpu_has_amx()]).abs().max().item() < 1e-2

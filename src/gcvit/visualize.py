@@ -3,8 +3,9 @@ window, and Grad-CAM.
 
 The attention modules run through fused kernels and never hold their probabilities, so `attention_maps` hooks each
 module's inputs (the normalised windows, the stage's global query and the padding mask) and recomputes
-softmax(q k^T * scale + bias + pad_mask) from the module's own weights. Applying the module's projection to
-probs @ v gives back its output (the tests check this to 1e-5), so the maps are the model's real attention.
+softmax(q k^T * scale + bias + pad_mask) from the module's own weights, through the reference every attention route
+is tested against (`gcvit.layers.window_attention_probs`). Applying the module's projection to probs @ v gives
+back its output (the tests check this to 1e-5), so the maps are the model's real attention.
 
 Shapes: B images, nW windows (row-major over the padded map), heads, N = ws * ws tokens per window (row-major
 inside the window), (H_i, W_i) the map of stage i, (H, W) the image.
@@ -26,7 +27,7 @@ from torch import nn
 
 from gcvit.extras import install_hint
 from gcvit.figures import subplots
-from gcvit.layers import WindowAttentionGlobal
+from gcvit.layers import WindowAttentionGlobal, window_attention_probs
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +114,7 @@ def attention_probs(
     else:
         qkv = proj.view(B, nW, N, 3, heads, hd)  # (B, nW, N, 3, heads, hd)
         q, k = qkv[:, :, :, 0].transpose(2, 3), qkv[:, :, :, 1].transpose(2, 3)  # each (B, nW, heads, N, hd)
-    scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, nW, heads, N_q, N_k)
-    scores = scores + attn.relative_position_bias().float()  # (1, heads, N, N) broadcasts
-    if pad_mask is not None:
-        scores = scores + pad_mask.float()  # (nW, 1, 1, N_k) broadcasts over B, heads, N_q
-    return scores.softmax(-1)
+    return window_attention_probs(q, k, attn.relative_position_bias(), pad_mask, scale=attn.scale)  # the reference
 
 
 def window_to_map(per_window: torch.Tensor, grid: tuple[int, int], map_size: tuple[int, int]) -> torch.Tensor:

@@ -1,6 +1,15 @@
 """Layers shared by every model of the package: one concept per file."""
 
-from gcvit.layers.attention import WindowAttention, WindowAttentionGlobal
+from gcvit.layers.attention import (
+    AttentionRoute,
+    WindowAttention,
+    WindowAttentionGlobal,
+    attention_route,
+    get_attention_route,
+    set_attention_route,
+    window_attention,
+    window_attention_probs,
+)
 from gcvit.layers.conv import FeatExtract, FusedMBConv, ReduceSize, SqueezeExcite
 from gcvit.layers.drop import DropPath
 from gcvit.layers.kernel_cache import forget_prepared
@@ -17,6 +26,7 @@ from gcvit.layers.window import (
 )
 
 __all__ = [
+    "AttentionRoute",
     "DropPath",
     "FeatExtract",
     "FusedMBConv",
@@ -26,12 +36,17 @@ __all__ = [
     "SqueezeExcite",
     "WindowAttention",
     "WindowAttentionGlobal",
+    "attention_route",
     "forget_prepared",
+    "get_attention_route",
     "map_view",
     "pad_to_window_multiple",
     "padding_key_mask",
     "relative_position_index",
     "resize_bias_table",
+    "set_attention_route",
+    "window_attention",
+    "window_attention_probs",
     "window_partition",
     "window_reverse",
     "window_view",

@@ -1,30 +1,139 @@
 """Window attention of GC ViT: local (queries, keys and values from the window) and global (queries from the
 stage's global query generator, keys and values from the window).
 
-Both add the relative-position bias, plus the padding mask where the map was padded, to the scores. On GPUs they run
-through `torch.nn.functional.scaled_dot_product_attention` with that sum as its additive float mask, laid out as 4-D
-(B*nW, heads, N, hd) with a 4-D mask, the layout PyTorch's fused kernels take (5-D inputs or a 3-D mask fall back to
-the slow unfused path). On the CPU they run through two matmuls: head by head on views of the projection when the
-windows are many (`_attention_per_head`); when they are few, all heads batched (`_attention_batched`), or in fp32
-inference, and in bf16 inference on CPUs with AMX, PyTorch's fused kernel (`_fused_kernel_pays` says why).
+`window_attention` is the algorithm in a few plain lines: softmax(q k^T * scale + bias + pad_mask) v, the
+relative-position bias and (where the map was padded) the padding mask added to the scores. `WindowAttention` and
+`WindowAttentionGlobal` compute the same through the route `attention_route` names, and every route is tested
+against `window_attention`:
+- "auto" (the default): on GPUs PyTorch's fused kernel; on the CPU the fastest of the routes below for the dtype,
+  the size and whether a gradient is needed (`gcvit.layers.cpu_attention.auto_route`, with the measurements).
+- "plain": `window_attention` itself.
+- "fused": `torch.nn.functional.scaled_dot_product_attention` with bias + pad_mask as its additive float mask, laid
+  out as 4-D (B*nW, heads, N, hd) with a 4-D mask, the layout PyTorch's fused kernels take (5-D inputs or a 3-D mask
+  fall back to the slow unfused path).
+- "batched" and "per_head": two matmuls, all heads batched or head by head on views of the projection
+  (`gcvit.layers.cpu_attention`).
 Shapes: windows (B, nW, N, C); heads split C into (heads, hd); N = ws * ws tokens per window.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gcvit.layers.cpu_attention import attention_batched, attention_per_head, auto_route
 from gcvit.layers.fused import linear
 from gcvit.layers.kernel_cache import PreparedCache
 from gcvit.layers.rel_pos import relative_position_index
 
+RouteKind = Literal["auto", "plain", "fused", "batched", "per_head"]
+
+
+def window_attention_probs(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, pad_mask: torch.Tensor | None = None, *, scale: float
+) -> torch.Tensor:
+    """Attention probabilities of windows, in float32 whatever the inputs' dtype.
+
+    Args:
+        q: queries (B, nW, heads, N, hd) for local attention; for global attention the image's global query
+            (B, 1, heads, N, hd), shared by all windows of that image and only of that image (image-major order).
+        k: keys (B, nW, heads, N, hd).
+        bias: relative-position bias (1, heads, N, N), or any shape that broadcasts to (nW, heads, N, N).
+        pad_mask: (nW, 1, 1, N) additive mask, 0 for real keys and -inf for padded ones (`padding_key_mask`), or None.
+        scale: multiplies q k^T, usually hd ** -0.5.
+
+    Returns:
+        (B, nW, heads, N_q, N_k) float32: softmax(q k^T * scale + bias + pad_mask) over N_k.
+    """
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, nW, heads, N_q, N_k)
+    scores = scores + bias.float()  # (1, heads, N, N) broadcasts over B and nW
+    if pad_mask is not None:
+        scores = scores + pad_mask.float()  # (nW, 1, 1, N_k) broadcasts over B, heads, N_q
+    return scores.softmax(-1)
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    pad_mask: torch.Tensor | None = None,
+    *,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias + pad_mask) v: the reference every faster route is tested against.
+
+    Args:
+        q, k, bias, pad_mask, scale: as in `window_attention_probs` (q (B, 1, heads, N, hd) for global attention).
+        v: values (B, nW, heads, N, hd).
+        dropout: probability of dropping an attention weight (training only; 0 to keep them all).
+
+    Returns:
+        (B, nW, heads, N, hd) in v's dtype; the scores, the softmax and its product with v in float32 (outside
+        autocast), so that low-precision inputs lose nothing more than their own rounding.
+    """
+    probs = window_attention_probs(q, k, bias, pad_mask, scale=scale)  # (B, nW, heads, N_q, N_k) float32
+    if dropout:
+        probs = F.dropout(probs, dropout, training=True)
+    return (probs @ v.float()).to(v.dtype)  # (B, nW, heads, N, hd)
+
+
+@dataclass(frozen=True)
+class AttentionRoute:
+    """Which code computes window attention (module docstring); set it with `attention_route`."""
+
+    kind: RouteKind = "auto"  # "auto", "plain" (`window_attention`), "fused" (sdpa), "batched" or "per_head"
+    cpu_has_amx: bool | None = None  # the AMX answer "auto" acts on in bf16 CPU inference; None: ask this CPU
+    pad_score_rows: bool = True  # whether "per_head" may widen bf16 score rows (`cpu_attention.score_width`)
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(RouteKind):
+            raise ValueError(f"unknown attention route {self.kind!r}; expected one of {get_args(RouteKind)}")
+
+
+# The route every window-attention module takes; read at each call (a plain global: torch.compile and torch.export
+# read it at trace time and guard on it). Changed only by `set_attention_route` and `attention_route`.
+_ROUTE = AttentionRoute()
+
+
+def get_attention_route() -> AttentionRoute:
+    """The route window attention takes now."""
+    return _ROUTE
+
+
+def set_attention_route(route: AttentionRoute) -> AttentionRoute:
+    """Make every window-attention module take `route` from now on; returns the route it replaces."""
+    global _ROUTE
+    if not isinstance(route, AttentionRoute):
+        raise TypeError(f"expected an AttentionRoute, got {type(route).__name__}")
+    previous, _ROUTE = _ROUTE, route
+    return previous
+
+
+@contextlib.contextmanager
+def attention_route(
+    kind: RouteKind = "auto", *, cpu_has_amx: bool | None = None, pad_score_rows: bool = True
+) -> Iterator[AttentionRoute]:
+    """Run window attention through route `kind` inside the `with` block (fields as in `AttentionRoute`), e.g.
+    `with attention_route("plain"): model(x)`; the previous route comes back on leaving it. Not thread-local."""
+    route = AttentionRoute(kind, cpu_has_amx, pad_score_rows)
+    previous = set_attention_route(route)
+    try:
+        yield route
+    finally:
+        set_attention_route(previous)
+
 
 class _WindowAttentionBase(nn.Module):
-    """Holds the relative-position bias table and the output projection shared by both kinds of attention."""
+    """Holds the relative-position bias table and the output projection shared by both kinds of attention, and
+    computes the attention through the route `attention_route` names."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, attn_drop: float, proj_drop: float) -> None:
         super().__init__()
@@ -58,153 +167,79 @@ class _WindowAttentionBase(nn.Module):
 
     def _attend(self, heads: torch.Tensor, q_global: torch.Tensor | None, pad_mask: torch.Tensor | None, nW: int):
         """heads (B*nW, N, P*heads, hd), the qkv (P = 3) or kv (P = 2, with `q_global` (B, heads, N, hd)) projection
-        viewed per head -> (B, nW, N, C)."""
+        viewed per head -> (B, nW, N, C), through the route `attention_route` names."""
+        BnW, N = heads.shape[:2]
+        B = BnW // nW  # nW, not B, divides: B may be 0
+        bias = self._bias(heads.dtype)  # (1, heads, N, N)
+        pad_mask = None if pad_mask is None else pad_mask.to(heads.dtype)  # (nW, 1, 1, N)
+        dropout = self.attn_drop if self.training else 0.0
+        route = _ROUTE
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # checked before any size test
+        # the bias is the only part of the mask that may need a gradient
+        kind = auto_route(heads, bias, tracing, route.cpu_has_amx) if route.kind == "auto" else route.kind
+        if kind == "plain":
+            out = self._attend_plain(heads, q_global, bias, pad_mask, dropout, nW)  # (B, nW, N, C)
+        else:
+            mask = bias if pad_mask is None else bias + pad_mask  # (1 or nW, heads, N, N)
+            out = self._attend_fast(kind, heads, q_global, mask, dropout, nW, route.pad_score_rows)  # (B*nW, N, C)
+        return self.proj_drop(linear(out.view(B, nW, N, self.num_heads * self.head_dim), self.proj))
+
+    def _attend_plain(
+        self,
+        heads: torch.Tensor,
+        q_global: torch.Tensor | None,
+        bias: torch.Tensor,
+        pad_mask: torch.Tensor | None,
+        dropout: float,
+        nW: int,
+    ) -> torch.Tensor:
+        """The "plain" route, `window_attention`: heads (B*nW, N, P*heads, hd) -> (B, nW, N, C)."""
+        BnW, N = heads.shape[:2]
+        h, hd = self.num_heads, self.head_dim
+        P = heads.shape[2] // h  # 3 (q, k, v) or 2 (k, v)
+        parts = heads.view(BnW // nW, nW, N, P, h, hd).permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, heads, N, hd)
+        if q_global is None:
+            q, k, v = parts
+        else:
+            q, (k, v) = q_global.unsqueeze(1), parts  # (B, 1, heads, N, hd): one query for the image's windows
+        out = window_attention(q, k, v, bias, pad_mask, scale=self.scale, dropout=dropout)  # (B, nW, heads, N, hd)
+        return out.transpose(2, 3).reshape(BnW // nW, nW, N, h * hd)  # (B, nW, N, C)
+
+    def _attend_fast(
+        self,
+        kind: str,
+        heads: torch.Tensor,
+        q_global: torch.Tensor | None,
+        mask: torch.Tensor,
+        dropout: float,
+        nW: int,
+        pad_rows: bool,
+    ) -> torch.Tensor:
+        """The "fused", "batched" and "per_head" routes: heads (B*nW, N, P*heads, hd), mask (1 or nW, heads, N, N),
+        bias plus padding mask -> (B*nW, N, C)."""
         BnW, N = heads.shape[:2]
         h = self.num_heads
-        mask = self._bias(heads.dtype)  # (1, heads, N, N)
-        if pad_mask is not None:
-            mask = mask + pad_mask.to(heads.dtype)  # (nW, heads, N, N)
-        dropout = self.attn_drop if self.training else 0.0
-        B = BnW // nW  # nW, not B, divides: B may be 0
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # checked before any size test
-        fused = _fused_kernel_pays(heads, mask, tracing)
+        B = BnW // nW
         if q_global is not None:  # image b's query for each of its windows (image-major order); repeating a
             # contiguous copy is a plain memcpy, 4-7x faster than copying a strided, expanded view
             q_global = q_global.transpose(0, 1).contiguous().repeat_interleave(nW, dim=1)  # (heads, B*nW, N, hd)
-        if not fused and not tracing and BnW * N * N >= _PER_HEAD_MIN_SCORES:
+        if kind == "per_head":
             parts = heads.unbind(2)  # P*heads views (B*nW, N, hd); their gradients are stacked back in one copy
             q, kv = (parts[:h], parts[h:]) if q_global is None else (q_global.unbind(0), parts)
-            out = _attention_per_head(q, kv[:h], kv[h:], mask, self.scale, dropout, B)  # (B*nW, N, C)
+            return attention_per_head(q, kv[:h], kv[h:], mask, self.scale, dropout, B, pad_rows)  # (B*nW, N, C)
+        P = heads.shape[2] // h  # 3 (q, k, v) or 2 (k, v)
+        parts = heads.view(BnW, N, P, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
+        q, k, v = parts if q_global is None else (q_global.transpose(0, 1), *parts)
+        if kind == "fused":
+            if mask.shape[0] > 1:
+                mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         else:
-            P = heads.shape[2] // h  # 3 (q, k, v) or 2 (k, v)
-            parts = heads.view(BnW, N, P, h, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, hd)
-            q, k, v = parts if q_global is None else (q_global.transpose(0, 1), *parts)
-            if fused:
-                if mask.shape[0] > 1:
-                    mask = mask.expand(B, *mask.shape).flatten(0, 1)  # (B*nW, heads, N, N)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
-            else:
-                out = _attention_batched(q, k, v, mask, self.scale, dropout, nW)
-            out = out.transpose(1, 2).reshape(BnW, N, h * self.head_dim)  # (B*nW, N, C)
-        return self.proj_drop(linear(out.view(B, nW, N, h * self.head_dim), self.proj))
-
-
-def _fused_kernel_pays(heads: torch.Tensor, mask: torch.Tensor, tracing: bool) -> bool:
-    """Whether `scaled_dot_product_attention` beats plain matmul-softmax-matmul for `heads` (B*nW, N, P*heads, hd).
-
-    On GPUs always. On the CPU only in inference: in bf16 on CPUs with AMX tiles, where the fused kernel's bf16
-    matmuls run on them (the whole gcvit_tiny forward 1.13x as fast at batch 16, 1.17x at batch 1, on a 2-core
-    Intel Xeon; without AMX it is slower than two bf16 matmuls, 1.1-1.3x on GC ViT's stages at batch 16 on an AMD EPYC);
-    in fp32 only where the plain path would batch the heads (below `_PER_HEAD_MIN_SCORES` scores per head; always
-    when traced, which must not test sizes): PyTorch's fused CPU kernel reads q, k and v in place where the batched
-    route copies them, but with many windows the head-by-head route is faster (the whole gcvit_tiny forward at batch
-    16: 4-8% faster than with the fused kernel everywhere; at batch 1 and 4 within noise;
-    `benchmarks/attention_route.py`). In training the fused CPU kernel cannot return a gradient for the mask (the
-    learned bias) and PyTorch would fall back to its unfused path, slower than ours.
-    """
-    if heads.device.type != "cpu":
-        return True
-    if torch.jit.is_tracing():  # torch.jit.trace checks its graph by tracing again under no_grad: one route for both
-        return False
-    if mask.requires_grad and torch.is_grad_enabled():
-        return False
-    if heads.dtype == torch.bfloat16:
-        return cpu_has_amx()
-    if heads.dtype != torch.float32:
-        return False
-    BnW, N = heads.shape[:2]
-    return tracing or BnW * N * N < _PER_HEAD_MIN_SCORES
-
-
-# asked once, at import: torch.compile cannot trace the probe (a graph break); private, but the only probe torch has
-_CPU_HAS_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), which oneDNN's bf16 matmuls run on."""
-    return _CPU_HAS_AMX
+            out = attention_batched(q, k, v, mask, self.scale, dropout, nW)
+        return out.transpose(1, 2).reshape(BnW, N, h * self.head_dim)  # (B*nW, N, C)
 
 
 _GATHERED_BIAS = PreparedCache()  # relative-position bias per attention layer, gathered for inference
-
-# Below this many scores per head (B*nW*N*N) the per-head loop's extra calls cost more than the copies it saves
-# (measured on GC ViT's stages at batch 1 and 16, fp32 and bf16, inference and training). torch.compile and
-# torch.export never take the per-head route (fp32 inference takes the fused kernel, the rest the batched route): a
-# size test would specialise the graph on the batch size (export refuses a dynamic batch then), and inductor fuses the
-# copies itself.
-_PER_HEAD_MIN_SCORES = 2**18
-
-
-def _score_width(N: int, like: torch.Tensor) -> int:
-    """Row length for the attention scores: N, or in bf16 inference N rounded up to a multiple of 32 (the rest
-    -inf) where PyTorch's CPU softmax handles the short tail of a row poorly: 49 keys (7x7 windows) take 1.6x
-    as long as 64 keys."""
-    if like.dtype != torch.bfloat16 or like.device.type != "cpu" or torch.is_grad_enabled() or not N % 32 or N > 160:
-        return N
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return N
-    return -(-N // 32) * 32
-
-
-def _attention_batched(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, dropout: float, nW: int
-) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v with all heads in one batched matmul: q, k, v (B*nW, heads, N, hd), mask
-    (1 or nW, heads, N, N) -> like q. The matmuls copy q, k and v into a batched layout first; for small batches
-    that costs less than a call per head. The softmax reads low-precision scores but accumulates in fp32."""
-    BnW, heads, N, _ = q.shape
-    attn = (q * scale) @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
-    scores = attn.view(BnW // nW, nW, heads, N, N)  # the mask broadcasts over images (and windows when 1)
-    if attn.requires_grad or mask.requires_grad or torch.jit.is_tracing():
-        attn = (scores + mask).view(BnW, heads, N, N)  # autograd turns an in-place add on a view into copies
-    else:
-        scores.add_(mask)
-    attn = attn.softmax(-1)
-    if dropout:
-        attn = F.dropout(attn, dropout, training=True)
-    return attn @ v  # (B*nW, heads, N, hd)
-
-
-def _attention_per_head(
-    q: Sequence[torch.Tensor],
-    k: Sequence[torch.Tensor],
-    v: Sequence[torch.Tensor],
-    mask: torch.Tensor,
-    scale: float,
-    dropout: float,
-    B: int,
-) -> torch.Tensor:
-    """softmax(q k^T * scale + mask) v, one head at a time: q, k, v one (B*nW, N, hd) per head, strided views into
-    the projection are fine; mask (1 or nW, heads, N, N) -> (B*nW, N, C), heads side by side.
-
-    Head by head, the matmuls read q, k and v where the projection wrote them: batching the heads copies them into
-    (B*nW, heads, N, hd) and the result back (1.3-1.5x slower on GC ViT's stages at batch 16 in training and bf16). The
-    scale and the mask ride on the first matmul (baddbmm); the softmax reads low-precision scores but accumulates in
-    fp32 (PyTorch's CPU and GPU kernels do).
-    """
-    BnW, N, _ = k[0].shape
-    width = _score_width(N, k[0])
-    rows = k[0].new_full((BnW, N, width), float("-inf")) if width != N else None  # padded score rows
-    # bf16 matmuls on the CPU (oneDNN) copy an operand that is neither contiguous nor its transpose, so k^T would be
-    # gathered element by element; in inference, copying k's rows first is cheaper (QK^T 1.15-1.25x faster on
-    # gcvit_tiny's stages at batch 16, the whole forward about 1%). In training it is not (bf16 step 2% slower).
-    rows_first = k[0].dtype == torch.bfloat16 and k[0].device.type == "cpu" and not k[0].requires_grad
-    outs = []
-    for i, (q_i, k_i, v_i) in enumerate(zip(q, k, v)):
-        mask_i = mask[:, i]  # (1 or nW, N, N)
-        if mask_i.shape[0] > 1 and B > 1:
-            mask_i = mask_i.expand(B, *mask_i.shape).reshape(BnW, N, N)  # every image's windows
-        k_t = (k_i.contiguous() if rows_first else k_i).transpose(1, 2)  # (B*nW, hd, N)
-        if rows is None:
-            attn = torch.baddbmm(mask_i, q_i, k_t, alpha=scale).softmax(-1)  # (B*nW, N, N)
-        else:
-            # out= takes no part in autocast: the operands are cast as autocast would cast them
-            torch.baddbmm(mask_i, q_i.to(rows.dtype), k_t, alpha=scale, out=rows[..., :N])
-            attn = rows.softmax(-1)[..., :N]
-        if dropout:
-            attn = F.dropout(attn, dropout, training=True)
-        outs.append(torch.bmm(attn, v_i))  # (B*nW, N, hd)
-    return torch.cat(outs, -1)  # (B*nW, N, C)
 
 
 class WindowAttention(_WindowAttentionBase):
