@@ -73,12 +73,12 @@ def test_round_trip_of_swin_and_vit(name: str, tmp_path: Path) -> None:
 def test_config_json_is_the_training_checkpoint_format(small, tmp_path: Path) -> None:
     """Same keys as `gcvit train`'s config.json, so `gcvit eval/predict` read saved folders and `from_pretrained`
     reads training checkpoints and run folders (best/, else last/)."""
-    from gcvit.train.loop import _model_meta
+    from gcvit.train.build import checkpoint_config
 
     small.save_pretrained(tmp_path / "run" / "best", classes=CLASSES)
     saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
     run = types.SimpleNamespace(model="gcvit_xxtiny", img_size=64, pretrained=True)
-    trained = _model_meta(run, small, CLASSES, 1.0, "center")
+    trained = checkpoint_config(run, small, CLASSES, 1.0, "center")
     assert saved.keys() == trained.keys()
     assert saved["config"] == json.loads(json.dumps(trained["config"]))
     model = gcvit.load(tmp_path / "run" / "best")  # as `gcvit eval/predict` read it

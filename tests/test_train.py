@@ -28,9 +28,9 @@ pytest.importorskip("yaml")
 
 import gcvit
 from gcvit.data import DataError, split_image_folder
+from gcvit.models.folder import read_config
 from gcvit.train import TrainConfig, resolve_config, train
 from gcvit.train import checkpoint as ckpt
-from gcvit.models.folder import read_config
 from gcvit.train.evaluate import evaluate, predict
 from gcvit.train.optim import build_optimizer, build_scheduler, layer_id, param_groups
 from tests.conftest import TINY
@@ -327,10 +327,10 @@ def test_ema_copies_integer_buffers_and_averages_the_rest_as_torch_does() -> Non
     index k into k - 1); ours copies them, and gives torch's values for every floating tensor."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    from gcvit.train.loop import _ema_update
+    from gcvit.train.ema import ema_update
 
     model = gcvit.create_model("gcvit_xxtiny", num_classes=3, img_size=32, **TINY)
-    ours = AveragedModel(model, multi_avg_fn=_ema_update(0.9999, False), use_buffers=True)
+    ours = AveragedModel(model, multi_avg_fn=ema_update(0.9999, False), use_buffers=True)
     torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9999), use_buffers=True)
     for _ in range(3):
         with torch.no_grad():
@@ -539,7 +539,7 @@ def test_weights_gone_nan_on_an_epochs_last_step_are_never_saved(
     good = ckpt.read_weights(tmp_path / "run" / "last")
     step = loop._optimizer_step
 
-    def poisoned(run: loop._Run) -> None:  # the epoch's last step: no later loss sees the damage
+    def poisoned(run: loop.Run) -> None:  # the epoch's last step: no later loss sees the damage
         if (run.step + 1) % len(run.train_loader) == 0:
             next(p for p in run.model.parameters() if p.grad is not None).grad.fill_(float("inf"))
         step(run)
@@ -652,14 +652,15 @@ def test_cleanup_leaves_a_process_group_the_caller_started(tmp_path: Path, monke
 def test_model_overrides_change_fields_of_the_digits_model() -> None:
     """On the digits, `--model-override embed_dim=48` changes one field of the default digits model, as it does
     with configs/digits.yaml (it used to build the whole named variant instead)."""
-    from gcvit.train.loop import probe_model
+    from gcvit.train.build import run_settings
 
-    flags_only = probe_model(resolve_config(None, {"model_overrides": {"embed_dim": 48}})).cfg
-    with_file = probe_model(resolve_config("configs/digits.yaml", {"model_overrides": {"embed_dim": 48}})).cfg
-    default = probe_model(TrainConfig()).cfg  # gcvit_nano: its pools written out, as every variant's
-    assert flags_only == with_file
-    written_out = dataclasses.replace(flags_only, global_query_pools=default.pools)
-    assert written_out == dataclasses.replace(default, embed_dim=48)
+    flags_only = run_settings(resolve_config(None, {"model_overrides": {"embed_dim": 48}}))[0]
+    with_file = run_settings(resolve_config("configs/digits.yaml", {"model_overrides": {"embed_dim": 48}}))[0]
+    default = run_settings(TrainConfig())[0]  # gcvit_nano: its pools written out, as every variant's
+    # the file leaves the pools to be derived at its img_size (null); the flags ask for those of 32 px explicitly
+    assert with_file.global_query_pools is None and flags_only.global_query_pools == (1, 0, 0, 0)
+    assert flags_only == dataclasses.replace(with_file, global_query_pools=with_file.pools)
+    assert flags_only == dataclasses.replace(default, embed_dim=48)
 
 
 def test_digits_quick_run_reaches_95(tmp_path: Path) -> None:

@@ -20,10 +20,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("yaml")
 
 import gcvit
+from gcvit.models.folder import read_config
 from gcvit.train import TrainConfig, resolve_config, train
 from gcvit.train import checkpoint as ckpt
+from gcvit.train.ema import ema_decay
 from gcvit.train.evaluate import evaluate
-from gcvit.train.loop import best_epoch, ema_decay, kept_weights
+from gcvit.train.loop import best_epoch, kept_weights
 from tests.conftest import TINY
 
 STRIPES = ("blue", "green", "red")

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import gcvit
 from gcvit.allocator import freed_memory_kept
 from gcvit.flops import count_macs
 from gcvit.layers.fused import cpu_has_bf16
-from gcvit.models.registry import resolve_name
+from gcvit.models.registry import create_model, resolve_name
 from gcvit.models.weights import load_state_dict_into
 from gcvit.train.distributed import require_cuda
 
@@ -137,7 +136,7 @@ def model_pair(name: str, device: str, drop_path_rate: float = 0.0) -> tuple[nn.
     with torch.no_grad():
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    ours = gcvit.create_model(name, drop_path_rate=drop_path_rate)
+    ours = create_model(name, drop_path_rate=drop_path_rate)
     load_state_dict_into(ours, theirs.state_dict(), "timm")
     return ours.to(device), theirs.to(device)
 

@@ -141,7 +141,7 @@ def _train_config(cfg: CompareConfig, name: str) -> Any:
         raise ValueError(f"size must be 'auto', 'digits' or 'native'; got {cfg.size!r}")
     small = cfg.size == "digits" or (cfg.size == "auto" and cfg.data == "digits")
     if small and "model_overrides" not in cfg.train_overrides:
-        values["model_overrides"] = digits_overrides(name)
+        values["model_overrides"] = digits_overrides(name, cfg.img_size)
     elif not small:
         values.setdefault("model_overrides", {})  # the variant as named, also on the digits
     return TrainConfig(**values)
@@ -208,9 +208,9 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
     Raises:
         ValueError: an unknown model name (before any training), or a run folder that already holds a run.
     """
-    from gcvit.train.checkpoint import holds_run
     from gcvit.loading import load
-    from gcvit.train.loop import probe_model
+    from gcvit.train.build import run_settings
+    from gcvit.train.checkpoint import holds_run
 
     # everything that can be wrong fails before hours of training
     if not cfg.time_budget > 0:
@@ -220,7 +220,7 @@ def run(cfg: CompareConfig, log: Callable[[str], None] = logger.info) -> list[Mo
         if holds_run(Path(cfg.out_dir, "runs", name)):
             raise ValueError(f"{Path(cfg.out_dir, 'runs', name)} already holds a run; compare into another --out-dir")
         try:
-            probe_model(_train_config(cfg, name))  # its training settings and architecture at this size
+            run_settings(_train_config(cfg, name))  # its training settings and architecture at this size
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name}: {e}") from None
     if len(set(cfg.models)) != len(cfg.models):

@@ -200,7 +200,8 @@ def from_pretrained(
     path = Path(text).expanduser()
     if not (path.exists() or hub.is_remote(text)):
         raise FileNotFoundError(
-            f"{text!r} is neither an existing folder, an http(s):// URL nor a hub repo id 'user/name'{close_names(text)}"
+            f"{text!r} is neither an existing folder, an http(s):// URL nor a hub repo id 'user/name'"
+            f"{close_names(text)}"
         )
     remote = {"revision": revision, "cache_dir": cache_dir, "force_download": force_download, "token": token}
     return load(text, ema=ema, device=device, **({} if path.exists() else remote))

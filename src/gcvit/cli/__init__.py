@@ -26,13 +26,12 @@ _COMMAND_MODULES = ("gcvit.cli.train", "gcvit.cli.visualize", "gcvit.cli.export"
 def _models(args: argparse.Namespace) -> None:
     import torch
 
-    import gcvit
     from gcvit.flops import count_macs, count_params
-    from gcvit.models import FAMILIES, resolve_name
+    from gcvit.models import FAMILIES, create_model, list_models, resolve_name
 
     rows = []
     order = {arch: i for i, arch in enumerate(a for f in FAMILIES.values() for a in f.variants)}
-    names = gcvit.list_models(args.pattern)
+    names = list_models(args.pattern)
     if not names:
         raise ValueError(f"no model matches {args.pattern!r}; patterns are shell-style, e.g. '*tiny*'")
     for name in sorted(names, key=lambda n: (order[n.split(".")[0]], n)):
@@ -40,7 +39,7 @@ def _models(args: argparse.Namespace) -> None:
         if "." not in name and spec.pretrained is not None and name + "." + str(spec.tag) in names:
             continue  # the architecture is shown through its tags
         with torch.device("meta"):
-            model = gcvit.create_model(name)
+            model = create_model(name)
         cfg = model.cfg
         top1 = spec.pretrained.top1 if spec.pretrained else None
         rows.append(
@@ -65,11 +64,11 @@ def _demo(args: argparse.Namespace) -> None:
     import torch
     from sklearn.datasets import load_sample_images
 
-    import gcvit
     from gcvit.flops import count_params
+    from gcvit.models import create_model
 
     torch.manual_seed(0)
-    model = gcvit.create_model(args.model, pretrained=args.pretrained).eval()
+    model = create_model(args.model, pretrained=args.pretrained).eval()
     mean = torch.tensor(model.pretrained_cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg.std).view(1, 3, 1, 1)
     windows = getattr(model.cfg, "window_size", "global attention")

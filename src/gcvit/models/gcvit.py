@@ -61,16 +61,22 @@ class GCViTConfig:
 
     @property
     def pools(self) -> tuple[int, ...]:
-        """Max-pool steps of each stage's global query generator: enough to bring the stage's map at the native
-        size down to its window (3, 2, 0, 0 for the official 224 px models). They fix the module structure, so
-        they stay put when only the input size changes."""
+        """Max-pool steps of each stage's global query generator: `global_query_pools`, written out in every
+        variant; None (configs saved before they were) derives them at `img_size` (`query_pools`)."""
         if self.global_query_pools is not None:
             return self.global_query_pools
-        pools = []
-        for i, ws in enumerate(self.window_size):
-            side = min(self.img_size) / 2 ** (i + 2)  # map side of stage i at the native size
-            pools.append(max(0, math.floor(math.log2(side / ws) + 1e-9)) if side > ws else 0)
-        return tuple(pools)
+        return query_pools(self.window_size, self.img_size)
+
+
+def query_pools(window_size: tuple[int, ...], img_size: tuple[int, int]) -> tuple[int, ...]:
+    """The max-pool steps that bring each stage's map at `img_size` down to its window (3, 2, 0, 0 for the official
+    224 px models). They fix the module structure (the state-dict keys), so a model keeps them at any input size;
+    a model built for another native size asks for that size's pools explicitly."""
+    pools = []
+    for i, ws in enumerate(window_size):
+        side = min(img_size) / 2 ** (i + 2)  # map side of stage i
+        pools.append(max(0, math.floor(math.log2(side / ws) + 1e-9)) if side > ws else 0)
+    return tuple(pools)
 
 
 class PatchEmbed(nn.Module):
@@ -331,10 +337,11 @@ DIGITS: dict[str, object] = {  # the small 32 px model `gcvit train` fits to the
     "num_heads": (1, 2, 4, 8),
     "window_size": (4, 4, 4, 2),
     "mlp_ratio": 2.0,
-    "global_query_pools": None,
+    "global_query_pools": (1, 0, 0, 0),  # at 32 px; a run at another size asks for that size's (`query_pools`)
 }
 
 _LAYER_SCALE = 1e-5
+_POOLS = (3, 2, 0, 0)  # the official models': stage maps of 56, 28, 14 and 7 tokens a side at 224 px (and 384, 512)
 VARIANTS: dict[str, GCViTConfig] = {
     # Two small models for small data sets, trained from scratch (no published weights). gcvit_nano is the digits
     # model (a global block only in stage 2); gcvit_micro has a local and a global block in every stage, windows of
@@ -348,15 +355,22 @@ VARIANTS: dict[str, GCViTConfig] = {
         mlp_ratio=2.0,
         drop_path_rate=0.1,
         img_size=(64, 64),
+        global_query_pools=(1, 0, 0, 0),
     ),
-    "gcvit_xxtiny": GCViTConfig(depths=(2, 2, 6, 2)),
-    "gcvit_xtiny": GCViTConfig(depths=(3, 4, 6, 5)),
-    "gcvit_tiny": GCViTConfig(depths=(3, 4, 19, 5)),
-    "gcvit_tiny2": GCViTConfig(depths=(3, 4, 29, 5), drop_path_rate=0.25),
+    "gcvit_xxtiny": GCViTConfig(global_query_pools=_POOLS, depths=(2, 2, 6, 2)),
+    "gcvit_xtiny": GCViTConfig(global_query_pools=_POOLS, depths=(3, 4, 6, 5)),
+    "gcvit_tiny": GCViTConfig(global_query_pools=_POOLS, depths=(3, 4, 19, 5)),
+    "gcvit_tiny2": GCViTConfig(global_query_pools=_POOLS, depths=(3, 4, 29, 5), drop_path_rate=0.25),
     "gcvit_small": GCViTConfig(
-        embed_dim=96, num_heads=(3, 6, 12, 24), mlp_ratio=2, drop_path_rate=0.3, layer_scale=_LAYER_SCALE
+        global_query_pools=_POOLS,
+        embed_dim=96,
+        num_heads=(3, 6, 12, 24),
+        mlp_ratio=2,
+        drop_path_rate=0.3,
+        layer_scale=_LAYER_SCALE,
     ),
     "gcvit_small2": GCViTConfig(
+        global_query_pools=_POOLS,
         embed_dim=96,
         depths=(3, 4, 23, 5),
         num_heads=(3, 6, 12, 24),
@@ -364,9 +378,19 @@ VARIANTS: dict[str, GCViTConfig] = {
         layer_scale=_LAYER_SCALE,
     ),
     "gcvit_base": GCViTConfig(
-        embed_dim=128, num_heads=(4, 8, 16, 32), mlp_ratio=2, drop_path_rate=0.5, layer_scale=_LAYER_SCALE
+        global_query_pools=_POOLS,
+        embed_dim=128,
+        num_heads=(4, 8, 16, 32),
+        mlp_ratio=2,
+        drop_path_rate=0.5,
+        layer_scale=_LAYER_SCALE,
     ),
     "gcvit_large": GCViTConfig(
-        embed_dim=192, num_heads=(6, 12, 24, 48), mlp_ratio=2, drop_path_rate=0.5, layer_scale=_LAYER_SCALE
+        global_query_pools=_POOLS,
+        embed_dim=192,
+        num_heads=(6, 12, 24, 48),
+        mlp_ratio=2,
+        drop_path_rate=0.5,
+        layer_scale=_LAYER_SCALE,
     ),
 }

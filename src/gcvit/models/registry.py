@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from gcvit.models import swin, vit
-from gcvit.models.gcvit import DIGITS, VARIANTS, GCViT, GCViTConfig
+from gcvit.models.gcvit import DIGITS, VARIANTS, GCViT, GCViTConfig, query_pools
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
 from gcvit.models.weights import load_state_dict_into, read_state_dict, resolve, to_official
 
@@ -53,9 +53,13 @@ def family_of(name: str) -> Family:
     raise _unknown(name)
 
 
-def digits_overrides(name: str) -> dict[str, Any]:
-    """Config fields of the family's small 32 px model for the bundled digits."""
-    return dict(family_of(name).digits)
+def digits_overrides(name: str, img_size: int = 32) -> dict[str, Any]:
+    """Config fields of the family's small model for the bundled digits, made for 32 px; at another `img_size` a
+    GC ViT asks for that size's global-query pools (`query_pools`)."""
+    fields = dict(family_of(name).digits)
+    if "global_query_pools" in fields:
+        fields["global_query_pools"] = query_pools(fields["window_size"], (img_size, img_size))
+    return fields
 
 
 @dataclass(frozen=True)
@@ -113,14 +117,11 @@ def _apply_overrides(config: Any, img_size: int | tuple[int, int] | None, overri
     if bad:
         raise TypeError(f"unknown override(s) {bad}; expected fields of {config_cls.__name__}: {sorted(fields)}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    if isinstance(config, GCViTConfig) and "global_query_pools" not in overrides:
-        # the global query generator's structure (state-dict keys) stays that of the native size; with another
-        # number of stages it follows from the new stages at the variant's native size
-        if len(overrides.get("depths", config.depths)) == len(config.depths):
-            overrides["global_query_pools"] = config.pools
-        else:
-            native = dataclasses.replace(config, global_query_pools=None, **overrides)
-            overrides["global_query_pools"] = native.pools
+    stages = len(overrides.get("depths", getattr(config, "depths", ())))
+    if isinstance(config, GCViTConfig) and "global_query_pools" not in overrides and stages != len(config.depths):
+        # the variant's pools are for its stages: those of other stages follow at the variant's native size
+        window_size = overrides.get("window_size", config.window_size)
+        overrides["global_query_pools"] = query_pools(window_size, config.img_size)
     if img_size is not None:
         size = (img_size, img_size) if _is_int(img_size) else img_size
         if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(_is_int(s) and s >= 32 for s in size)):
@@ -165,18 +166,28 @@ def create_model(
         head = state_dict.get("head.weight")
         if num_classes is None and head is not None and head.ndim == 2:
             num_classes = head.shape[0]  # the checkpoint's own head, trained for its classes
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    config = _apply_overrides(spec.config, img_size, overrides)
+    config, meta = model_settings(name, num_classes, img_size, **overrides)
     model = model_cls(config)
-    meta = spec.pretrained or PretrainedCfg(url="", license="", top1=None)
     if state_dict is not None:
         _load_pretrained(model, state_dict, source)
         if pretrained is not True:  # another file than the tag's: its own origin; its digest and top-1 unknown
             meta = dataclasses.replace(meta, url=source, sha256=None, top1=None)
-    model.pretrained_cfg = dataclasses.replace(meta, img_size=config.img_size, num_classes=config.num_classes)
+    model.pretrained_cfg = meta
     model.model_name = name  # what save_pretrained records in config.json
     return model
+
+
+def model_settings(
+    name: str, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None, **overrides: Any
+) -> tuple[Any, PretrainedCfg]:
+    """(config, pretrained_cfg) of the model `create_model` builds from these arguments, without building it: the
+    settings are checked (TypeError, ValueError) and the preprocessing known at no cost."""
+    spec = resolve_name(name)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    config = _apply_overrides(spec.config, img_size, overrides)
+    meta = spec.pretrained or PretrainedCfg(url="", license="", top1=None)
+    return config, dataclasses.replace(meta, img_size=config.img_size, num_classes=config.num_classes)
 
 
 def _load_pretrained(model: nn.Module, state_dict: dict, source: str) -> None:

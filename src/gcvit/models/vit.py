@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gcvit.models.folder import HubMixin
 from gcvit.layers import DropPath, GlobalAttention, Mlp
 from gcvit.models.base import check_config, check_images, init_weights, replace_head
+from gcvit.models.folder import HubMixin
 
 NORM_LAYERS = ("ln", "bn")
 

@@ -55,8 +55,7 @@ def resolve(path_or_url: str | os.PathLike[str], sha256: str | None = None) -> P
         path = Path(s).expanduser()
         if path.is_dir():
             raise IsADirectoryError(
-                f"expected a checkpoint file or an http(s):// URL; {s!r} is a folder (gcvit.load reads "
-                "folders)"
+                f"expected a checkpoint file or an http(s):// URL; {s!r} is a folder (gcvit.load reads folders)"
             )
         if not path.is_file():
             raise FileNotFoundError(f"expected a checkpoint file or an http(s):// URL; {s!r} does not exist")
@@ -136,7 +135,9 @@ def _unwrapped(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def to_official(state_dict: Mapping[str, torch.Tensor], model: nn.Module | type[nn.Module]) -> tuple[dict[str, torch.Tensor], str]:
+def to_official(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module | type[nn.Module]
+) -> tuple[dict[str, torch.Tensor], str]:
     """Convert any format the model's family recognises to official key names; returns (state_dict, format name).
     Every model class converts its own family's foreign checkpoints (`convert_checkpoint`: GC ViT's and Swin's
     timm and Microsoft formats, ViT's timm format)."""

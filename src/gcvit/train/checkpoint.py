@@ -30,7 +30,7 @@ import torch
 
 from gcvit import digests
 from gcvit.atomic import atomic_write, atomic_write_bytes, fsync_dir
-from gcvit.models import folder
+from gcvit.models import folder as saved_folder
 from gcvit.models.folder import CONFIG_FILE, EMA_FILE, MODEL_FILE
 from gcvit.models.weights import read_state_dict, safetensors_file
 
@@ -99,7 +99,7 @@ def write_checkpoint(
                 data = safetensors_file(weights, meta)
                 atomic_write_bytes(tmp / file, data)
                 sums[file] = hashlib.sha256(data).hexdigest()
-        atomic_write_bytes(tmp / CONFIG_FILE, folder.config_json(model_config))
+        atomic_write_bytes(tmp / CONFIG_FILE, saved_folder.config_json(model_config))
         _maybe_kill("write", int(state.get("epoch", -1)), name)
         digests.write_sums(tmp, sums)  # checked by the loaders
         state = state | {"digests": sums}  # checked on resume
@@ -126,7 +126,7 @@ def find_checkpoint(run_dir: str | os.PathLike[str], name: str = "last", weights
     With `weights_only` (evaluation), a folder needs its weights and config.json but not the training state (which
     users may delete to save space)."""
     needed = (MODEL_FILE, CONFIG_FILE) if weights_only else (MODEL_FILE, STATE_FILE)
-    return folder.find_checkpoint(Path(run_dir), name, needed)
+    return saved_folder.find_checkpoint(Path(run_dir), name, needed)
 
 
 def holds_run(run_dir: Path) -> bool:

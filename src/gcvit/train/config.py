@@ -403,7 +403,8 @@ def resolve_config(
         from gcvit.models.registry import digits_overrides  # flags alone change the default digits model, as they
         # change configs/digits.yaml's (which spells it out)
 
-        cfg = dataclasses.replace(cfg, model_overrides=digits_overrides(cfg.model) | cfg.model_overrides)
+        fields = digits_overrides(cfg.model, cfg.img_size or 32)  # the digits' default size: 32 px
+        cfg = dataclasses.replace(cfg, model_overrides=fields | cfg.model_overrides)
     return cfg
 
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,20 +20,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-import gcvit
 from gcvit.data import DataError, mixup_cutmix
-from gcvit.models.folder import model_config, read_config
-from gcvit.models.registry import digits_overrides, family_of
+from gcvit.models.folder import EMA_FILE, MODEL_FILE, read_config
 from gcvit.train import checkpoint as ckpt
 from gcvit.train import distributed as D
-from gcvit.train.config import PATH_FIELDS, SMALL_MODELS, TrainConfig, load_run_config, save_yaml, saved_model_config
+from gcvit.train.build import build_model, checkpoint_config, run_settings, wrap_ddp
+from gcvit.train.config import TrainConfig, load_run_config, save_yaml
 from gcvit.train.data import build_datasets, eval_loader, train_loader
+from gcvit.train.ema import averaged
 from gcvit.train.header import run_header
 from gcvit.train.metrics import TensorBoard, describe_data, plot_history, plot_title, write_csv
-from gcvit.train.optim import build_optimizer, build_scheduler, load_optimizer_state
+from gcvit.train.optim import build_optimizer, build_scheduler
+from gcvit.train.resume import check_nothing_to_lose, check_resumable, restore
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ class TrainResult:
 
 
 @dataclass
-class _Run:
+class Run:
     """Everything the epoch loop touches."""
 
     cfg: TrainConfig
@@ -93,73 +91,6 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
-def _model_overrides(cfg: TrainConfig, architecture: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Config fields of the model to build: `architecture` (a resumed run's own, from its checkpoint's config.json:
-    the --pretrained source is not read again), else what cfg says."""
-    if architecture is not None:
-        return {k: v for k, v in architecture.items() if k not in ("num_classes", "img_size")}
-    overrides = dict(cfg.model_overrides) if cfg.model_overrides is not None else {}
-    if cfg.model_overrides is None and cfg.pretrained:
-        overrides = _saved_architecture(cfg)
-    elif cfg.model_overrides is None and _digits_model_of(cfg):
-        overrides = digits_overrides(cfg.model)  # each family's small 32 px model
-    if cfg.drop_path is not None:
-        overrides["drop_path_rate"] = cfg.drop_path
-    return overrides
-
-
-def _digits_model_of(cfg: TrainConfig) -> bool:
-    """Whether the run trains the family's small 32 px digits model in place of --model: on the digits, from
-    scratch, for a model not made for small data (gcvit_tiny on the digits trains the small GC ViT)."""
-    return cfg.data == "digits" and not cfg.pretrained and cfg.model not in SMALL_MODELS
-
-
-def _saved_architecture(cfg: TrainConfig) -> dict[str, Any]:
-    """The architecture recorded in config.json of a local --pretrained checkpoint of this package, when it is of
-    --model's family: fine-tuning a run's weights rebuilds the run's model (its fields may differ from any named
-    variant). The head, the input size and stochastic depth stay the new run's."""
-    saved = saved_model_config(cfg.pretrained)
-    if saved is None:
-        return {}
-    if family_of(str(saved.get("model", "")).split(".")[0]) is not family_of(str(cfg.model)):
-        return {}
-    drop = ("num_classes", "img_size", "drop_path_rate")
-    return {k: v for k, v in (saved.get("config") or {}).items() if k not in drop}
-
-
-def probe_model(
-    cfg: TrainConfig, architecture: dict[str, Any] | None = None, num_classes: int | None = None
-) -> nn.Module:
-    """The model cfg describes, on the meta device (no memory, no weights read): its settings are checked and its
-    preprocessing known before any data is read or any training starts."""
-    overrides = _model_overrides(cfg, architecture)
-    with torch.device("meta"):
-        return gcvit.create_model(cfg.model, num_classes=num_classes, img_size=cfg.img_size, **overrides)
-
-
-def _build_model(cfg: TrainConfig, num_classes: int, architecture: dict[str, Any] | None) -> nn.Module:
-    """The model to train; a resumed run's (`architecture` given) without pretrained weights, which its checkpoint
-    replaces."""
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    pretrained = cfg.pretrained if architecture is None else False
-    overrides = _model_overrides(cfg, architecture)
-    return gcvit.create_model(
-        cfg.model, pretrained=pretrained, num_classes=num_classes, img_size=cfg.img_size, **overrides
-    )
-
-
-def _model_meta(
-    cfg: TrainConfig, model: nn.Module, classes: list[str], crop_pct: float, crop_mode: str
-) -> dict[str, Any]:
-    """config.json of every checkpoint (the one writer, `gcvit.hub.model_config`): what `load_run` needs to rebuild
-    the model and prepare its inputs, with this run's size and evaluation crop."""
-    meta = model_config(model, classes, cfg.model)
-    meta |= {"img_size": [cfg.img_size, cfg.img_size], "crop_pct": crop_pct, "crop_mode": crop_mode}
-    if not cfg.pretrained:  # trained from scratch: NVIDIA's licence does not bind these weights
-        meta["license"] = ""
-    return meta
-
-
 def _micro_batch(cfg: TrainConfig, info: D.DistInfo) -> int:
     per_step = cfg.batch_size // (info.world_size * cfg.grad_accum)
     if per_step * info.world_size * cfg.grad_accum != cfg.batch_size:
@@ -169,46 +100,10 @@ def _micro_batch(cfg: TrainConfig, info: D.DistInfo) -> int:
     return per_step
 
 
-def _wrap_ddp(model: nn.Module, info: D.DistInfo) -> nn.Module:
-    # A stage with a single block has no global block, so its global query generator gets no gradient.
-    unused = any(d < 2 for d in getattr(model.cfg, "depths", ()))
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
-
-
-EMA_WARMUP_POWER = 0.75  # timm's ModelEmaV3 warmup power for runs shorter than about 200k steps
-
-
-def ema_decay(decay: float, step: int, warmup: bool) -> float:
-    """The EMA decay at update `step` (1 for the first average after the copy): `decay`, or with warmup
-    min(decay, 1 - (1 + step) ** -0.75), as timm's ModelEmaV3 with use_warmup (gamma 1). The warmup lets the average
-    follow the weights early on: at 0.99 a plain EMA still holds a third of a 100-step run's first weights."""
-    return min(decay, 1.0 - (1.0 + step) ** -EMA_WARMUP_POWER) if warmup else decay
-
-
-def _ema_update(decay: float, warmup: bool) -> Callable[[list[torch.Tensor], list[torch.Tensor], Any], None]:
-    """AveragedModel's update: floating tensors move to d * ema + (1 - d) * current (d = `ema_decay`, from the
-    count of averages, which AveragedModel keeps in its state dict), the others (integer buffers such as the
-    relative-position index, batch norm's step count) are copied. torch's own EMA function averages those too, in
-    float, and truncates: for decays like 0.9999 index k became k - 1."""
-
-    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
-        d = ema_decay(decay, int(num_averaged), warmup)
-        with torch.no_grad():
-            floats = [(e, c) for e, c in zip(ema, current) if e.is_floating_point()]
-            if floats:
-                torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - d)
-            for e, c in zip(ema, current):
-                if not e.is_floating_point():
-                    e.copy_(c)
-
-    return update
-
-
-def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | None = None) -> _Run:
+def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | None = None) -> Run:
     """Data first (data errors surface before any model is built), then model, optimizer, schedule, EMA.
     `architecture`: a resumed run's model config (see `_model_overrides`)."""
-    probe = probe_model(cfg, architecture).pretrained_cfg  # only its preprocessing settings are needed
+    _, probe = run_settings(cfg, architecture)  # its preprocessing; the settings checked before the data is read
     crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (probe.crop_pct if cfg.pretrained else 1.0)
     crop_mode = probe.crop_mode if cfg.crop_pct is None and cfg.pretrained else "center"  # 384/512 px: 'squash'
     data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation, crop_mode)
@@ -222,8 +117,8 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
         data.train, micro, cfg.seed, cfg.num_workers, info.rank, info.world_size, pin_memory=info.device.type == "cuda"
     )
     vl = eval_loader(data.val, max(micro, 64), cfg.num_workers, info.distributed)
-    model = _build_model(cfg, num_classes, architecture).to(info.device)
-    net = _wrap_ddp(model, info) if info.distributed else model
+    model = build_model(cfg, num_classes, architecture).to(info.device)
+    net = wrap_ddp(model, info) if info.distributed else model
     optimizer = build_optimizer(
         model, cfg.lr, cfg.weight_decay, cfg.layer_decay, decay_bias_tables=cfg.decay_bias_tables
     )
@@ -247,10 +142,10 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
         warmup_prefix=cfg.warmup_prefix,
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
-    ema = AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema, cfg.ema_warmup), use_buffers=True) if cfg.ema else None
+    ema = averaged(model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
     mixer = mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing)
     torch.manual_seed(cfg.seed + info.rank)  # drop path and mixing differ between ranks
-    return _Run(
+    return Run(
         cfg,
         info,
         model,
@@ -263,11 +158,11 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
         tl,
         vl,
         data.classes,
-        _model_meta(cfg, model, data.classes, crop_pct, crop_mode),
+        checkpoint_config(cfg, model, data.classes, crop_pct, crop_mode),
     )
 
 
-def _state(run: _Run) -> dict[str, Any]:
+def _state(run: Run) -> dict[str, Any]:
     """state.pt: everything besides the weights that a resumed run needs, RNG states of every rank included."""
     rngs = [ckpt.rng_state()]
     if run.info.distributed:
@@ -296,8 +191,8 @@ def kept_weights(row: dict[str, Any], keep_best: str) -> tuple[str, float]:
     user's 480 photo crops); on long ones it is usually the better."""
     ema = row.get("ema_top1")
     if ema is not None and (keep_best == "ema" or ema >= row["val_top1"]):
-        return ckpt.EMA_FILE, ema
-    return ckpt.MODEL_FILE, row["val_top1"]
+        return EMA_FILE, ema
+    return MODEL_FILE, row["val_top1"]
 
 
 def best_epoch(history: list[dict[str, Any]], keep_best: str) -> tuple[int, str, float]:
@@ -310,7 +205,7 @@ def best_epoch(history: list[dict[str, Any]], keep_best: str) -> tuple[int, str,
     return best
 
 
-def _save(run: _Run, run_dir: Path, is_best: bool, kept: dict[str, Any]) -> None:
+def _save(run: Run, run_dir: Path, is_best: bool, kept: dict[str, Any]) -> None:
     """Write last/ (and best/): `kept` (the chosen weights file, epoch and its val top-1) goes into config.json."""
     state = _state(run)  # collective under DDP: every rank takes part
     if not run.info.is_main:
@@ -322,121 +217,12 @@ def _save(run: _Run, run_dir: Path, is_best: bool, kept: dict[str, Any]) -> None
         ckpt.write_checkpoint(run_dir, name, run.model.state_dict(), run.model_meta | kept, state, ema_sd)
 
 
-# what a resumed run may change: how long it runs and where, not what it computes
-RESUME_MAY_CHANGE = ("epochs", "cooldown_epochs", "time_limit", "num_workers", "device", "out_dir", "strict_data")
-
-
-def _same_path(key: str, a: Any, b: Any) -> bool:
-    """A path field saved relative (by runs from before paths were made absolute) that names the same place."""
-    return key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
-
-
-def _check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, meta: dict[str, Any]) -> None:
-    """Raise a ValueError naming every setting that differs from the checkpoint's, beyond RESUME_MAY_CHANGE: an
-    optimizer, schedule and weights restored from the checkpoint would silently keep the old values.
-    A `model` and `model_overrides` that spell the checkpoint's architecture differently (the digits model by
-    default, or written out from another variant as in configs/digits.yaml before it named gcvit_nano) are no
-    change. `meta`: the checkpoint's config.json."""
-    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(cfg.to_dict()))  # tuples read as lists
-    changed = [
-        f"{k} ({saved[k]!r} -> {now[k]!r})"
-        for k in saved
-        if k in now
-        and k not in RESUME_MAY_CHANGE
-        and saved[k] != now[k]
-        and not _same_path(k, saved[k], now[k])
-        and not (k in ("model", "model_overrides") and _describes(cfg, meta))
-    ]
-    if changed:
-        raise ValueError(
-            f"{folder} was trained with other settings: {', '.join(changed)}. A resumed run keeps its settings (it "
-            f"may change {', '.join(RESUME_MAY_CHANGE)}); to change the others, start a new run from its weights "
-            f"(--pretrained {folder / 'model.safetensors'})"
-        )
-
-
-def _check_nothing_to_lose(run_dir: Path) -> None:
-    """A resumed run without a complete last/ starts over, which rewrites best/: fine after a crash inside the
-    first epoch's checkpoint (best/ holds epoch 1, which the new start redoes), refused otherwise (last/ or its
-    state.pt deleted)."""
-    best = ckpt.find_checkpoint(run_dir, "best", weights_only=True)
-    if best is None:
-        return
-    epoch = ckpt.read_training_state(best).get("epoch") if (best / ckpt.STATE_FILE).is_file() else None
-    if epoch == 1:
-        return
-    held = f"epoch {epoch}" if epoch is not None else "weights"
-    raise ValueError(
-        f"{run_dir} has no complete last/ checkpoint (model.safetensors and state.pt) to resume from, but {best} "
-        f"holds {held}: starting over would overwrite it. Start a new run from those weights instead "
-        f"(--pretrained {best / ckpt.MODEL_FILE} --out-dir ANOTHER_FOLDER)"
-    )
-
-
-def _describes(cfg: TrainConfig, meta: dict[str, Any]) -> bool:
-    """Whether cfg's model settings build the architecture a checkpoint's config.json (`meta`) records."""
-    try:
-        model = probe_model(cfg, num_classes=meta.get("num_classes"))
-    except (TypeError, ValueError, OSError):
-        return False
-    try:
-        saved = type(model.cfg)(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-    except (TypeError, ValueError, KeyError, AttributeError):
-        return False
-    return _architecture(model.cfg) == _architecture(saved)
-
-
-def _architecture(config: Any) -> dict[str, Any]:
-    """A model config as JSON, its global-query pools written out: None (derived from the native size) and the
-    derived values build the same modules."""
-    spelled = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples read as lists
-    if hasattr(config, "pools"):
-        spelled["global_query_pools"] = list(config.pools)
-    return spelled
-
-
-def _restore(run: _Run, folder: Path, meta: dict[str, Any], state: dict[str, Any]) -> None:
-    """Continue from checkpoint `folder` (its config.json `meta` and state.pt `state`, already checked with
-    `_check_resumable`) on the same classes."""
-    saved_classes = meta.get("classes")
-    if saved_classes is not None and list(saved_classes) != list(run.classes):
-        raise ValueError(
-            f"{folder} was trained on the classes {saved_classes}; the data now has {run.classes}. A resumed run "
-            f"keeps its classes (its head's outputs are named by them); to train on these, start a new run from its "
-            f"weights (--pretrained {folder / ckpt.MODEL_FILE})"
-        )
-    ckpt.check_digests(folder, state)
-    try:
-        run.model.load_state_dict(ckpt.read_weights(folder))
-    except RuntimeError as e:  # shapes of another architecture: a weights file swapped in by hand
-        raise ValueError(
-            f"{folder / ckpt.MODEL_FILE} does not fit the model its config.json describes: {str(e).splitlines()[-1]}"
-        ) from None
-    try:
-        load_optimizer_state(run.optimizer, state["optimizer"])
-    except ValueError as e:  # e.g. Swin/ViT runs with --layer-decay from before they got one lr level per block
-        raise ValueError(
-            f"{folder}: its optimizer state does not fit this version's parameter groups ({e}); it cannot resume. "
-            f"Start a new run from its weights (--pretrained {folder / ckpt.MODEL_FILE})"
-        ) from None
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    if run.ema is not None and state["ema"] is not None:
-        run.ema.load_state_dict(state["ema"])
-    run.epoch, run.step, run.best, run.history = state["epoch"], state["step"], state["best"], state["history"]
-    run.saved = run.epoch
-    run.train_loader.generator.set_state(state["loader_generator"])
-    rngs = state["rng"]
-    ckpt.set_rng_state(rngs[run.info.rank] if len(rngs) == run.info.world_size else rngs[0])
-    logger.info("resumed from %s after epoch %d (step %d)", folder, run.epoch, run.step)
-
-
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum(targets * log_softmax(logits)); targets (B, K) are soft (mixed, smoothed)."""
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def _check_finite(loss: torch.Tensor, run: _Run, run_dir: Path) -> None:
+def _check_finite(loss: torch.Tensor, run: Run, run_dir: Path) -> None:
     if D.any_rank(not bool(torch.isfinite(loss)), run.info):
         kept = (
             f"{run_dir / 'last'} keeps the last good epoch ({run.epoch})"
@@ -449,7 +235,7 @@ def _check_finite(loss: torch.Tensor, run: _Run, run_dir: Path) -> None:
         )
 
 
-def _check_finite_weights(run: _Run, run_dir: Path) -> None:
+def _check_finite_weights(run: Run, run_dir: Path) -> None:
     """The loss is checked before each backward; a step whose gradients overflowed (the epoch's last, say) shows only
     in the weights. They are checked before every checkpoint, so that last/ and best/ never hold NaN."""
     weights = [p.detach() for p in run.model.parameters()]
@@ -462,7 +248,7 @@ def _check_finite_weights(run: _Run, run_dir: Path) -> None:
         )
 
 
-def _optimizer_step(run: _Run) -> None:
+def _optimizer_step(run: Run) -> None:
     if run.cfg.clip_grad is not None:
         run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
@@ -475,7 +261,7 @@ def _optimizer_step(run: _Run) -> None:
     run.step += 1
 
 
-def _train_epoch(run: _Run, run_dir: Path, bar: Any) -> float:
+def _train_epoch(run: Run, run_dir: Path, bar: Any) -> float:
     """One epoch; returns the mean training loss over all ranks."""
     cfg, dev = run.cfg, run.info.device
     run.net.train()
@@ -534,7 +320,7 @@ def validate(
     return {"loss": loss_sum / n, "top1": 100 * correct1 / n, "top5": 100 * correct5 / n}
 
 
-def _epoch_end(run: _Run, run_dir: Path, train_loss: float, seconds: float, tb: TensorBoard | None) -> dict[str, Any]:
+def _epoch_end(run: Run, run_dir: Path, train_loss: float, seconds: float, tb: TensorBoard | None) -> dict[str, Any]:
     """Validate (and the EMA), checkpoint, then log: the checkpoint holds the history up to this epoch. Validation
     runs in fp32 whatever the training's amp, so the logged numbers (and the choice of best/) are what `gcvit eval`
     reports for the saved weights."""
@@ -568,11 +354,11 @@ def _epoch_end(run: _Run, run_dir: Path, train_loss: float, seconds: float, tb: 
     return row
 
 
-def _plot(run: _Run, run_dir: Path) -> None:
+def _plot(run: Run, run_dir: Path) -> None:
     """plots/: loss and accuracy, titled with the run, its validation data and the weights best/ keeps (marked)."""
     cfg = run.cfg
     epoch, weights, _ = best_epoch(run.history, cfg.keep_best)
-    which = "EMA" if weights == ckpt.EMA_FILE else "raw"
+    which = "EMA" if weights == EMA_FILE else "raw"
     if cfg.data == "digits":
         data = describe_data("digits", True)
     else:
@@ -581,7 +367,7 @@ def _plot(run: _Run, run_dir: Path) -> None:
     plot_history(run_dir / "plots", run.history, title=title, best_epoch=epoch, num_classes=len(run.classes))
 
 
-def _progress_bar(run: _Run, enabled: bool) -> Any:
+def _progress_bar(run: Run, enabled: bool) -> Any:
     if not (enabled and run.info.is_main):
         return None
     from tqdm import tqdm
@@ -665,15 +451,15 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
         )
     found = ckpt.find_checkpoint(run_dir) if resuming else None
     if resuming and found is None:
-        _check_nothing_to_lose(run_dir)
+        check_nothing_to_lose(run_dir)
         logger.info("no complete checkpoint in %s: starting from scratch", run_dir)
     meta = state = None
     if found is not None:  # settings checked before the model is built: another family would not build
         meta, state = read_config(found), ckpt.read_training_state(found)
-        _check_resumable(state.get("config", {}), cfg, found, meta)
+        check_resumable(state.get("config", {}), cfg, found, meta)
     run = _setup(cfg, info, meta.get("config") if meta is not None else None)
     if found is not None:
-        _restore(run, found, meta, state)
+        restore(run, found, meta, state)
     if info.is_main:
         save_yaml(cfg, run_dir / "config.yaml")
         if run.history:  # as the checkpoint has it: a kill between checkpoint and CSV left them an epoch behind
@@ -702,7 +488,7 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     return TrainResult(run_dir, run.epoch, run.best, run.history, epoch, weights)
 
 
-def _interrupted(run: _Run, run_dir: Path) -> str:
+def _interrupted(run: Run, run_dir: Path) -> str:
     """The one line a Ctrl-C ends with."""
     if run.saved == 0:
         return "interrupted during epoch 1; no checkpoint was written (start again with the same command)"
@@ -712,7 +498,7 @@ def _interrupted(run: _Run, run_dir: Path) -> str:
     )
 
 
-def _log_epoch(row: dict[str, Any], run: _Run, start: float, first_epoch: int) -> None:
+def _log_epoch(row: dict[str, Any], run: Run, start: float, first_epoch: int) -> None:
     if not run.info.is_main:
         return
     total = run.cfg.epochs + run.cfg.cooldown_epochs
