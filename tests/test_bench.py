@@ -49,7 +49,7 @@ def test_bench_reports_equality_and_every_row(capsys: pytest.CaptureFixture[str]
 def test_bench_leaves_out_bf16_rows_on_a_cpu_without_bf16_kernels(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gcvit import bench
+    from gcvit import bench_timm as bench
 
     monkeypatch.setattr(bench, "cpu_has_bf16", lambda: False)
     argv = ["bench", "--models", "gcvit_xxtiny", "--train-models", "--batches", "1", "--repeats", "1"]
@@ -92,7 +92,7 @@ def test_bench_on_cuda_without_a_gpu_is_one_line(capsys) -> None:
 def test_cpu_peak_memory_counts_what_the_timed_path_allocates() -> None:
     """The peak comes from the allocator's record, so the fused oneDNN kernels run as when timed, and memory a
     kernel frees before returning counts too."""
-    from gcvit.bench import peak_memory
+    from gcvit.bench_timm import peak_memory
     from gcvit.layers import fused
 
     calls = []
@@ -109,7 +109,7 @@ def test_cpu_peak_memory_counts_what_the_timed_path_allocates() -> None:
 def test_gpu_runs_name_the_gpu_and_keep_fp32_rows_full_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the run logs the GPU and turns TF32 off for matmuls and cuDNN alike (PyTorch's defaults differ between
     the two, which would favour the side with more convolutions), restoring both afterwards."""
-    from gcvit.bench import full_fp32, matmul_size
+    from gcvit.bench_timm import full_fp32, matmul_size
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (monkeypatch cannot restore these)

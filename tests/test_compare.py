@@ -11,7 +11,7 @@ from PIL import Image
 
 import gcvit
 from gcvit.cli import main
-from gcvit.compare import attention_summary
+from gcvit.compare_families import attention_summary
 
 
 def _image_folder(root: Path, per_class: int = 4) -> Path:

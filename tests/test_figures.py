@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gcvit.compare import ModelResult, plot
+from gcvit.compare_families import ModelResult, plot
 from gcvit.train.evaluate import plot_confusion
 from gcvit.train.metrics import plot_history
 

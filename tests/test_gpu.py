@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gcvit
-from gcvit.bench import full_fp32
+from gcvit.bench_timm import full_fp32
 from gcvit.train import TrainConfig, train
 from tests.conftest import randomize_
 

@@ -115,7 +115,7 @@ def _digits(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from gcvit.bench import BenchConfig, run
+    from gcvit.bench_timm import BenchConfig, run
 
     cfg = BenchConfig(
         models=tuple(args.models),

@@ -1,4 +1,4 @@
-"""`gcvit compare`: argument parsing and printing around `gcvit.compare`."""
+"""`gcvit compare`: argument parsing and printing around `gcvit.compare_families`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ COMMANDS = {"compare": "train GC ViT, Swin and ViT with one recipe and time budg
 def _compare(args: argparse.Namespace) -> None:
     import torch
 
-    from gcvit.compare import CompareConfig, markdown_table, run
+    from gcvit.compare_families import CompareConfig, markdown_table, run
 
     if args.threads is not None:
         if args.threads < 1:
@@ -44,7 +44,7 @@ def _compare(args: argparse.Namespace) -> None:
 def add_subcommands(subparsers: Any) -> None:
     """Add `compare` to the `gcvit` command's subparsers."""
     from gcvit.cli.train import DefaultsFormatter
-    from gcvit.compare import CompareConfig
+    from gcvit.compare_families import CompareConfig
 
     defaults = CompareConfig()
     p = subparsers.add_parser("compare", help=COMMANDS["compare"], formatter_class=DefaultsFormatter)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gcvit.bench import interleaved, peak_memory
+from gcvit.bench_timm import interleaved, peak_memory
 from gcvit.figures import subplots
 from gcvit.flops import count_macs, count_params
 from gcvit.models.registry import digits_overrides, family_of
