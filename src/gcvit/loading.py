@@ -54,7 +54,8 @@ def load(
         ema: for folders: load ema.safetensors (True) or model.safetensors (False); None: the file the folder's
             config.json chooses (`gcvit train` keeps the better on validation), else the EMA weights where there
             are any.
-        device: where to put the model (default: the CPU).
+        device: where to put the model; None: where it is built (the CPU, or the device of a `with
+            torch.device(...)` block).
         overrides: for a name, `create_model`'s arguments (`pretrained=True` for the official weights, or a
             checkpoint path or URL; `num_classes`, `img_size`, any config field); for a saved model, config fields
             (`drop_path_rate`, `img_size`, ...) and `num_classes` (another than the saved one gives a fresh head, for
@@ -95,7 +96,7 @@ def load(
             f"{text!r} is neither a model name{close_names(text)}, a run folder, a checkpoint, an existing folder or "
             "file, an http(s):// URL nor a hub repo id 'user/name' (gcvit models lists the names)"
         )
-    return model.to(device or "cpu").eval()
+    return (model if device is None else model.to(device)).eval()
 
 
 def _is_name(text: str) -> bool:
