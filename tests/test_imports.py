@@ -121,5 +121,34 @@ def test_models_import_nothing_above_them() -> None:
     assert {k: v for k, v in wrong.items() if v} == {}
 
 
+# docs/ARCHITECTURE.md's layers, bottom first: a room imports only rooms of lower layers
+LAYERS = [
+    ("gcvit", "gcvit.atomic", "gcvit.imagenet", "gcvit.extras", "gcvit.flops", "gcvit.allocator", "gcvit.figures"),
+    ("gcvit.digests",),
+    ("gcvit.download",),
+    ("gcvit.layers",),
+    ("gcvit.models",),
+    ("gcvit.hub",),
+    ("gcvit.loading",),
+    ("gcvit.data",),
+    ("gcvit.train", "gcvit.export", "gcvit.visualize"),
+    ("gcvit.bench_timm",),
+    ("gcvit.compare_families",),
+    ("gcvit.cli",),
+]
+
+
+def test_rooms_import_only_lower_layers() -> None:
+    rank = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
+
+    def room(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    graph = import_graph()
+    assert {room(m) for m in graph} <= set(rank), "a new room: give it a layer here and in docs/ARCHITECTURE.md"
+    upward = sorted(f"{a} -> {b}" for a, edges in graph.items() for b in edges if rank[room(b)] > rank[room(a)])
+    assert upward == []
+
+
 def test_no_loose_cli_modules() -> None:
     assert sorted(p.name for p in (SRC / "gcvit").glob("cli_*.py")) == []
