@@ -12,6 +12,7 @@ from gcvit.layers.attention import (
 )
 from gcvit.layers.conv import FeatExtract, FusedMBConv, ReduceSize, SqueezeExcite
 from gcvit.layers.drop import DropPath
+from gcvit.layers.fused import onednn_kernels
 from gcvit.layers.kernel_cache import forget_prepared
 from gcvit.layers.mlp import Mlp
 from gcvit.layers.rel_pos import relative_position_index, resize_bias_table
@@ -40,6 +41,7 @@ __all__ = [
     "forget_prepared",
     "get_attention_route",
     "map_view",
+    "onednn_kernels",
     "pad_to_window_multiple",
     "padding_key_mask",
     "relative_position_index",

@@ -14,6 +14,9 @@ rounding.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,9 +25,26 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from gcvit.layers.kernel_cache import PreparedCache
 
+_ONEDNN = True  # the switch `onednn_kernels` sets; read as a plain value, so traced graphs see it too
+
+
+@contextlib.contextmanager
+def onednn_kernels(enabled: bool) -> Iterator[None]:
+    """Let `linear` and `conv2d_gelu` use oneDNN's fused kernels where they pay (True, the default), or run
+    PyTorch's standard ops everywhere (False) inside the `with` block, e.g. to compare the two; the previous
+    setting comes back on leaving it. Not thread-local."""
+    global _ONEDNN
+    previous, _ONEDNN = _ONEDNN, bool(enabled)
+    try:
+        yield
+    finally:
+        _ONEDNN = previous
+
 
 def _onednn_usable(x: torch.Tensor, layer: nn.Linear | nn.Conv2d) -> bool:
     """Whether oneDNN's kernels may run `layer` on `x` at all (gradients aside)."""
+    if not _ONEDNN:
+        return False
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return False  # checked first: tracing must not step into the checks below
     if _get_current_dispatch_mode() is not None:
