@@ -32,7 +32,7 @@ from gcvit.models.folder import (
     weights_record,
 )
 from gcvit.models.pretrained import PretrainedCfg
-from gcvit.models.registry import close_names, create_model, family_of
+from gcvit.models.registry import close_names, create_model, is_model_name
 from gcvit.models.weights import load_checkpoint
 
 FETCH_OPTIONS = ("revision", "cache_dir", "force_download", "token")  # of remote sources (`gcvit.hub.fetch`)
@@ -85,7 +85,7 @@ def load(
             weights = chosen_weights(folder, read_config(folder), ema)
             origin = f"{hub.folder_url(text, fetching.get('revision', 'main'))}/{weights.name}"
         model = _saved_model(folder, weights, origin, overrides)
-    elif _is_name(text):
+    elif is_model_name(text):
         if ema is not None or fetching:
             given = ["ema"] * (ema is not None) + sorted(fetching)
             raise ValueError(f"{given} go with a folder, URL or hub repo id; {text!r} is a model name")
@@ -97,14 +97,6 @@ def load(
             "file, an http(s):// URL nor a hub repo id 'user/name' (gcvit models lists the names)"
         )
     return (model if device is None else model.to(device)).eval()
-
-
-def _is_name(text: str) -> bool:
-    try:
-        family_of(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _local(path: Path, ema: bool | None) -> tuple[Path, Path]:

@@ -53,6 +53,15 @@ def family_of(name: str) -> Family:
     raise _unknown(name)
 
 
+def is_model_name(name: str) -> bool:
+    """Whether `name` is a registered `arch` or `arch.tag` (no error, no close matches)."""
+    try:
+        resolve_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def digits_overrides(name: str, img_size: int = 32) -> dict[str, Any]:
     """Config fields of the family's small model for the bundled digits, made for 32 px; at another `img_size` a
     GC ViT asks for that size's global-query pools (`query_pools`)."""

@@ -24,7 +24,7 @@ from gcvit.data.transforms import load_rgb
 from gcvit.figures import subplots
 from gcvit.loading import load
 from gcvit.models.folder import EMA_FILE, MODEL_FILE, default_classes
-from gcvit.models.registry import family_of
+from gcvit.models.registry import is_model_name
 from gcvit.train.distributed import require_cuda
 from gcvit.train.metrics import describe_data, plot_title, wrap_title
 
@@ -40,17 +40,9 @@ def load_model(model: PathLike | nn.Module, device: str | torch.device = "cpu") 
     if isinstance(model, nn.Module):
         return model.to(device).eval()
     text = str(model)
-    if not Path(text).exists() and _is_name(text):
+    if not Path(text).exists() and is_model_name(text):
         return load(text, pretrained=True, device=device)
     return load(text, device=device)
-
-
-def _is_name(text: str) -> bool:
-    try:
-        family_of(text)
-    except ValueError:
-        return False
-    return True
 
 
 def classes_of(model: nn.Module) -> list[str]:
