@@ -21,6 +21,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: tiny models barely gain from two, and two thrash when other jobs share the CPU (the tests of
+    training take it: `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # a GC ViT of a few thousand parameters for fast training tests (`model_overrides`, or `--model-override` flags)
 TINY = {
     "embed_dim": 16,

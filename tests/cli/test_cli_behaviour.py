@@ -19,7 +19,7 @@ from gcvit.train.evaluate import evaluate, predict
 from gcvit.train.metrics import plot_history
 from tests.conftest import randomize_
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPES = ["circle", "square", "triangle"]
 
 

@@ -177,6 +177,30 @@ def test_float_and_32_bit_images_are_scaled_by_their_range(tmp_path: Path, name:
     assert np.asarray(load_rgb(tmp_path / "x.tif"))[1, :, 0].tolist() == expected, name
 
 
+def test_sixteen_bit_images_keep_their_tones(tmp_path: Path) -> None:
+    """PIL clips 16-bit values when converting to RGB; they are scaled instead."""
+    from gcvit.data import load_rgb
+
+    ramp = np.tile(np.linspace(0, 65535, 8).astype(np.uint16), (4, 1))
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    row = np.asarray(load_rgb(tmp_path / "g16.png"))[0, :, 0]
+    assert row.tolist() == [0, 36, 73, 109, 146, 182, 219, 255]
+
+
+def test_exif_rotated_photos_are_read_upright(tmp_path: Path) -> None:
+    """A photo stored sideways with EXIF orientation 6 (as phones save them) is read as it is shown: upright."""
+    from gcvit.data import load_rgb
+
+    upright = np.zeros((30, 10, 3), np.uint8)
+    upright[:5] = 255  # a white band at the top
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # (10, 30) on disk; shown turned back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    image = np.asarray(load_rgb(tmp_path / "phone.jpg"))
+    assert image.shape == (30, 10, 3) and image[:5].mean() > 200 and image[10:].mean() < 50
+
+
 def test_transforms_take_pil_images_of_any_mode_and_name_a_wrong_tensor() -> None:
     """An RGBA PNG opened by the user crashed deep in torch (4 channels against 3 means); it is made RGB first. A
     channels-last tensor is refused by name."""
