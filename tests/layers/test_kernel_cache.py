@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import gcvit
-from gcvit.layers import fused
-from gcvit.layers.fused import linear
+from gcvit.layers.fused import linear, onednn_kernels
 
 
 @pytest.mark.parametrize("autocast", [False, pytest.param(True, marks=pytest.mark.cpu_bf16)])
@@ -50,8 +49,7 @@ def test_model_made_in_inference_mode_runs_and_follows_new_weights(dtype: torch.
 
 def _reference(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
     """The model's output with no fused kernel and nothing kept (grad enabled: the bias is gathered afresh)."""
-    with monkeypatch.context() as m, torch.enable_grad():
-        m.setattr(fused, "_onednn_usable", lambda x, layer: False)
+    with onednn_kernels(False), torch.enable_grad():
         return model(x).detach()
 
 

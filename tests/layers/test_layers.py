@@ -15,10 +15,10 @@ from gcvit.layers import (
     WindowAttentionGlobal,
     attention_route,
     get_attention_route,
+    onednn_kernels,
     padding_key_mask,
     window_attention,
 )
-from gcvit.layers import fused as fused_module
 from gcvit.layers.cpu_attention import cpu_has_amx, fused_kernel_pays, score_width
 from gcvit.layers.fused import _onednn_pays, conv2d_gelu, linear
 from tests.conftest import randomize_
@@ -303,8 +303,7 @@ def test_only_biases_trainable_get_their_gradients() -> None:
     assert len(grads) == 24 and all(g.abs().sum() > 0 for g in grads.values())
     reference = copy.deepcopy(model)
     reference.zero_grad(set_to_none=True)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(fused_module, "_onednn_usable", lambda x, layer: False)
+    with onednn_kernels(False):
         reference(x).pow(2).sum().backward()
     for n, p in reference.named_parameters():
         if p.requires_grad:
@@ -354,9 +353,7 @@ def test_forward_mode_ad_through_the_fused_layers() -> None:
         x, v = torch.randn(shape), torch.randn(shape)
         tangents = []
         for fast in (True, False):
-            with pytest.MonkeyPatch.context() as m, forward_ad.dual_level(), torch.no_grad():
-                if not fast:
-                    m.setattr(fused_module, "_onednn_usable", lambda x, layer: False)
+            with onednn_kernels(fast), forward_ad.dual_level(), torch.no_grad():
                 tangents.append(forward_ad.unpack_dual(layer(forward_ad.make_dual(x, v))).tangent)
         assert tangents[0] is not None and torch.allclose(tangents[0], tangents[1], atol=1e-5)
 
