@@ -114,6 +114,25 @@ def assert_loads_timm_checkpoint(name: str, timm_name: str, tmp_path: Path) -> N
     assert_same_logits(model, reference)
 
 
+def assert_padding_is_masked(model: torch.nn.Module, x: torch.Tensor, module: object, patch) -> None:
+    """The model's output at a size that pads its maps to window multiples stays the same when the padding holds
+    large noise instead of zeros (`patch`: monkeypatch.setattr on `module.pad_to_window_multiple`): padded tokens
+    are masked out of attention and cut off after it."""
+    with torch.no_grad():
+        expected = model(x)
+
+    def noisy_pad(t: torch.Tensor, ws: int) -> torch.Tensor:
+        _, H, W, C = t.shape
+        out = torch.randn(t.shape[0], -(-H // ws) * ws, -(-W // ws) * ws, C) * 100
+        out[:, :H, :W] = t
+        return out
+
+    patch(module, "pad_to_window_multiple", noisy_pad)
+    with torch.no_grad():
+        got = model(x)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
 def assert_checkpointing_keeps_gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Every gradient is finite and non-zero, and gradient checkpointing leaves them unchanged (1e-6)."""
 
