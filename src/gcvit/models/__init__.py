@@ -1,5 +1,6 @@
 """Model definitions, the name registry and checkpoint handling."""
 
+from gcvit.models.backbone import GCViTBackbone, create_backbone
 from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig, convert_timm
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
 from gcvit.models.registry import FAMILIES, create_model, list_models, resolve_name
@@ -13,6 +14,7 @@ __all__ = [
     "VARIANTS",
     "CheckpointError",
     "GCViT",
+    "GCViTBackbone",
     "GCViTConfig",
     "LoadReport",
     "PretrainedCfg",
@@ -21,6 +23,7 @@ __all__ = [
     "ViTConfig",
     "VisionTransformer",
     "convert_timm",
+    "create_backbone",
     "create_model",
     "list_models",
     "load_checkpoint",

@@ -206,6 +206,13 @@ class GCViTLayer(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
+def build_levels(cfg: GCViTConfig) -> nn.ModuleList:
+    """The stages (`levels`), stochastic depth rising linearly from 0 to drop_path_rate over all blocks."""
+    dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
+    starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
+    return nn.ModuleList([GCViTLayer(i, cfg, dpr[s : s + d]) for i, (s, d) in enumerate(zip(starts, cfg.depths))])
+
+
 class GCViT(PyramidClassifier):
     """GC ViT classifier and backbone. Input NCHW float images; see `forward` and `forward_intermediates`;
     `save_pretrained(dir)` writes a folder that `gcvit.load(dir)` loads."""
@@ -217,11 +224,7 @@ class GCViT(PyramidClassifier):
         self.num_features = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
         self.patch_embed = PatchEmbed(cfg.in_chans, cfg.embed_dim, cfg.norm_eps)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
-        starts = [sum(cfg.depths[:i]) for i in range(len(cfg.depths))]
-        self.levels = nn.ModuleList(
-            [GCViTLayer(i, cfg, dpr[s : s + d]) for i, (s, d) in enumerate(zip(starts, cfg.depths))]
-        )
+        self.levels = build_levels(cfg)
         self.norm = nn.LayerNorm(self.num_features, eps=cfg.norm_eps)
         self.head: nn.Module = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         last = len(cfg.depths) - 1
