@@ -1,6 +1,7 @@
 """Model definitions, the name registry and checkpoint handling."""
 
 from gcvit.models.backbone import GCViTBackbone, create_backbone
+from gcvit.models.detector import create_detector
 from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig, convert_timm
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
 from gcvit.models.registry import FAMILIES, create_model, list_models, resolve_name
@@ -24,6 +25,7 @@ __all__ = [
     "VisionTransformer",
     "convert_timm",
     "create_backbone",
+    "create_detector",
     "create_model",
     "list_models",
     "load_checkpoint",
