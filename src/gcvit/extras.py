@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 # a missing optional package -> the extra that brings it (any other: 'train')
-EXTRA_OF = {"onnx": "export", "onnxruntime": "export", "onnxscript": "export", "timm": "test", "skimage": "test"}
+EXTRA_OF = {
+    "onnx": "export",
+    "onnxruntime": "export",
+    "onnxscript": "export",
+    "timm": "test",
+    "skimage": "test",
+    "pycocotools": "detection",
+}
 
 
 def install_hint(extra: str) -> str:
