@@ -85,7 +85,7 @@ def test_the_loop_follows_each_setting_into_training(tmp_path: Path, monkeypatch
     """Settings whose loss no other fast test would see (a mutation review): best/ is chosen on the EMA's accuracy
     with keep_best 'ema' (the spec's), fractional warmup epochs round to steps, each epoch reshuffles (set_epoch),
     gradients are clipped, the mixer smooths labels by label_smoothing, and the time limit stops the run."""
-    from gcvit.train import loop
+    from gcvit.train import classify, loop
     from gcvit.train.data import _EpochSampler
 
     calls: dict[str, list] = {"top1": [50.0, 30.0, 40.0, 45.0], "epochs": [], "clip": [], "warmup": [], "smooth": []}
@@ -108,11 +108,11 @@ def test_the_loop_follows_each_setting_into_training(tmp_path: Path, monkeypatch
         calls["smooth"].append(label_smoothing)
         return gcvit.data.mixup_cutmix(*args, label_smoothing=label_smoothing)
 
-    monkeypatch.setattr(loop, "validate", validate)
+    monkeypatch.setattr(classify, "validate", validate)
     monkeypatch.setattr(_EpochSampler, "set_epoch", set_epoch)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     monkeypatch.setattr(loop, "build_scheduler", scheduler)
-    monkeypatch.setattr(loop, "mixup_cutmix", mixer)
+    monkeypatch.setattr(classify, "mixup_cutmix", mixer)
     cfg = tiny_config(
         tmp_path,
         epochs=2,
@@ -136,12 +136,12 @@ def test_the_loop_follows_each_setting_into_training(tmp_path: Path, monkeypatch
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gcvit.train import loop
+    from gcvit.train import classify, loop
 
     cfg = tiny_config(tmp_path, epochs=1)
     train(cfg)
     good = ckpt.read_weights(tmp_path / "run" / "last")
-    monkeypatch.setattr(loop, "_soft_cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
+    monkeypatch.setattr(classify, "soft_cross_entropy", lambda logits, targets: logits.sum() * float("nan"))
     with pytest.raises(loop.NonFiniteLossError, match="last good epoch"):
         train(tiny_config(tmp_path, epochs=2), resume=tmp_path / "run")
     after = ckpt.read_weights(tmp_path / "run" / "last")

@@ -116,7 +116,14 @@ def build_datasets(
 
 
 def train_loader(
-    dataset: Any, batch_size: int, seed: int, num_workers: int, rank: int, world_size: int, pin_memory: bool = False
+    dataset: Any,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool = False,
+    collate: Any = None,
 ) -> DataLoader[Any]:
     """Shuffled, drop-last loader of per-process batches with (seed, epoch, index)-seeded augmentations."""
     inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
@@ -133,11 +140,16 @@ def train_loader(
         num_workers=num_workers,
         drop_last=True,
         pin_memory=pin_memory,
+        collate_fn=collate,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed + rank),
     )
 
 
-def eval_loader(dataset: Any, batch_size: int, num_workers: int, distributed: bool) -> DataLoader[Any]:
+def eval_loader(
+    dataset: Any, batch_size: int, num_workers: int, distributed: bool, collate: Any = None
+) -> DataLoader[Any]:
     """Ordered loader; distributed runs split it across ranks, each sample on exactly one rank."""
-    return _build_loader(dataset, batch_size, train=False, num_workers=num_workers, distributed=distributed)
+    return _build_loader(
+        dataset, batch_size, train=False, num_workers=num_workers, distributed=distributed, collate_fn=collate
+    )

@@ -1,4 +1,6 @@
-"""The training loop: `train(cfg)` builds everything from a TrainConfig, trains, validates, logs and checkpoints.
+"""The training loop, one for every task: `train(cfg)` builds everything from a TrainConfig, trains, validates, logs
+and checkpoints. What is particular to a kind of training (its data, model, loss and validation) comes from its
+`Task` (`gcvit.train.task`; classification: `gcvit.train.classify`); the rest is here.
 
 A run folder RUN (cfg.out_dir) gets config.yaml, metrics.csv, plots/, tb/ (with tensorboard), last/ and best/
 (see `gcvit.train.checkpoint`). `train(cfg, resume=True)` continues from RUN/last/ with every RNG state restored,
@@ -18,22 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from gcvit.data import DataError, mixup_cutmix
+from gcvit.data import DataError
 from gcvit.models.folder import EMA_FILE, MODEL_FILE, read_config
 from gcvit.train import checkpoint as ckpt
 from gcvit.train import distributed as D
-from gcvit.train.build import build_model, checkpoint_config, run_settings, wrap_ddp
+from gcvit.train.build import wrap_ddp
+from gcvit.train.classify import ClassificationTask
 from gcvit.train.config import TrainConfig, load_run_config, save_yaml
-from gcvit.train.data import build_datasets, eval_loader, train_loader
+from gcvit.train.data import eval_loader, train_loader
 from gcvit.train.ema import averaged
-from gcvit.train.header import run_header
-from gcvit.train.metrics import TensorBoard, describe_data, plot_history, plot_title, write_csv
+from gcvit.train.metrics import TensorBoard, write_csv
 from gcvit.train.optim import build_optimizer, build_scheduler
 from gcvit.train.resume import check_nothing_to_lose, check_resumable, restore
+from gcvit.train.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
-    mixer: Any
+    task: Task
     train_loader: Any
     val_loader: Any
     classes: list[str]
@@ -85,12 +87,6 @@ def _check_amp(cfg: TrainConfig, device: torch.device) -> None:
         raise ValueError("amp='fp16' needs CUDA; use 'bf16' or 'none' on the CPU")
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
-
-
 def _micro_batch(cfg: TrainConfig, info: D.DistInfo) -> int:
     per_step = cfg.batch_size // (info.world_size * cfg.grad_accum)
     if per_step * info.world_size * cfg.grad_accum != cfg.batch_size:
@@ -100,24 +96,23 @@ def _micro_batch(cfg: TrainConfig, info: D.DistInfo) -> int:
     return per_step
 
 
-def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | None = None) -> Run:
+def _setup(cfg: TrainConfig, info: D.DistInfo, task: Task, architecture: dict[str, Any] | None = None) -> Run:
     """Data first (data errors surface before any model is built), then model, optimizer, schedule, EMA.
-    `architecture`: a resumed run's model config (see `_model_overrides`)."""
-    _, probe = run_settings(cfg, architecture)  # its preprocessing; the settings checked before the data is read
-    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else (probe.crop_pct if cfg.pretrained else 1.0)
-    crop_mode = probe.crop_mode if cfg.crop_pct is None and cfg.pretrained else "center"  # 384/512 px: 'squash'
-    data = build_datasets(cfg, probe.mean, probe.std, crop_pct, probe.interpolation, crop_mode)
-    num_classes = cfg.num_classes or len(data.classes)
-    if len(data.classes) < 2:
-        raise DataError(f"expected at least 2 classes to tell apart; the data has {data.classes}")
-    if num_classes != len(data.classes):  # a head with outputs no class is named for could not be evaluated
-        raise ValueError(f"num_classes={num_classes} but the data has {len(data.classes)} classes: {data.classes}")
+    `architecture`: a resumed run's model config (see `gcvit.train.build`)."""
+    data = task.datasets(architecture)
     micro = _micro_batch(cfg, info)
     tl = train_loader(
-        data.train, micro, cfg.seed, cfg.num_workers, info.rank, info.world_size, pin_memory=info.device.type == "cuda"
+        data.train,
+        micro,
+        cfg.seed,
+        cfg.num_workers,
+        info.rank,
+        info.world_size,
+        pin_memory=info.device.type == "cuda",
+        collate=data.collate,
     )
-    vl = eval_loader(data.val, max(micro, 64), cfg.num_workers, info.distributed)
-    model = build_model(cfg, num_classes, architecture).to(info.device)
+    vl = eval_loader(data.val, max(micro, 64), cfg.num_workers, info.distributed, collate=data.collate)
+    model = task.build_model(data, architecture).to(info.device)
     net = wrap_ddp(model, info) if info.distributed else model
     optimizer = build_optimizer(
         model, cfg.lr, cfg.weight_decay, cfg.layer_decay, decay_bias_tables=cfg.decay_bias_tables
@@ -130,7 +125,7 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
             f"or --grad-accum"
         )
     if info.is_main:
-        for line in run_header(cfg, model, data.train, data.val, data.classes, steps_per_epoch, info.device):
+        for line in task.header(model, data, steps_per_epoch, info.device):
             logger.info("%s", line)
     scheduler = build_scheduler(
         optimizer,
@@ -143,7 +138,7 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     ema = averaged(model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
-    mixer = mixup_cutmix(num_classes, cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing)
+    task.start(data)
     torch.manual_seed(cfg.seed + info.rank)  # drop path and mixing differ between ranks
     return Run(
         cfg,
@@ -154,11 +149,11 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, architecture: dict[str, Any] | No
         scheduler,
         scaler,
         ema,
-        mixer,
+        task,
         tl,
         vl,
         data.classes,
-        checkpoint_config(cfg, model, data.classes, crop_pct, crop_mode),
+        task.checkpoint_config(model, data),
     )
 
 
@@ -184,22 +179,27 @@ def _state(run: Run) -> dict[str, Any]:
     }
 
 
-def kept_weights(row: dict[str, Any], keep_best: str) -> tuple[str, float]:
+def kept_weights(
+    row: dict[str, Any], keep_best: str, metric: str = "val_top1", ema_metric: str = "ema_top1"
+) -> tuple[str, float]:
     """(weights file, its val top-1) that a checkpoint of an epoch's history `row` offers its loaders: the EMA's
     with keep_best 'ema' (the official recipe, as NVIDIA's train.py chooses), else the better of the raw and the
     EMA weights (the EMA on a tie). An EMA lags far behind on short runs (68% against the raw weights' 82% on a
     user's 480 photo crops); on long ones it is usually the better."""
-    ema = row.get("ema_top1")
-    if ema is not None and (keep_best == "ema" or ema >= row["val_top1"]):
+    ema = row.get(ema_metric)
+    if ema is not None and (keep_best == "ema" or ema >= row[metric]):
         return EMA_FILE, ema
-    return MODEL_FILE, row["val_top1"]
+    return MODEL_FILE, row[metric]
 
 
-def best_epoch(history: list[dict[str, Any]], keep_best: str) -> tuple[int, str, float]:
-    """(epoch, weights file, val top-1) of the checkpoint in best/: the first epoch of the highest kept top-1."""
+def best_epoch(
+    history: list[dict[str, Any]], keep_best: str, metric: str = "val_top1", ema_metric: str = "ema_top1"
+) -> tuple[int, str, float]:
+    """(epoch, weights file, metric) of the checkpoint in best/: the first epoch of the highest kept metric (val
+    top-1 for classification)."""
     best = (0, "", -1.0)
     for row in history:
-        weights, top1 = kept_weights(row, keep_best)
+        weights, top1 = kept_weights(row, keep_best, metric, ema_metric)
         if top1 > best[2]:
             best = (row["epoch"], weights, top1)
     return best
@@ -215,11 +215,6 @@ def _save(run: Run, run_dir: Path, is_best: bool, kept: dict[str, Any]) -> None:
     # writes best/ again (the other order would leave best/ behind for good, its epoch already counted in last/).
     for name in ("best", "last") if is_best else ("last",):
         ckpt.write_checkpoint(run_dir, name, run.model.state_dict(), run.model_meta | kept, state, ema_sd)
-
-
-def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum(targets * log_softmax(logits)); targets (B, K) are soft (mixed, smoothed)."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def _check_finite(loss: torch.Tensor, run: Run, run_dir: Path) -> None:
@@ -269,22 +264,18 @@ def _train_epoch(run: Run, run_dir: Path, bar: Any) -> float:
     total, count = 0.0, 0
     steps = len(run.train_loader) // cfg.grad_accum
     t0 = time.perf_counter()
-    for i, (images, labels) in enumerate(run.train_loader):
+    for i, batch in enumerate(run.train_loader):
         if i >= steps * cfg.grad_accum:
             break  # an incomplete accumulation at the end of the epoch is skipped
-        images = images.to(dev, non_blocking=True, memory_format=torch.channels_last)  # see models.base.stem_conv
-        labels = labels.to(dev, non_blocking=True)
-        images, targets = run.mixer(images, labels)
         last_micro = (i + 1) % cfg.grad_accum == 0
         sync = contextlib.nullcontext() if last_micro or not run.info.distributed else run.net.no_sync()
         with sync:
-            with _autocast(cfg, dev):
-                loss = _soft_cross_entropy(run.net(images), targets)
+            loss, n = run.task.loss(run.net, batch, dev)
             _check_finite(loss, run, run_dir)
             run.scaler.scale(loss / cfg.grad_accum).backward()
         if last_micro:
             _optimizer_step(run)
-        total, count = total + loss.item() * len(images), count + len(images)
+        total, count = total + loss.item() * n, count + n
         if bar is not None:
             rate = count * run.info.world_size / (time.perf_counter() - t0)
             bar.set_postfix(
@@ -298,53 +289,25 @@ def _train_epoch(run: Run, run_dir: Path, bar: Any) -> float:
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def validate(
-    model: nn.Module, loader: Any, device: torch.device, info: D.DistInfo | None = None, amp: str = "none"
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) of `model` over `loader`, summed over ranks when distributed."""
-    info = info or D.DistInfo(device=device)
-    model.eval()
-    loss_sum, correct1, correct5, n = 0.0, 0.0, 0.0, 0.0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
-        with ctx:
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        correct1 += (top[:, 0] == labels).sum().item()
-        correct5 += (top == labels[:, None]).any(-1).sum().item()
-        n += len(labels)
-    loss_sum, correct1, correct5, n = D.all_reduce_sum([loss_sum, correct1, correct5, n], info)
-    return {"loss": loss_sum / n, "top1": 100 * correct1 / n, "top5": 100 * correct5 / n}
-
-
 def _epoch_end(run: Run, run_dir: Path, train_loss: float, seconds: float, tb: TensorBoard | None) -> dict[str, Any]:
-    """Validate (and the EMA), checkpoint, then log: the checkpoint holds the history up to this epoch. Validation
-    runs in fp32 whatever the training's amp, so the logged numbers (and the choice of best/) are what `gcvit eval`
-    reports for the saved weights."""
-    val = validate(run.model, run.val_loader, run.info.device, run.info)
-    ema_top1 = None
-    if run.ema is not None:
-        ema_top1 = validate(run.ema.module, run.val_loader, run.info.device, run.info)["top1"]
+    """Validate (and the EMA), checkpoint, then log: the checkpoint holds the history up to this epoch."""
+    task = run.task
+    val = task.validate(run.model, run.val_loader, run.info)
+    ema = task.validate(run.ema.module, run.val_loader, run.info) if run.ema is not None else None
     run.epoch += 1
     row = {
         "epoch": run.epoch,
         "train_loss": train_loss,
-        "val_loss": val["loss"],
-        "val_top1": val["top1"],
-        "val_top5": val["top5"],
-        "ema_top1": ema_top1,
+        **task.row(val, ema),
         "lr": run.optimizer.param_groups[-1]["lr"],
         "epoch_time": seconds,
     }
     run.history.append(row)
     _check_finite_weights(run, run_dir)
-    weights, metric = kept_weights(row, run.cfg.keep_best)
+    weights, metric = kept_weights(row, run.cfg.keep_best, task.metric, task.ema_metric)
     is_best = metric > run.best
     run.best = max(run.best, metric)
-    _save(run, run_dir, is_best, {"weights": weights, "epoch": run.epoch, "val_top1": metric})
+    _save(run, run_dir, is_best, {"weights": weights, "epoch": run.epoch, task.metric: metric})
     run.saved = run.epoch
     if run.info.is_main:
         write_csv(run_dir / "metrics.csv", run.history)
@@ -355,16 +318,8 @@ def _epoch_end(run: Run, run_dir: Path, train_loss: float, seconds: float, tb: T
 
 
 def _plot(run: Run, run_dir: Path) -> None:
-    """plots/: loss and accuracy, titled with the run, its validation data and the weights best/ keeps (marked)."""
-    cfg = run.cfg
-    epoch, weights, _ = best_epoch(run.history, cfg.keep_best)
-    which = "EMA" if weights == EMA_FILE else "raw"
-    if cfg.data == "digits":
-        data = describe_data("digits", True)
-    else:
-        data = describe_data(cfg.val_dir, False) if cfg.val_dir else describe_data(cfg.data_dir, True)
-    title = plot_title(str(run_dir), data, f"best/: {which} weights, epoch {epoch}")
-    plot_history(run_dir / "plots", run.history, title=title, best_epoch=epoch, num_classes=len(run.classes))
+    epoch, weights, _ = best_epoch(run.history, run.cfg.keep_best, run.task.metric, run.task.ema_metric)
+    run.task.plot(run_dir, run.history, (epoch, weights))
 
 
 def _progress_bar(run: Run, enabled: bool) -> Any:
@@ -457,7 +412,8 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     if found is not None:  # settings checked before the model is built: another family would not build
         meta, state = read_config(found), ckpt.read_training_state(found)
         check_resumable(state.get("config", {}), cfg, found, meta)
-    run = _setup(cfg, info, meta.get("config") if meta is not None else None)
+    task = ClassificationTask(cfg)
+    run = _setup(cfg, info, task, meta.get("config") if meta is not None else None)
     if found is not None:
         restore(run, found, meta, state)
     if info.is_main:
@@ -484,7 +440,7 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     finally:
         if tb is not None:
             tb.close()
-    epoch, weights, _ = best_epoch(run.history, cfg.keep_best)
+    epoch, weights, _ = best_epoch(run.history, cfg.keep_best, task.metric, task.ema_metric)
     return TrainResult(run_dir, run.epoch, run.best, run.history, epoch, weights)
 
 
@@ -503,17 +459,12 @@ def _log_epoch(row: dict[str, Any], run: Run, start: float, first_epoch: int) ->
         return
     total = run.cfg.epochs + run.cfg.cooldown_epochs
     eta = (time.perf_counter() - start) / max(1, run.epoch - first_epoch) * (total - run.epoch)
-    ema = f" ema_top1 {row['ema_top1']:.2f}" if row["ema_top1"] is not None else ""
-    top5 = f"  top5 {row['val_top5']:.2f}" if len(run.classes) > 5 else ""  # with 5 classes or fewer it is 100
     logger.info(
-        "epoch %d/%d  train_loss %.4f  val_loss %.4f  top1 %.2f%s%s  lr %.2e  %.1fs  eta %s",
+        "epoch %d/%d  train_loss %.4f  %s  lr %.2e  %.1fs  eta %s",
         row["epoch"],
         total,
         row["train_loss"],
-        row["val_loss"],
-        row["val_top1"],
-        top5,
-        ema,
+        run.task.log_fields(row),
         row["lr"],
         row["epoch_time"],
         _fmt_time(eta) if math.isfinite(eta) else "?",
