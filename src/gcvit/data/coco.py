@@ -184,9 +184,7 @@ class CocoInstances(torch.utils.data.Dataset):
         """The image and its target before the transform."""
         image_id = self.ids[index]
         entry = self.coco.imgs[image_id]
-        image = tv_tensors.Image(
-            torch.from_numpy(np.array(load_rgb(self.root / entry["file_name"]))).permute(2, 0, 1)
-        )
+        image = tv_tensors.Image(torch.from_numpy(np.array(load_rgb(self.root / entry["file_name"]))).permute(2, 0, 1))
         H, W = image.shape[-2:]
         anns = self.targets[image_id]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)

@@ -10,8 +10,8 @@
 """
 
 from gcvit.models.gcvit import DIGITS as DIGITS_MODEL
-from gcvit.train.config import TrainConfig, load_run_config, official_recipe, resolve_config, save_yaml
 from gcvit.train.classify import validate
+from gcvit.train.config import TrainConfig, load_run_config, official_recipe, resolve_config, save_yaml
 from gcvit.train.loop import NonFiniteLossError, TrainResult, train
 
 __all__ = [
