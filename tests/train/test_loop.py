@@ -85,7 +85,7 @@ def test_the_loop_follows_each_setting_into_training(tmp_path: Path, monkeypatch
     """Settings whose loss no other fast test would see (a mutation review): best/ is chosen on the EMA's accuracy
     with keep_best 'ema' (the spec's), fractional warmup epochs round to steps, each epoch reshuffles (set_epoch),
     gradients are clipped, the mixer smooths labels by label_smoothing, and the time limit stops the run."""
-    from gcvit.train import classify, loop
+    from gcvit.train import classify
     from gcvit.train.data import _EpochSampler
 
     calls: dict[str, list] = {"top1": [50.0, 30.0, 40.0, 45.0], "epochs": [], "clip": [], "warmup": [], "smooth": []}
@@ -111,7 +111,7 @@ def test_the_loop_follows_each_setting_into_training(tmp_path: Path, monkeypatch
     monkeypatch.setattr(classify, "validate", validate)
     monkeypatch.setattr(_EpochSampler, "set_epoch", set_epoch)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
-    monkeypatch.setattr(loop, "build_scheduler", scheduler)
+    monkeypatch.setattr(classify, "build_scheduler", scheduler)
     monkeypatch.setattr(classify, "mixup_cutmix", mixer)
     cfg = tiny_config(
         tmp_path,

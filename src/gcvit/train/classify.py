@@ -19,6 +19,7 @@ from gcvit.train.config import TrainConfig
 from gcvit.train.data import build_datasets
 from gcvit.train.header import run_header
 from gcvit.train.metrics import describe_data, plot_history, plot_title
+from gcvit.train.optim import build_scheduler
 from gcvit.train.task import Task, TaskData, autocast
 
 
@@ -53,6 +54,7 @@ class ClassificationTask(Task):
     """`gcvit train`: a classifier on the digits or on image folders (`TrainConfig`)."""
 
     metric, ema_metric = "val_top1", "ema_top1"
+    command = "gcvit train"
     cfg: TrainConfig
 
     def datasets(self, architecture: dict[str, Any] | None) -> TaskData:
@@ -71,6 +73,28 @@ class ClassificationTask(Task):
 
     def build_model(self, data: TaskData, architecture: dict[str, Any] | None) -> nn.Module:
         return build_model(self.cfg, len(data.classes), architecture)
+
+    def warnings(self) -> list[str]:
+        cfg = self.cfg
+        if cfg.warmup_epochs >= cfg.epochs:
+            return [
+                f"warmup_epochs ({cfg.warmup_epochs:g}) is not below epochs ({cfg.epochs}): the lr rises for the whole "
+                "run and never decays (--warmup-epochs sets a shorter warmup)"
+            ]
+        return []
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warmup, then cosine to min_lr over the run's epochs (`gcvit.train.optim.build_scheduler`)."""
+        cfg = self.cfg
+        return build_scheduler(
+            optimizer,
+            cfg.epochs * steps_per_epoch,
+            round(cfg.warmup_epochs * steps_per_epoch),
+            cfg.lr,
+            cfg.min_lr,
+            cfg.warmup_lr,
+            warmup_prefix=cfg.warmup_prefix,
+        )
 
     def header(self, model: nn.Module, data: TaskData, steps_per_epoch: int, device: torch.device) -> list[str]:
         return run_header(self.cfg, model, data.train, data.val, data.classes, steps_per_epoch, device)

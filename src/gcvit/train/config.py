@@ -339,8 +339,9 @@ def _check_keys(values: Mapping[str, Any], source: str) -> None:
         raise ValueError(f"{source}: unknown training option(s) {unknown}; known: {sorted(known)}")
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The mapping in a YAML config file (keys are TrainConfig fields)."""
+def read_yaml(path: str | os.PathLike[str], *, check: bool = True) -> dict[str, Any]:
+    """The mapping in a YAML config file (keys are TrainConfig fields, checked unless `check` is False: another
+    task's config)."""
     import yaml
 
     path = Path(path)
@@ -356,7 +357,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of training options, got {type(values).__name__}")
-    _check_keys(values, str(path))
+    if check:
+        _check_keys(values, str(path))
     return values
 
 

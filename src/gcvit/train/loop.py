@@ -33,7 +33,7 @@ from gcvit.train.config import TrainConfig, load_run_config, save_yaml
 from gcvit.train.data import eval_loader, train_loader
 from gcvit.train.ema import averaged
 from gcvit.train.metrics import TensorBoard, write_csv
-from gcvit.train.optim import build_optimizer, build_scheduler
+from gcvit.train.optim import build_optimizer
 from gcvit.train.resume import check_nothing_to_lose, check_resumable, restore
 from gcvit.train.task import Task
 
@@ -127,15 +127,7 @@ def _setup(cfg: TrainConfig, info: D.DistInfo, task: Task, architecture: dict[st
     if info.is_main:
         for line in task.header(model, data, steps_per_epoch, info.device):
             logger.info("%s", line)
-    scheduler = build_scheduler(
-        optimizer,
-        cfg.epochs * steps_per_epoch,
-        round(cfg.warmup_epochs * steps_per_epoch),
-        cfg.lr,
-        cfg.min_lr,
-        cfg.warmup_lr,
-        warmup_prefix=cfg.warmup_prefix,
-    )
+    scheduler = task.scheduler(optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.amp == "fp16")
     ema = averaged(model, cfg.ema, cfg.ema_warmup) if cfg.ema else None
     task.start(data)
@@ -350,7 +342,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, p
     if cfg is None:
         if resume is None:
             raise ValueError("train() needs a TrainConfig, or resume= a run folder")
-        cfg = load_run_config(resume)
+        cfg = _saved_config(resume)
     run_dir = Path(resume) if resume is not None else Path(cfg.out_dir)
     if resume is not None:  # a resumed run continues in its own folder, wherever it was first written
         cfg = dataclasses.replace(cfg, out_dir=str(run_dir))
@@ -397,13 +389,9 @@ def _missing_folders(path: Path) -> list[Path]:
 
 
 def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool, progress: bool) -> TrainResult:
-    if cfg.warmup_epochs >= cfg.epochs and info.is_main:
-        logger.warning(
-            "warmup_epochs (%g) is not below epochs (%d): the lr rises for the whole run and never decays "
-            "(--warmup-epochs sets a shorter warmup)",
-            cfg.warmup_epochs,
-            cfg.epochs,
-        )
+    task = task_for(cfg)
+    for warning in task.warnings() if info.is_main else ():
+        logger.warning("%s", warning)
     found = ckpt.find_checkpoint(run_dir) if resuming else None
     if resuming and found is None:
         check_nothing_to_lose(run_dir)
@@ -412,7 +400,6 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     if found is not None:  # settings checked before the model is built: another family would not build
         meta, state = read_config(found), ckpt.read_training_state(found)
         check_resumable(state.get("config", {}), cfg, found, meta)
-    task = ClassificationTask(cfg)
     run = _setup(cfg, info, task, meta.get("config") if meta is not None else None)
     if found is not None:
         restore(run, found, meta, state)
@@ -444,13 +431,29 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     return TrainResult(run_dir, run.epoch, run.best, run.history, epoch, weights)
 
 
+def task_for(cfg: Any) -> Task:
+    """The task a config trains: detection for a `DetectConfig`, classification for a `TrainConfig`."""
+    from gcvit.train.detection import DetectConfig, DetectionTask
+
+    return DetectionTask(cfg) if isinstance(cfg, DetectConfig) else ClassificationTask(cfg)
+
+
+def _saved_config(run_dir: str | Path) -> Any:
+    """The config a run folder's config.yaml holds, of its task."""
+    from gcvit.train.config import read_yaml
+    from gcvit.train.detection import detect_config_from
+
+    values = read_yaml(Path(run_dir) / "config.yaml", check=False)
+    return detect_config_from(values) if values.get("task") == "detection" else load_run_config(run_dir)
+
+
 def _interrupted(run: Run, run_dir: Path) -> str:
     """The one line a Ctrl-C ends with."""
     if run.saved == 0:
         return "interrupted during epoch 1; no checkpoint was written (start again with the same command)"
     return (
         f"interrupted after epoch {run.saved}; checkpoint {run_dir / 'last'}; resume with "
-        f"`gcvit train --resume {run_dir}`"
+        f"`{run.task.command} --resume {run_dir}`"
     )
 
 

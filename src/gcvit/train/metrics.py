@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,18 @@ from gcvit.figures import subplots
 
 logger = logging.getLogger(__name__)
 
+# classification's history columns; a task's rows hold the loop's (epoch, train_loss, lr, epoch_time) around its own
 COLUMNS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "ema_top1", "lr", "epoch_time")
 
 
 def write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    """Write every epoch's row (atomically)."""
+    """Write every epoch's row (atomically), the columns in the order of the rows' keys."""
+    columns = list(history[0]) if history else list(COLUMNS)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
@@ -43,7 +46,7 @@ class TensorBoard:
     def log(self, row: dict[str, Any]) -> None:
         if self.writer is None:
             return
-        for key in COLUMNS[1:]:
+        for key in list(row)[1:]:  # all but the epoch
             if row.get(key) is not None:
                 self.writer.add_scalar(key, row[key], row["epoch"])
         self.writer.flush()
@@ -80,6 +83,7 @@ def plot_history(
     title: str | None = None,
     best_epoch: int | None = None,
     num_classes: int | None = None,
+    panels: Sequence[tuple[str, tuple[str, ...], str]] | None = None,
 ) -> list[Path]:
     """loss.png and accuracy.png from the history; returns the files written ([] without matplotlib).
 
@@ -90,6 +94,8 @@ def plot_history(
         best_epoch: the epoch whose weights best/ keeps, marked on the accuracy plot.
         num_classes: the classes of the head: top-5 is drawn only above 5 (with 5 or fewer it is 100%); None:
             whenever the history has it.
+        panels: (file stem, history keys, y label) of each PNG; None: classification's loss.png and accuracy.png.
+            best_epoch is marked on every panel but the first.
     """
     try:
         import matplotlib  # noqa: F401
@@ -100,16 +106,17 @@ def plot_history(
     epochs = [r["epoch"] for r in history]
     top5 = ("val_top5",) if num_classes is None or num_classes > 5 else ()
     written = []
-    for name, keys, ylabel in (
+    panels = panels or (
         ("loss", ("train_loss", "val_loss"), "loss"),
         ("accuracy", ("val_top1", *top5, "ema_top1"), "accuracy (%)"),
-    ):
+    )
+    for n, (name, keys, ylabel) in enumerate(panels):
         fig, ax = subplots(figsize=(6, 4))
         for key in keys:
             points = [(e, r[key]) for e, r in zip(epochs, history) if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker=".", label=key)
-        if name == "accuracy" and best_epoch is not None:
+        if n > 0 and best_epoch is not None:
             ax.axvline(best_epoch, color="0.4", linestyle=":", label=f"kept in best/ (epoch {best_epoch})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)

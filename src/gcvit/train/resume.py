@@ -42,7 +42,7 @@ def check_resumable(saved: dict[str, Any], cfg: TrainConfig, folder: Path, meta:
         and k not in RESUME_MAY_CHANGE
         and saved[k] != now[k]
         and not _same_path(k, saved[k], now[k])
-        and not (k in ("model", "model_overrides") and _describes(cfg, meta))
+        and not (k in ("model", "model_overrides") and isinstance(cfg, TrainConfig) and _describes(cfg, meta))
     ]
     if changed:
         raise ValueError(

@@ -42,6 +42,7 @@ class Task(ABC):
 
     metric: str  # the history column best/ is chosen by, of the raw weights (higher is better)
     ema_metric: str  # the same number of the EMA weights
+    command: str  # the command that trains it, e.g. "gcvit train" (named in the line a Ctrl-C ends with)
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -56,12 +57,20 @@ class Task(ABC):
         """The model to train, built once (on the CPU; the loop moves it)."""
 
     @abstractmethod
+    def scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """The per-optimizer-step lr schedule."""
+
+    @abstractmethod
     def header(self, model: nn.Module, data: TaskData, steps_per_epoch: int, device: torch.device) -> list[str]:
         """The lines the run starts with."""
 
     @abstractmethod
     def checkpoint_config(self, model: nn.Module, data: TaskData) -> dict[str, Any]:
         """config.json of every checkpoint: what loads the model back and prepares its inputs."""
+
+    def warnings(self) -> list[str]:
+        """Settings worth a warning before the run starts."""
+        return []
 
     def start(self, data: TaskData) -> None:  # noqa: B027 -- optional
         """Called once everything else is built, before training (classification builds its batch mixer here)."""

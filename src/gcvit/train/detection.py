@@ -1,0 +1,362 @@
+"""Detection and instance segmentation as a task of the shared training loop: COCO-format data (the digit scenes by
+default), torchvision's Faster R-CNN or Mask R-CNN on a GC ViT backbone (`gcvit.create_detector`), the detector's own
+losses, and COCO box and mask AP on the validation set (`gcvit.train.coco_eval`).
+
+`DetectConfig` holds a detection run's settings. The official recipe (`recipe: official`, NVIDIA's Mask R-CNN 3x):
+AdamW lr 1e-4, weight decay 0.05 (the bias tables decayed too, as the official config's exemption matched nothing),
+36 epochs, lr x0.1 after epochs 27 and 33, a linear warmup over 2500 iterations from 0.001x, shorter side 800
+(longer at most 1333), windows 24.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from gcvit.data import DataError
+from gcvit.data.coco import CocoInstances
+from gcvit.models.detector import ARCHS, create_detector
+from gcvit.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+from gcvit.train import distributed as D
+from gcvit.train.coco_eval import coco_ap, to_coco_results
+from gcvit.train.metrics import plot_history, plot_title
+from gcvit.train.task import Task, TaskData, autocast
+
+logger = logging.getLogger(__name__)
+
+SCENE_SIZE = 128  # px a side of the digit scenes
+# on the digit scenes (2-5 objects an image): fewer region proposals and sampled RoIs than COCO's 512, which a
+# training step on the 2-core CPU spends most of its time on (RoIAlign's backward, the mask head): a Mask R-CNN step
+# on gcvit_nano, batch 4 at 128 px, took 5-7 s with torchvision's defaults and 2-3.3 s with these (AMD EPYC, AVX2)
+SCENE_OPTIONS = {
+    "rpn_pre_nms_top_n_train": 600,
+    "rpn_post_nms_top_n_train": 300,
+    "rpn_pre_nms_top_n_test": 300,
+    "rpn_post_nms_top_n_test": 100,
+    "box_batch_size_per_image": 128,
+}
+DETECT_RECIPES = ("default", "official")
+
+
+@dataclass
+class DetectConfig:
+    """A detection run's settings: the data, the detector, the schedule, and what the shared loop reads."""
+
+    # data: COCO annotations and image folders; none given: the digit scenes, written once into the cache
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    scenes: int = 400  # digit scenes to train on when no data is given (a quarter as many to validate on)
+    strict_data: bool = False  # refuse unreadable images and unusable annotations instead of counting them
+    # the detector
+    arch: str = "mask_rcnn"  # or faster_rcnn
+    model: str = "gcvit_nano"  # the backbone: a GC ViT or Swin name, or resnet50
+    pretrained: bool | str = False  # the backbone's weights, as gcvit.create_backbone takes them
+    window_size: int | None = None  # every stage's window; None: 24 (official), 8 on the digit scenes
+    frozen_stages: int = -1  # -1: train all; 0 the stem; k >= 1 the stem and the first k stages
+    drop_path: float | None = None  # the backbone's stochastic depth; None: its variant's
+    img_size: int | None = None  # the shorter side images are resized to; None: 800, the digit scenes' 128
+    max_size: int | None = None  # the longest the longer side may become; None: img_size * 1333 / 800
+    grad_checkpointing: bool = False  # recompute the backbone's activations in the backward pass
+    detector_options: dict[str, Any] | None = None  # torchvision's FasterRCNN/MaskRCNN arguments; None: on the digit
+    # scenes a lighter sampling (SCENE_OPTIONS), elsewhere torchvision's defaults (the official Mask R-CNN's)
+    # schedule
+    recipe: str = "default"  # 'official': NVIDIA's Mask R-CNN 3x (module docstring)
+    epochs: int = 12
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    lr_steps: tuple[int, ...] | None = None  # epochs after which the lr drops x0.1; None: at 2/3 and 11/12 of the run
+    warmup_iters: int = 100  # linear warmup from warmup_ratio * lr over this many optimizer steps
+    warmup_ratio: float = 0.001
+    clip_grad: float | None = None
+    amp: str = "none"  # none, bf16 or fp16 (CUDA)
+    ema: float | None = None  # EMA decay of the weights; None: none (the official recipe keeps none)
+    ema_warmup: bool = False
+    keep_best: str = "better"  # best/ keeps the better of the raw and EMA weights on box AP ('ema': the EMA's)
+    seed: int = 0
+    num_workers: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    out_dir: str | None = None  # None: runs/detect-<data>
+    time_limit: float | None = None  # seconds; the run stops after the epoch that passes it
+    task: str = "detection"  # what config.yaml records, so that a resumed run knows its task
+    # what the shared loop reads, fixed for detection
+    cooldown_epochs: int = 0
+    layer_decay: float | None = None
+    decay_bias_tables: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Fill in the defaults that follow from the data, and raise a ValueError naming the first impossible value."""
+        if self.recipe not in DETECT_RECIPES:
+            raise ValueError(f"recipe must be one of {DETECT_RECIPES}; got {self.recipe!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}; got {self.arch!r} (Cascade Mask R-CNN is not built)")
+        given = [self.train_ann, self.train_images, self.val_ann, self.val_images]
+        if any(v is not None for v in given) and not all(v is not None for v in given):
+            raise ValueError(
+                "give all four of --train-ann --train-images --val-ann --val-images, or none (digit scenes)"
+            )
+        scenes = self.train_ann is None
+        if self.img_size is None:
+            self.img_size = SCENE_SIZE if scenes else 800
+        if self.max_size is None:
+            self.max_size = round(self.img_size * 1333 / 800)
+        if self.window_size is None and self.model.startswith("gcvit"):
+            self.window_size = 8 if scenes else 24
+        if self.detector_options is None:
+            self.detector_options = dict(SCENE_OPTIONS) if scenes else {}
+        if self.lr_steps is None:
+            self.lr_steps = (round(self.epochs * 2 / 3), round(self.epochs * 11 / 12))
+        self.lr_steps = tuple(self.lr_steps)
+        if self.out_dir is None:
+            self.out_dir = str(Path("runs") / ("detect-scenes" if scenes else f"detect-{Path(self.train_images).name}"))
+        for name in ("epochs", "batch_size", "grad_accum", "scenes", "img_size", "max_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be one of ('none', 'bf16', 'fp16'); got {self.amp!r}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"expected lr > 0 and weight_decay >= 0; got {self.lr}, {self.weight_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def official_detect_recipe() -> dict[str, Any]:
+    """NVIDIA's Mask R-CNN 3x settings (`../shared/GCVIT_SPEC.md`, "Dense prediction")."""
+    return {
+        "arch": "mask_rcnn",
+        "lr": 1e-4,
+        "weight_decay": 0.05,
+        "epochs": 36,
+        "lr_steps": (27, 33),
+        "warmup_iters": 2500,
+        "warmup_ratio": 0.001,
+        "img_size": 800,
+        "max_size": 1333,
+        "window_size": 24,
+        "batch_size": 16,  # 2 images on each of 8 GPUs
+    }
+
+
+def scene_paths(cfg: DetectConfig) -> dict[str, Path]:
+    """The digit scenes of `cfg` (written into the cache the first time, atomically, then reused)."""
+    from gcvit.data.digit_scenes import write_digit_scenes
+    from gcvit.download import cache_dir
+
+    n_val = max(1, cfg.scenes // 4)
+    folder = cache_dir() / "digit_scenes" / f"{SCENE_SIZE}px-{cfg.scenes}-{n_val}-seed{cfg.seed}"
+    paths = {
+        "train_ann": folder / "train.json",
+        "train_images": folder / "train",
+        "val_ann": folder / "val.json",
+        "val_images": folder / "val",
+    }
+    if not paths["val_ann"].is_file():  # written last: its presence means the folder is whole
+        write_digit_scenes(folder, cfg.scenes, n_val, SCENE_SIZE, cfg.seed)
+    return paths
+
+
+def collate(batch: list[tuple[Any, dict[str, Any]]]) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Detection batches stay lists: images of different sizes, targets of different lengths."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A target's tensors on `device` as plain tensors (what torchvision's detectors take)."""
+    return {k: v.as_subclass(torch.Tensor).to(device) for k, v in target.items() if k in ("boxes", "labels", "masks")}
+
+
+class DetectionTask(Task):
+    """`gcvit detect train`: a detector on COCO-format data (`DetectConfig`)."""
+
+    metric, ema_metric = "val_bbox_AP", "ema_bbox_AP"
+    command = "gcvit detect train"
+    cfg: DetectConfig
+
+    def datasets(self, architecture: dict[str, Any] | None) -> TaskData:
+        cfg = self.cfg
+        if cfg.train_ann is None:
+            paths = scene_paths(cfg)
+        else:
+            paths = {k: Path(getattr(cfg, k)) for k in ("train_ann", "train_images", "val_ann", "val_images")}
+        to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+        masks = cfg.arch == "mask_rcnn"
+        train = CocoInstances(
+            paths["train_ann"],
+            paths["train_images"],
+            v2.Compose([v2.RandomHorizontalFlip(0.5), to_float]),
+            masks=masks,
+            strict_data=cfg.strict_data,
+        )
+        val = CocoInstances(paths["val_ann"], paths["val_images"], to_float, masks=masks, strict_data=cfg.strict_data)
+        if train.category_ids != val.category_ids:
+            raise DataError(
+                f"{paths['train_ann']} and {paths['val_ann']} list other categories: ids {train.category_ids[1:]} "
+                f"against {val.category_ids[1:]}"
+            )
+        self.classes, self.category_ids, self.val_coco = train.classes, train.category_ids, val.coco
+        self.data_name = "digit scenes" if cfg.train_ann is None else str(paths["train_images"])
+        return TaskData(train, val, train.classes, collate)
+
+    def build_model(self, data: TaskData, architecture: dict[str, Any] | None) -> nn.Module:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        overrides: dict[str, Any] = {}
+        if cfg.window_size is not None:
+            overrides["window_size"] = cfg.window_size
+        if cfg.drop_path is not None:
+            overrides["drop_path_rate"] = cfg.drop_path
+        detector = create_detector(
+            cfg.arch,
+            backbone=cfg.model,
+            num_classes=len(data.classes),
+            pretrained_backbone=cfg.pretrained if architecture is None else False,  # a resumed run loads its own
+            min_size=cfg.img_size,
+            max_size=cfg.max_size,
+            frozen_stages=cfg.frozen_stages,
+            backbone_overrides=overrides,
+            **cfg.detector_options,
+        )
+        if cfg.grad_checkpointing:
+            body = detector.backbone.body
+            if not hasattr(body, "set_grad_checkpointing"):
+                raise ValueError(f"--grad-checkpointing goes with a GC ViT backbone; {cfg.model} has none")
+            body.set_grad_checkpointing(True)
+        return detector
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LambdaLR:
+        """Linear warmup from warmup_ratio * lr over warmup_iters steps, then x0.1 after each of lr_steps (epochs), as
+        mmdet's step policy."""
+        cfg = self.cfg
+        for g in optimizer.param_groups:
+            g["initial_lr"] = g["lr"]
+
+        def factor(step: int) -> float:
+            drops = sum(step >= e * steps_per_epoch for e in cfg.lr_steps)
+            warm = (
+                1.0 if step >= cfg.warmup_iters else cfg.warmup_ratio + (1 - cfg.warmup_ratio) * step / cfg.warmup_iters
+            )
+            return warm * 0.1**drops
+
+        return LambdaLR(optimizer, factor)
+
+    def header(self, model: nn.Module, data: TaskData, steps_per_epoch: int, device: torch.device) -> list[str]:
+        cfg = self.cfg
+        params = sum(p.numel() for p in model.parameters())
+        objects = sum(len(t) for t in data.train.targets.values())
+        windows = f", windows {cfg.window_size}" if cfg.window_size else ""
+        return [
+            f"detector {cfg.arch} on {cfg.model}{windows}: {params / 1e6:.2f} M parameters, shorter side "
+            f"{cfg.img_size} px (longer at most {cfg.max_size})",
+            f"data {self.data_name}: {len(data.classes)} categories, {len(data.train)} training images ({objects} "
+            f"objects) and {len(data.val)} validation images",
+            f"schedule: {cfg.epochs} epochs, {steps_per_epoch} steps of batch {cfg.batch_size} each; lr {cfg.lr:.2e}, "
+            f"x0.1 after epochs {', '.join(map(str, cfg.lr_steps))}; warmup {cfg.warmup_iters} steps; recipe "
+            f"{cfg.recipe}",
+            f"device {device}, {torch.get_num_threads()} threads, amp {cfg.amp}; run folder {cfg.out_dir}",
+        ]
+
+    def checkpoint_config(self, model: nn.Module, data: TaskData) -> dict[str, Any]:
+        """config.json of a detector: what `gcvit.load` needs to build it again and name its outputs."""
+        cfg = self.cfg
+        body = model.backbone.body
+        backbone_cfg = getattr(body, "cfg", None) or getattr(getattr(body, "model", None), "cfg", None)
+        return {
+            "task": "detection",
+            "arch": cfg.arch,
+            "model": cfg.model,
+            "config": dataclasses.asdict(backbone_cfg) if backbone_cfg is not None else {},
+            "classes": list(data.classes),
+            "num_classes": len(data.classes),
+            "category_ids": list(self.category_ids),
+            "min_size": cfg.img_size,
+            "max_size": cfg.max_size,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "license": "" if not cfg.pretrained else "cc-by-nc-sa-4.0",
+        }
+
+    def loss(self, net: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [_to_device(t, device) for t in targets]
+        with autocast(self.cfg.amp, device):
+            losses = net(images, targets)
+        return sum(losses.values()), len(images)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loader: Any, info: D.DistInfo) -> dict[str, float]:
+        """COCO AP of the detections on the validation images (in fp32), gathered from every rank."""
+        model.eval()
+        results = []
+        for images, targets in loader:
+            outputs = model([image.to(info.device) for image in images])
+            results += to_coco_results(outputs, [t["image_id"] for t in targets], self.category_ids)
+        if info.distributed:
+            gathered: list[Any] = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+        iou_types = ("bbox", "segm") if self.cfg.arch == "mask_rcnn" else ("bbox",)
+        ap = coco_ap(self.val_coco, results, iou_types)
+        scores = {"bbox_AP": ap["bbox"]["AP"], "bbox_AP50": ap["bbox"]["AP50"]}
+        if "segm" in ap:
+            scores |= {"segm_AP": ap["segm"]["AP"], "segm_AP50": ap["segm"]["AP50"]}
+        return scores
+
+    def row(self, val: dict[str, float], ema: dict[str, float] | None) -> dict[str, Any]:
+        return {
+            "val_bbox_AP": val["bbox_AP"],
+            "val_bbox_AP50": val["bbox_AP50"],
+            "val_segm_AP": val.get("segm_AP"),
+            "val_segm_AP50": val.get("segm_AP50"),
+            "ema_bbox_AP": ema["bbox_AP"] if ema is not None else None,
+        }
+
+    def log_fields(self, row: dict[str, Any]) -> str:
+        text = f"box AP {row['val_bbox_AP']:.3f} AP50 {row['val_bbox_AP50']:.3f}"
+        if row["val_segm_AP"] is not None:
+            text += f"  mask AP {row['val_segm_AP']:.3f} AP50 {row['val_segm_AP50']:.3f}"
+        if row["ema_bbox_AP"] is not None:
+            text += f"  ema box AP {row['ema_bbox_AP']:.3f}"
+        return text
+
+    def plot(self, run_dir: Path, history: list[dict[str, Any]], best: tuple[int, str]) -> None:
+        """plots/loss.png and plots/ap.png, titled with the run and its data; the epoch best/ keeps marked."""
+        epoch, _ = best
+        title = plot_title(str(run_dir), self.data_name, f"best/: epoch {epoch}")
+        keys = ("val_bbox_AP", "val_bbox_AP50", "val_segm_AP", "val_segm_AP50", "ema_bbox_AP")
+        panels = (("loss", ("train_loss",), "training loss"), ("ap", keys, "COCO AP"))
+        plot_history(run_dir / "plots", history, title=title, best_epoch=epoch, panels=panels)
+
+
+def detect_config_from(values: dict[str, Any]) -> DetectConfig:
+    """A DetectConfig from flags or a saved config.yaml (the official recipe's settings under the given ones)."""
+    if values.get("recipe") == "official":
+        values = official_detect_recipe() | {k: v for k, v in values.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(DetectConfig)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown detection setting(s) {unknown}; expected among {sorted(fields)}")
+    return DetectConfig(**{k: v for k, v in values.items() if v is not None or k in ("ema", "clip_grad")})
+
+
+def path_or_none(value: str | os.PathLike[str] | None) -> str | None:
+    return str(Path(value).expanduser().resolve()) if value is not None else None
