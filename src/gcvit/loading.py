@@ -122,12 +122,52 @@ def _saved_model(folder: Path, weights: Path, origin: str, overrides: dict[str, 
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; expected the weights next to {CONFIG_FILE}")
     config = read_config(folder)
+    if config.get("task") == "detection":
+        if overrides:
+            raise ValueError(f"{folder} holds a detector; overrides {sorted(overrides)} go with classifiers")
+        return _detector(config, folder, weights, origin)
     num_classes = overrides.pop("num_classes", None)
     model = build_from_config(config, str(folder / CONFIG_FILE), origin=origin, **overrides)
     load_checkpoint(model, weights, strict=True)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
         model.classes = default_classes(model)
+    return model
+
+
+def _detector(config: Mapping[str, Any], folder: Path, weights: Path, origin: str) -> nn.Module:
+    """The detector a detection run's config.json describes (`gcvit.train.detection`), its weights loaded strictly;
+    `classes`, `category_ids` (label -> the annotations' category id) and `model_name` (the backbone) from it."""
+    from gcvit.models.detector import create_detector
+    from gcvit.models.weights import CheckpointError, read_state_dict
+
+    source = str(folder / CONFIG_FILE)
+    missing = [k for k in ("arch", "model", "classes", "category_ids") if k not in config]
+    if missing:
+        raise ValueError(f"{source}: a detector's config.json needs {missing}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.get("config") or {}).items()}
+    fields.pop("num_classes", None)
+    try:
+        model = create_detector(
+            str(config["arch"]),
+            backbone=str(config["model"]),
+            num_classes=len(config["classes"]),
+            min_size=int(config.get("min_size", 800)),
+            max_size=int(config.get("max_size", 1333)),
+            backbone_overrides=fields,
+            **dict(config.get("detector_options") or {}),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: does not describe a detector gcvit can build: {e}") from None
+    try:
+        result = model.load_state_dict(read_state_dict(weights), strict=False)
+    except RuntimeError as e:  # mis-shaped tensors
+        raise CheckpointError(f"{weights} does not fit the detector its config.json describes: {e}") from None
+    if result.missing_keys or result.unexpected_keys:
+        keys = (result.missing_keys + result.unexpected_keys)[:10]
+        raise CheckpointError(f"{weights} does not fit the detector its config.json describes: {keys}")
+    model.classes, model.category_ids = list(config["classes"]), list(config["category_ids"])
+    model.model_name, model.source = str(config["model"]), origin
     return model
 
 

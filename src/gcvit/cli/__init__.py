@@ -20,7 +20,13 @@ from gcvit.cli.args import DefaultsFormatter, add_pretrained_argument, parse_see
 from gcvit.extras import EXTRA_OF, install_hint
 
 # the modules that add the other commands (each lists them in its COMMANDS), in the order `gcvit --help` shows them
-_COMMAND_MODULES = ("gcvit.cli.train", "gcvit.cli.visualize", "gcvit.cli.export", "gcvit.cli.compare")
+_COMMAND_MODULES = (
+    "gcvit.cli.train",
+    "gcvit.cli.detect",
+    "gcvit.cli.visualize",
+    "gcvit.cli.export",
+    "gcvit.cli.compare",
+)
 
 
 def _models(args: argparse.Namespace) -> None:

@@ -37,7 +37,7 @@ def to_coco_results(
 
     results = []
     for out, image_id in zip(outputs, image_ids):
-        boxes = out["boxes"].detach().float().cpu()
+        boxes = out["boxes"].detach().float().cpu().clone()  # the caller's stay XYXY
         boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
         labels, scores = out["labels"].tolist(), out["scores"].tolist()
         rles = []

@@ -287,6 +287,7 @@ class DetectionTask(Task):
             "classes": list(data.classes),
             "num_classes": len(data.classes),
             "category_ids": list(self.category_ids),
+            "detector_options": dict(cfg.detector_options or {}),
             "min_size": cfg.img_size,
             "max_size": cfg.max_size,
             "mean": list(IMAGENET_MEAN),

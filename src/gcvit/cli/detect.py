@@ -1,0 +1,192 @@
+"""`gcvit detect train|eval|predict|scenes`: detection and instance segmentation on a GC ViT backbone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gcvit.cli.args import DefaultsFormatter, parse_seed
+
+# this module's command and its line in `gcvit --help`
+COMMANDS = {"detect": "detection and instance segmentation: train, eval, predict, and the digit scenes"}
+
+# DetectConfig fields a flag sets (flag name = field name with dashes)
+_TRAIN_FLAGS = (
+    "train_ann",
+    "train_images",
+    "val_ann",
+    "val_images",
+    "scenes",
+    "arch",
+    "model",
+    "img_size",
+    "max_size",
+    "window_size",
+    "frozen_stages",
+    "drop_path",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "warmup_iters",
+    "clip_grad",
+    "amp",
+    "ema",
+    "seed",
+    "num_workers",
+    "device",
+    "out_dir",
+    "time_limit",
+    "recipe",
+)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from gcvit.train.config import read_yaml
+    from gcvit.train.detection import detect_config_from, path_or_none
+    from gcvit.train.loop import train
+
+    given: dict[str, Any] = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    for flag in ("strict_data", "grad_checkpointing"):
+        if getattr(args, flag):
+            given[flag] = True
+    if args.pretrained is not None:
+        given["pretrained"] = True if args.pretrained == "true" else args.pretrained
+    for key in ("train_ann", "train_images", "val_ann", "val_images"):
+        if key in given:
+            given[key] = path_or_none(given[key])
+    if args.resume:
+        saved = Path(args.resume, "config.yaml")
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: expected a run folder holding config.yaml; there is none")
+        base = read_yaml(saved, check=False)
+        if base.get("task") != "detection":
+            raise ValueError(f"--resume {args.resume} is not a detection run; continue it with `gcvit train --resume`")
+        given = base | {k: v for k, v in given.items() if k in ("epochs", "time_limit", "num_workers", "device")}
+    cfg = detect_config_from(given)
+    progress = not args.no_progress and sys.stderr.isatty()
+    result = train(cfg, resume=args.resume, progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    run = result.run_dir
+    row = next(r for r in result.history if r["epoch"] == result.best_epoch) if result.best_epoch else {}
+    mask = f", mask AP50 {row['val_segm_AP50']:.3f}" if row.get("val_segm_AP50") is not None else ""
+    ap50 = f", box AP50 {row['val_bbox_AP50']:.3f}" if row else ""
+    print(
+        f"done: {result.epochs_done} epochs, best box AP {result.best_top1:.3f}{ap50}{mask} (epoch "
+        f"{result.best_epoch}) -> {run}"
+    )
+    print(f"checkpoints: {run / 'best'}, {run / 'last'}; metrics: {run / 'metrics.csv'}; plots: {run / 'plots'}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from gcvit.train.detect_eval import evaluate_detector
+
+    scores = evaluate_detector(
+        args.run, args.ann, args.images, out=args.out, batch_size=args.batch_size, device=args.device
+    )
+    for iou_type, values in scores.items():
+        kind = "box" if iou_type == "bbox" else "mask"
+        stats = "  ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "per_category")
+        print(f"{kind}: {stats}")
+    target = Path(args.out) if args.out else Path(args.run) / "eval.json"
+    if target.is_file():
+        print(f"wrote {target}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from gcvit.train.detect_eval import predict_detections
+
+    results = predict_detections(
+        args.inputs, args.model, args.out_dir, score_threshold=args.score_threshold, device=args.device
+    )
+    per_file: dict[str, list[str]] = {}
+    for r in results:  # best first within an image, as the detector gives them
+        per_file.setdefault(r["file_name"], []).append(f"{r['category_name']} {r['score']:.2f}")
+    for file, found in per_file.items():
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        print(f"{file}: {len(found)} objects ({shown})")
+    print(f"wrote {args.out_dir}/predictions.json and a PNG per image")
+
+
+def _scenes(args: argparse.Namespace) -> None:
+    from gcvit.data.digit_scenes import write_digit_scenes
+
+    paths = write_digit_scenes(args.out, args.train, args.val, args.size, args.seed)
+    counts = {k: len(json.loads(paths[f"{k}_ann"].read_text())["annotations"]) for k in ("train", "val")}
+    for split, n in (("train", args.train), ("val", args.val)):
+        images, ann = paths[f"{split}_images"], paths[f"{split}_ann"]
+        print(f"wrote {n} {split} scenes ({counts[split]} digits): {images}/, {ann}")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add `detect` (with its own subcommands) to the `gcvit` command's subparsers."""
+    detect = subparsers.add_parser("detect", help=COMMANDS["detect"])
+    sub = detect.add_subparsers(dest="detect_command", required=True, metavar="{train,eval,predict,scenes}")
+
+    p = sub.add_parser(
+        "train", help="train a detector (the digit scenes when no data is given)", formatter_class=DefaultsFormatter
+    )
+    for flag in ("--train-ann", "--train-images", "--val-ann", "--val-images"):
+        p.add_argument(flag, default=None, help="COCO annotations JSON / image folder (all four, or none)")
+    p.add_argument("--scenes", type=int, default=None, help="digit scenes to train on without data (default 400)")
+    p.add_argument("--arch", default=None, choices=["mask_rcnn", "faster_rcnn"], help="(default mask_rcnn)")
+    p.add_argument("--model", default=None, help="backbone: a GC ViT or Swin name, or resnet50 (default gcvit_nano)")
+    p.add_argument("--pretrained", default=None, help="backbone weights: 'true' (the tag's), a path or URL")
+    p.add_argument("--img-size", type=int, default=None, help="shorter side (default 800; the digit scenes 128)")
+    p.add_argument("--max-size", type=int, default=None, help="longest longer side (default img-size * 1333 / 800)")
+    p.add_argument("--window-size", type=int, default=None, help="GC ViT's window (default 24; the digit scenes 8)")
+    p.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 the stem, k the stem and k stages")
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the backbone in the backward pass")
+    p.add_argument("--epochs", type=int, default=None, help="(default 12; official 36)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default 4)")
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="(default 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=None, help="(default 0.05)")
+    p.add_argument("--warmup-iters", type=int, default=None, help="(default 100; official 2500)")
+    p.add_argument("--clip-grad", type=float, default=None)
+    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"])
+    p.add_argument("--ema", type=float, default=None, help="EMA decay (default: none)")
+    p.add_argument("--seed", type=parse_seed, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out-dir", default=None, help="run folder (default runs/detect-scenes or runs/detect-<images>)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; stops after the epoch that passes it")
+    p.add_argument("--recipe", default=None, choices=["default", "official"], help="official: Mask R-CNN 3x")
+    p.add_argument("--strict-data", action="store_true", help="refuse unreadable images and unusable annotations")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "eval", help="COCO box and mask AP of a run, into RUN/eval.json", formatter_class=DefaultsFormatter
+    )
+    p.add_argument("run", help="a detection run folder (its best/, else last/) or checkpoint folder")
+    p.add_argument("--ann", default=None, help="COCO annotations of other data (default: the run's validation data)")
+    p.add_argument("--images", default=None, help="their image folder")
+    p.add_argument("--out", default=None, help="the JSON file (default RUN/eval.json)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="draw a run's detections on images", formatter_class=DefaultsFormatter)
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--model", required=True, help="a detection run folder or checkpoint folder")
+    p.add_argument("--out-dir", default="detections", help="PNGs and predictions.json")
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("scenes", help="write the digit scenes as COCO JSON and PNGs", formatter_class=DefaultsFormatter)
+    p.add_argument("--out", default="digit_scenes")
+    p.add_argument("--train", type=int, default=400)
+    p.add_argument("--val", type=int, default=100)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=parse_seed, default=0)
+    p.set_defaults(func=_scenes)
