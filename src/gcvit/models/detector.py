@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -34,11 +36,11 @@ class FPNBackbone(nn.Module):
     """A backbone returning a list of NCHW maps (`out_channels` each) under torchvision's FPN with an extra
     max-pool level: images -> OrderedDict '0'..'3', 'pool' of FPN_CHANNELS maps, what torchvision's detectors take."""
 
-    def __init__(self, body: nn.Module, in_channels: Sequence[int]) -> None:
+    def __init__(self, body: nn.Module, in_channels: Sequence[int], channels: int = FPN_CHANNELS) -> None:
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(list(in_channels), FPN_CHANNELS, extra_blocks=LastLevelMaxPool())
-        self.out_channels = FPN_CHANNELS
+        self.fpn = FeaturePyramidNetwork(list(in_channels), channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = self.body(x)
@@ -117,6 +119,9 @@ def create_detector(
     max_size: int = 1333,
     frozen_stages: int = -1,
     backbone_overrides: dict[str, Any] | None = None,
+    fpn_channels: int = FPN_CHANNELS,
+    box_head_width: int = 1024,
+    mask_head_convs: int = 4,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """torchvision's Faster R-CNN or Mask R-CNN on a GC ViT (or Swin, or ResNet-50) backbone with an FPN.
@@ -131,6 +136,9 @@ def create_detector(
         max_size: the longest the longer side may become.
         frozen_stages: see `create_backbone` (GC ViT, resnet50).
         backbone_overrides: config fields of the backbone (window_size, drop_path_rate, ...).
+        fpn_channels, box_head_width, mask_head_convs: the FPN's channels (the mask head's too), the width of the two
+            box-head FC layers, the mask head's 3 x 3 convolutions; the defaults are the official Mask R-CNN's (256,
+            1024, 4). Lighter heads suit small images with few objects on a CPU.
         detector_kwargs: other arguments of torchvision's FasterRCNN / MaskRCNN (box_score_thresh, ...).
     Returns:
         The detector in train mode: `model(images, targets)` gives the losses, `model.eval()(images)` the
@@ -146,10 +154,18 @@ def create_detector(
         backbone, pretrained=pretrained_backbone, frozen_stages=frozen_stages, **(backbone_overrides or {})
     )
     sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+    heads: dict[str, Any] = {}
+    if (fpn_channels, box_head_width, mask_head_convs) != (FPN_CHANNELS, 1024, 4):  # else torchvision's own
+        heads["box_head"] = TwoMLPHead(fpn_channels * 7 * 7, box_head_width)  # RoIAlign 7 x 7
+        heads["box_predictor"] = FastRCNNPredictor(box_head_width, num_classes + 1)
+        if arch == "mask_rcnn":
+            heads["mask_head"] = MaskRCNNHeads(fpn_channels, (fpn_channels,) * mask_head_convs, 1)
+            heads["mask_predictor"] = MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1)
     detector_cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
     detector = detector_cls(
-        FPNBackbone(body, channels),
-        num_classes=num_classes + 1,
+        FPNBackbone(body, channels, fpn_channels),
+        num_classes=None if heads else num_classes + 1,  # torchvision takes the class count or the predictors
+        **heads,
         min_size=sizes,
         max_size=max_size,
         image_mean=list(IMAGENET_MEAN),
