@@ -19,7 +19,7 @@ from torch import nn
 
 from gcvit.models.base import check_images, init_weights
 from gcvit.models.gcvit import MIN_INPUT_SIZE, GCViT, GCViTConfig, PatchEmbed, build_levels
-from gcvit.models.registry import model_settings, resolve_name
+from gcvit.models.registry import model_settings, pretrained_source, resolve_name
 from gcvit.models.weights import CheckpointError, load_state_dict_into, read_state_dict, resolve
 
 DETECTION_WINDOW = 24  # the official detection backbone's window in every stage
@@ -137,12 +137,7 @@ def create_backbone(
     config, _ = model_settings(name, num_classes=0, window_size=windows, **overrides)
     backbone = GCViTBackbone(config, out_indices, frozen_stages)
     if pretrained is not False and pretrained is not None:
-        if pretrained is True:
-            if spec.pretrained is None:
-                raise ValueError(f"{name} has no pretrained weights; pass a checkpoint path or URL instead")
-            source, sha = spec.pretrained.url, spec.pretrained.sha256
-        else:
-            source, sha = str(pretrained), None
+        source, sha = pretrained_source(name, pretrained)
         load_backbone_weights(backbone, read_state_dict(resolve(source, sha)), source)
     return backbone
 

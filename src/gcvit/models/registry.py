@@ -165,12 +165,7 @@ def create_model(
     model_cls = FAMILIES[spec.family].model_cls
     state_dict, source = None, ""
     if pretrained is not False and pretrained is not None:
-        if pretrained is True:
-            if spec.pretrained is None:
-                raise ValueError(f"{name} has no pretrained weights; pass a checkpoint path or URL instead")
-            source, sha = spec.pretrained.url, spec.pretrained.sha256
-        else:
-            source, sha = str(pretrained), None
+        source, sha = pretrained_source(name, pretrained)
         state_dict, _ = to_official(read_state_dict(resolve(source, sha)), model_cls)
         head = state_dict.get("head.weight")
         if num_classes is None and head is not None and head.ndim == 2:
@@ -184,6 +179,17 @@ def create_model(
     model.pretrained_cfg = meta
     model.model_name = name  # what save_pretrained records in config.json
     return model
+
+
+def pretrained_source(name: str, pretrained: bool | str | os.PathLike[str]) -> tuple[str, str | None]:
+    """(path or URL, expected SHA-256 or None) of the weights `pretrained` names for model `name`: True, the tag's
+    official file; else the path or URL itself."""
+    if pretrained is True:
+        spec = resolve_name(name)
+        if spec.pretrained is None:
+            raise ValueError(f"{name} has no pretrained weights; pass a checkpoint path or URL instead")
+        return spec.pretrained.url, spec.pretrained.sha256
+    return str(pretrained), None
 
 
 def model_settings(
