@@ -25,6 +25,7 @@ def load_for_export(
     """What `gcvit.load` reads: a registered name (weights with --pretrained), a folder, URL or hub repo id (saved,
     checkpoint and run folders), or a .safetensors file with config.json beside it. Returns (model, its
     config.json contents)."""
+    from gcvit.hub import is_remote
     from gcvit.loading import load
     from gcvit.models.folder import model_config
 
@@ -33,7 +34,7 @@ def load_for_export(
         raise ValueError(f"expected a folder, or a .safetensors file with config.json beside it; got {path}")
     if path.is_file() and ema is not None:
         raise ValueError(f"--ema goes with a folder; {path} names its weights itself")
-    if pretrained is not None and (path.exists() or "/" in model):
+    if pretrained is not None and (path.exists() or is_remote(model)):
         raise ValueError(f"--pretrained goes with a model name; {model!r} is a folder or URL with its own weights")
     net = load(model, ema=ema) if pretrained is None else load(model, pretrained=pretrained)
     config = model_config(net)

@@ -14,8 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from gcvit.atomic import atomic_write_bytes
@@ -23,12 +21,11 @@ from gcvit.data.coco import CocoInstances
 from gcvit.data.transforms import load_rgb
 from gcvit.loading import load
 from gcvit.train.coco_eval import MASK_THRESHOLD, coco_ap, to_coco_results
-from gcvit.train.detection import collate
+from gcvit.train.detection import TO_FLOAT, collate
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-_TO_FLOAT = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
 
 
 def load_detector(model: PathLike | nn.Module, device: str | torch.device = "cpu") -> nn.Module:
@@ -44,13 +41,10 @@ def load_detector(model: PathLike | nn.Module, device: str | torch.device = "cpu
 def _run_val_data(run: Path) -> tuple[Path, Path]:
     """(annotations, images) a detection run validated on, from its config.yaml."""
     from gcvit.train.config import read_yaml
-    from gcvit.train.detection import detect_config_from, scene_paths
+    from gcvit.train.detection import data_paths, detect_config_from
 
-    cfg = detect_config_from(read_yaml(run / "config.yaml", check=False))
-    if cfg.val_ann is None:
-        paths = scene_paths(cfg)
-        return paths["val_ann"], paths["val_images"]
-    return Path(cfg.val_ann), Path(cfg.val_images)  # type: ignore[arg-type]
+    paths = data_paths(detect_config_from(read_yaml(run / "config.yaml", check=False)))
+    return paths["val_ann"], paths["val_images"]
 
 
 @torch.no_grad()
@@ -79,7 +73,7 @@ def evaluate_detector(
             raise ValueError("--ann and --images are needed: the model is not a run folder with its config.yaml")
         annotations, images = _run_val_data(run)
     masks = hasattr(detector, "roi_heads") and detector.roi_heads.has_mask()
-    data = CocoInstances(annotations, images, _TO_FLOAT, masks=False)
+    data = CocoInstances(annotations, images, TO_FLOAT, masks=False)
     known = set(detector.category_ids[1:])
     unknown = sorted(set(data.category_ids[1:]) - known)
     if unknown:
@@ -119,6 +113,7 @@ def predict_detections(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
+    names = dict(zip(detector.category_ids[1:], detector.classes))  # category id -> class name
     for index, file in enumerate(files):
         try:
             image = torch.from_numpy(np.array(load_rgb(file))).permute(2, 0, 1)  # (3, H, W) uint8
@@ -128,7 +123,6 @@ def predict_detections(
         output = detector([image.float().div(255).to(device)])[0]
         keep = output["scores"] >= score_threshold
         output = {k: v[keep].cpu() for k, v in output.items()}
-        names = dict(zip(detector.category_ids[1:], detector.classes))
         for r in to_coco_results([output], [index], detector.category_ids):
             results.append(r | {"file_name": str(file), "category_name": names[r["category_id"]]})
         atomic_write_bytes(out / f"{Path(file).stem}.png", _drawn(image, output, detector.classes))

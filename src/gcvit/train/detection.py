@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 from gcvit.data import DataError
 from gcvit.data.coco import CocoInstances
 from gcvit.models.detector import ARCHS, create_detector
-from gcvit.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+from gcvit.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, NVIDIA_LICENSE
 from gcvit.train import distributed as D
 from gcvit.train.coco_eval import coco_ap, to_coco_results
 from gcvit.train.metrics import plot_history, plot_title
@@ -180,6 +180,17 @@ def scene_paths(cfg: DetectConfig) -> dict[str, Path]:
     return paths
 
 
+def data_paths(cfg: DetectConfig) -> dict[str, Path]:
+    """{"train_ann", "train_images", "val_ann", "val_images"} of the run: its data, or the digit scenes."""
+    if cfg.train_ann is None:
+        return scene_paths(cfg)
+    return {k: Path(getattr(cfg, k)) for k in ("train_ann", "train_images", "val_ann", "val_images")}
+
+
+# images to float in [0, 1]; boxes, masks and the rest pass through unchanged
+TO_FLOAT = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+
+
 def collate(batch: list[tuple[Any, dict[str, Any]]]) -> tuple[list[Any], list[dict[str, Any]]]:
     """Detection batches stay lists: images of different sizes, targets of different lengths."""
     images, targets = zip(*batch)
@@ -200,20 +211,16 @@ class DetectionTask(Task):
 
     def datasets(self, architecture: dict[str, Any] | None) -> TaskData:
         cfg = self.cfg
-        if cfg.train_ann is None:
-            paths = scene_paths(cfg)
-        else:
-            paths = {k: Path(getattr(cfg, k)) for k in ("train_ann", "train_images", "val_ann", "val_images")}
-        to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+        paths = data_paths(cfg)
         masks = cfg.arch == "mask_rcnn"
         train = CocoInstances(
             paths["train_ann"],
             paths["train_images"],
-            v2.Compose([v2.RandomHorizontalFlip(0.5), to_float]),
+            v2.Compose([v2.RandomHorizontalFlip(0.5), TO_FLOAT]),
             masks=masks,
             strict_data=cfg.strict_data,
         )
-        val = CocoInstances(paths["val_ann"], paths["val_images"], to_float, masks=masks, strict_data=cfg.strict_data)
+        val = CocoInstances(paths["val_ann"], paths["val_images"], TO_FLOAT, masks=masks, strict_data=cfg.strict_data)
         if train.category_ids != val.category_ids:
             raise DataError(
                 f"{paths['train_ann']} and {paths['val_ann']} list other categories: ids {train.category_ids[1:]} "
@@ -299,7 +306,7 @@ class DetectionTask(Task):
             "max_size": cfg.max_size,
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
-            "license": "" if not cfg.pretrained else "cc-by-nc-sa-4.0",
+            "license": NVIDIA_LICENSE if cfg.pretrained else "",  # from scratch: NVIDIA's licence binds nothing
         }
 
     def loss(self, net: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
