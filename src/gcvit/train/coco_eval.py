@@ -16,14 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-STATS = (
-    "AP",
-    "AP50",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
-)  # COCOeval.stats[0:6]: IoU 0.50:0.95, 0.50, 0.75; small, medium, large
+# the names of COCOeval.stats[0:6] in eval.json: AP at IoU 0.50:0.95, 0.50 and 0.75; AP on small, medium, large objects
+STATS = ("AP", "AP50", "AP75", "small", "medium", "large")
 MASK_THRESHOLD = 0.5  # a Mask R-CNN's per-pixel probabilities -> the binary mask COCO scores
 
 
@@ -57,7 +51,7 @@ def to_coco_results(
 def coco_ap(
     ground_truth: Any, results: list[dict[str, Any]], iou_types: Sequence[str] = ("bbox", "segm")
 ) -> dict[str, dict[str, Any]]:
-    """{"bbox": {"AP": ..., "AP50": ..., "AP75": ..., "APs": ..., "APm": ..., "APl": ..., "per_category": {name:
+    """{"bbox": {"AP": ..., "AP50": ..., "AP75": ..., "small": ..., "medium": ..., "large": ..., "per_category": {name:
     AP}}, "segm": {...}} of `results` (COCO results format) against `ground_truth` (pycocotools' COCO, e.g.
     `CocoInstances.coco`), over its images; values in 0-1 as COCO gives them, -1 where COCO has nothing to score
     (no object of that size, say). No results score 0."""

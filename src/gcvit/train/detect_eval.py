@@ -61,8 +61,8 @@ def evaluate_detector(
     and `images` are not given. Written as JSON to `out` (default: RUN/eval.json for a run folder).
 
     Returns:
-        {"bbox": {"AP": ..., "AP50": ..., "AP75": ..., "APs": ..., "APm": ..., "APl": ..., "per_category": {...}},
-        "segm": {...}} with COCO's 0-1 values.
+        {"bbox": {"AP": ..., "AP50": ..., "AP75": ..., "small": ..., "medium": ..., "large": ...,
+        "per_category": {...}}, "segm": {...}} with COCO's 0-1 values.
     """
     if (annotations is None) != (images is None):
         raise ValueError("give both --ann and --images, or neither (the run's own validation data)")
