@@ -206,7 +206,9 @@ def test_ctrl_c_ends_with_one_line_and_exit_130_and_the_run_resumes(stripes: Pat
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "gcvit.cli", "train", "--data-dir", str(stripes), "--out-dir", str(run)]
-    args += ["--epochs", "30", "--batch-size", "8", "--amp", "none"]
+    # far more epochs than the run reaches: it is stopped by the signal, never by its end (30 epochs of 0.3 s once
+    # finished before a loaded machine's poll saw the first checkpoint)
+    args += ["--epochs", "1000", "--batch-size", "8", "--amp", "none"]
     args += [a for k, v in TINY.items() for a in ("--model-override", f"{k}={json.dumps(v)}")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 300
