@@ -43,6 +43,8 @@ _TRAIN_FLAGS = (
     "out_dir",
     "time_limit",
     "recipe",
+    "scale_aug",
+    "flip",
 )
 
 
@@ -143,8 +145,15 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--window-size", type=int, default=None, help="GC ViT's window (default 24; the digit scenes 8)")
     p.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 the stem, k the stem and k stages")
     p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument(
+        "--scale-aug",
+        default=None,
+        choices=["none", "multiscale", "lsj"],
+        help="multiscale: the official DETR-style resize and crop; lsj: large-scale jitter (default none)",
+    )
+    p.add_argument("--flip", type=float, default=None, help="horizontal flip chance (default 0.5; digit scenes 0)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute the backbone in the backward pass")
-    p.add_argument("--epochs", type=int, default=None, help="(default 12; official 36)")
+    p.add_argument("--epochs", type=int, default=None, help="(default 12; the digit scenes 10; official 36)")
     p.add_argument("--batch-size", type=int, default=None, help="(default 4)")
     p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="(default 1e-4; the digit scenes 1e-3)")

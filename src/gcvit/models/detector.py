@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
@@ -30,6 +32,54 @@ from gcvit.models.registry import create_model, resolve_name
 
 ARCHS = ("faster_rcnn", "mask_rcnn")
 FPN_CHANNELS = 256
+ANCHOR_SIZES = (32, 64, 128, 256, 512)  # px, one size per FPN level (strides 4 to 64), the official anchors
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's positive/negative sampler (the same counts and rule) that can draw each image's sample from its
+    own seed instead of the global generator, and counts what it sampled.
+
+    Drawn from per-image seeds, the anchors and RoIs an image trains on do not depend on which process or batch it
+    lands in, which is what makes a 2-process run equal a 1-process one (`gcvit.train.detection`). `seeds`: one int
+    per image of the next forward pass, or None (the global generator, as torchvision). After a call, `sampled` and
+    `positives` hold the totals over the batch, the denominators of torchvision's mean losses."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float, salt: int) -> None:
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.salt = salt  # one sampler's draws differ from the other's for the same image seed
+        self.seeds: list[int] | None = None
+        self.sampled = self.positives = 0
+
+    def __call__(self, matched_idxs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.seeds is not None and len(self.seeds) != len(matched_idxs):
+            raise ValueError(f"expected one sampling seed per image ({len(matched_idxs)}); got {len(self.seeds)}")
+        pos_masks, neg_masks = [], []
+        self.sampled = self.positives = 0
+        for i, matched in enumerate(matched_idxs):
+            positive = torch.where(matched >= 1)[0]
+            negative = torch.where(matched == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            if self.seeds is None:  # as torchvision: the device's global generator
+                pos = positive[torch.randperm(positive.numel(), device=positive.device)[:num_pos]]
+                neg = negative[torch.randperm(negative.numel(), device=negative.device)[:num_neg]]
+            else:
+                generator = torch.Generator().manual_seed((self.seeds[i] * 1_000_003 + self.salt) % 2**63)
+                pos = positive[torch.randperm(positive.numel(), generator=generator)[:num_pos].to(positive.device)]
+                neg = negative[torch.randperm(negative.numel(), generator=generator)[:num_neg].to(negative.device)]
+            pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            pos_mask[pos], neg_mask[neg] = 1, 1
+            pos_masks.append(pos_mask)
+            neg_masks.append(neg_mask)
+            self.sampled += num_pos + num_neg
+            self.positives += num_pos
+        return pos_masks, neg_masks
+
+
+def samplers(detector: nn.Module) -> tuple[SeededSampler, SeededSampler]:
+    """(the RPN's anchor sampler, the RoI heads' proposal sampler) of a detector made by `create_detector`."""
+    return detector.rpn.fg_bg_sampler, detector.roi_heads.fg_bg_sampler
 
 
 class FPNBackbone(nn.Module):
@@ -122,6 +172,7 @@ def create_detector(
     fpn_channels: int = FPN_CHANNELS,
     box_head_width: int = 1024,
     mask_head_convs: int = 4,
+    anchor_sizes: Sequence[int] = ANCHOR_SIZES,
     **detector_kwargs: Any,
 ) -> nn.Module:
     """torchvision's Faster R-CNN or Mask R-CNN on a GC ViT (or Swin, or ResNet-50) backbone with an FPN.
@@ -139,6 +190,8 @@ def create_detector(
         fpn_channels, box_head_width, mask_head_convs: the FPN's channels (the mask head's too), the width of the two
             box-head FC layers, the mask head's 3 x 3 convolutions; the defaults are the official Mask R-CNN's (256,
             1024, 4). Lighter heads suit small images with few objects on a CPU.
+        anchor_sizes: the RPN's anchor size (px) at each of the five FPN levels, with ratios 0.5, 1, 2 each; the
+            official ones by default. Small objects in small images need smaller anchors.
         detector_kwargs: other arguments of torchvision's FasterRCNN / MaskRCNN (box_score_thresh, ...).
     Returns:
         The detector in train mode: `model(images, targets)` gives the losses, `model.eval()(images)` the
@@ -161,10 +214,15 @@ def create_detector(
         if arch == "mask_rcnn":
             heads["mask_head"] = MaskRCNNHeads(fpn_channels, (fpn_channels,) * mask_head_convs, 1)
             heads["mask_predictor"] = MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1)
+    if tuple(anchor_sizes) != ANCHOR_SIZES:
+        if len(anchor_sizes) != 5:
+            raise ValueError(f"expected 5 anchor_sizes, one per FPN level (strides 4 to 64); got {anchor_sizes!r}")
+        heads["rpn_anchor_generator"] = AnchorGenerator(tuple((int(a),) for a in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
     detector_cls = MaskRCNN if arch == "mask_rcnn" else FasterRCNN
     detector = detector_cls(
         FPNBackbone(body, channels, fpn_channels),
-        num_classes=None if heads else num_classes + 1,  # torchvision takes the class count or the predictors
+        # torchvision takes the class count or the predictors
+        num_classes=None if "box_predictor" in heads else num_classes + 1,
         **heads,
         min_size=sizes,
         max_size=max_size,
@@ -172,5 +230,8 @@ def create_detector(
         image_std=list(IMAGENET_STD),
         **detector_kwargs,
     )
+    for owner, salt in ((detector.rpn, 1), (detector.roi_heads, 2)):
+        old = owner.fg_bg_sampler
+        owner.fg_bg_sampler = SeededSampler(old.batch_size_per_image, old.positive_fraction, salt)
     detector.arch, detector.backbone_name = arch, backbone  # what a saved detector records
     return detector

@@ -83,7 +83,8 @@ def checkpoint_config(
 
 def wrap_ddp(model: nn.Module, info: D.DistInfo) -> nn.Module:
     """The model in DistributedDataParallel on this rank's device."""
-    # A stage with a single block has no global block, so its global query generator gets no gradient.
-    unused = any(d < 2 for d in getattr(model.cfg, "depths", ()))
+    # A stage with a single block has no global block, so its global query generator gets no gradient (in a
+    # classifier, or in the backbone of a detector).
+    unused = any(d < 2 for m in model.modules() for d in getattr(getattr(m, "cfg", None), "depths", ()))
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)

@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from gcvit.data import DataError
 from gcvit.data.coco import CocoInstances
-from gcvit.models.detector import ARCHS, create_detector
+from gcvit.models.detector import ARCHS, create_detector, samplers
 from gcvit.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, NVIDIA_LICENSE
 from gcvit.train import distributed as D
 from gcvit.train.coco_eval import coco_ap, to_coco_results
@@ -35,22 +35,25 @@ from gcvit.train.task import Task, TaskData, autocast
 logger = logging.getLogger(__name__)
 
 SCENE_SIZE = 128  # px a side of the digit scenes
-# on the digit scenes (2-5 objects an image): fewer region proposals and sampled RoIs than COCO's 512, which a
-# training step on the 2-core CPU spends most of its time on (RoIAlign's backward, the mask head): a Mask R-CNN step
-# on gcvit_nano, batch 4 at 128 px, took 5-7 s with torchvision's defaults and 2-3.3 s with these (AMD EPYC, AVX2)
+# on the digit scenes (2-5 digits of 19-51 px an image, 128 px): lighter heads than the official 256-channel FPN,
+# 1024-wide box head and 4-conv mask head, anchors of 16 to 256 px instead of 32 to 512, fewer region proposals and
+# half the sampled RoIs. A training step of batch 4 on gcvit_nano took 0.25-0.33 s with these against 5-7 s with
+# torchvision's defaults (2-core AMD EPYC, AVX2), where RoIAlign's backward and the mask head took most of the time;
+# 10 epochs reach box and mask AP50 0.85 (benchmarks/RESULTS.md)
 SCENE_OPTIONS = {
-    # lighter heads than the official 256-channel FPN, 1024-wide box head and 4-conv mask head: a step of batch 4 took
-    # 0.6-0.8 s instead of 1.9-2.5 s with the sampling settings below (AMD EPYC, AVX2, 2 threads)
-    "fpn_channels": 128,
+    "fpn_channels": 64,
     "box_head_width": 256,
-    "mask_head_convs": 2,
+    "mask_head_convs": 1,
+    "anchor_sizes": (16, 32, 64, 128, 256),
     "rpn_pre_nms_top_n_train": 600,
     "rpn_post_nms_top_n_train": 300,
     "rpn_pre_nms_top_n_test": 300,
     "rpn_post_nms_top_n_test": 100,
-    "box_batch_size_per_image": 128,
+    "box_batch_size_per_image": 64,
 }
+SCENE_EPOCHS = 10  # the digit scenes' default: about 7 minutes on the 2-core CPU
 DETECT_RECIPES = ("default", "official")
+SCALE_AUGS = ("none", "multiscale", "lsj")
 
 
 @dataclass
@@ -64,6 +67,9 @@ class DetectConfig:
     val_images: str | None = None
     scenes: int = 400  # digit scenes to train on when no data is given (a quarter as many to validate on)
     strict_data: bool = False  # refuse unreadable images and unusable annotations instead of counting them
+    scale_aug: str = "none"  # 'multiscale': the official DETR-style resize (and crop); 'lsj': large-scale jitter
+    flip: float | None = None  # the chance of a horizontal flip in training; None: 0.5 (official), 0 on the digit
+    # scenes (a flipped digit is no digit)
     # the detector
     arch: str = "mask_rcnn"  # or faster_rcnn
     model: str = "gcvit_nano"  # the backbone: a GC ViT or Swin name, or resnet50
@@ -78,7 +84,7 @@ class DetectConfig:
     # scenes a lighter sampling (SCENE_OPTIONS), elsewhere torchvision's defaults (the official Mask R-CNN's)
     # schedule
     recipe: str = "default"  # 'official': NVIDIA's Mask R-CNN 3x (module docstring)
-    epochs: int = 12
+    epochs: int | None = None  # None: 12; the digit scenes SCENE_EPOCHS
     batch_size: int = 4
     grad_accum: int = 1
     lr: float | None = None  # None: 1e-3 on the digit scenes (from scratch), else 1e-4 (the official recipe's)
@@ -109,6 +115,8 @@ class DetectConfig:
         """Fill in the defaults that follow from the data, and raise a ValueError naming the first impossible value."""
         if self.recipe not in DETECT_RECIPES:
             raise ValueError(f"recipe must be one of {DETECT_RECIPES}; got {self.recipe!r}")
+        if self.scale_aug not in SCALE_AUGS:
+            raise ValueError(f"scale_aug must be one of {SCALE_AUGS}; got {self.scale_aug!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}; got {self.arch!r} (Cascade Mask R-CNN is not built)")
         given = [self.train_ann, self.train_images, self.val_ann, self.val_images]
@@ -117,12 +125,16 @@ class DetectConfig:
                 "give all four of --train-ann --train-images --val-ann --val-images, or none (digit scenes)"
             )
         scenes = self.train_ann is None
+        if self.epochs is None:
+            self.epochs = SCENE_EPOCHS if scenes else 12
         if self.img_size is None:
             self.img_size = SCENE_SIZE if scenes else 800
         if self.max_size is None:
             self.max_size = round(self.img_size * 1333 / 800)
         if self.window_size is None and self.model.startswith("gcvit"):
             self.window_size = 8 if scenes else 24
+        if self.flip is None:
+            self.flip = 0.0 if scenes else 0.5
         if self.lr is None:  # on the scenes 1e-3 reached box AP50 0.34 in 5 min where 1e-4 reached 0.28 in 9
             self.lr = 1e-3 if scenes else 1e-4
         if self.detector_options is None:
@@ -158,6 +170,7 @@ def official_detect_recipe() -> dict[str, Any]:
         "img_size": 800,
         "max_size": 1333,
         "window_size": 24,
+        "scale_aug": "multiscale",
         "batch_size": 16,  # 2 images on each of 8 GPUs
     }
 
@@ -191,6 +204,59 @@ def data_paths(cfg: DetectConfig) -> dict[str, Path]:
 TO_FLOAT = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
 
 
+class SampleSeed:
+    """The last training transform: adds target["seed"], an int drawn from the generator the shared loader seeds
+    from (run seed, epoch, image index), from which the detector draws that image's anchors and RoIs."""
+
+    def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        return image, target | {"seed": int(torch.randint(2**62, ()).item())}
+
+
+class RandomSizeCrop(v2.Transform):
+    """A crop of random height and width, each drawn from [min_size, max_size] px (at most the image's), at a random
+    place: the crop of DETR's multi-scale augmentation, which torchvision's v2 lacks."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        self.min_size, self.max_size = min_size, max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        H, W = v2.query_size(flat_inputs)
+        h = int(torch.randint(min(self.min_size, H), min(self.max_size, H) + 1, ()))
+        w = int(torch.randint(min(self.min_size, W), min(self.max_size, W) + 1, ()))
+        top, left = int(torch.randint(H - h + 1, ())), int(torch.randint(W - w + 1, ()))
+        return {"top": top, "left": left, "height": h, "width": w}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(v2.functional.crop, inpt, **params)
+
+
+def train_sizes(cfg: DetectConfig) -> tuple[int, ...]:
+    """The shorter sides the detector resizes training images to, one drawn per image: with 'multiscale' the
+    official 480 to 800 in steps of 32 (scaled by img_size / 800), else img_size alone."""
+    if cfg.scale_aug != "multiscale":
+        return (cfg.img_size,)
+    return tuple(sorted({round(cfg.img_size * s / 800) for s in range(480, 801, 32)}))
+
+
+def train_transform(cfg: DetectConfig) -> v2.Compose:
+    """Flip, then the scale augmentation: 'multiscale' crops half the images first as DETR does (shorter side to
+    400, 500 or 600, then a random 384-600 px crop, all scaled by img_size / 800; the detector then resizes to one of
+    `train_sizes`); 'lsj' resizes by 0.1-2x of an img_size square and crops or pads to that square. Boxes that a
+    crop leaves empty are dropped with their labels and masks."""
+    steps: list[Any] = [v2.RandomHorizontalFlip(cfg.flip)]
+    k = cfg.img_size / 800
+    if cfg.scale_aug == "multiscale":
+        shorter = v2.RandomShortestSize([round(k * s) for s in (400, 500, 600)])
+        steps.append(v2.RandomApply([v2.Compose([shorter, RandomSizeCrop(round(k * 384), round(k * 600))])], p=0.5))
+    elif cfg.scale_aug == "lsj":
+        size = (cfg.img_size, cfg.img_size)
+        steps += [v2.ScaleJitter(size, scale_range=(0.1, 2.0)), v2.RandomCrop(size, pad_if_needed=True)]
+    if cfg.scale_aug != "none":
+        steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)]
+    return v2.Compose([*steps, TO_FLOAT, SampleSeed()])
+
+
 def collate(batch: list[tuple[Any, dict[str, Any]]]) -> tuple[list[Any], list[dict[str, Any]]]:
     """Detection batches stay lists: images of different sizes, targets of different lengths."""
     images, targets = zip(*batch)
@@ -200,6 +266,20 @@ def collate(batch: list[tuple[Any, dict[str, Any]]]) -> tuple[list[Any], list[di
 def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A target's tensors on `device` as plain tensors (what torchvision's detectors take)."""
     return {k: v.as_subclass(torch.Tensor).to(device) for k, v in target.items() if k in ("boxes", "labels", "masks")}
+
+
+# torchvision's mean losses and the sampler count each one divides by: 0 anchors, 1 RoIs, 2 positive RoIs
+_DENOMINATORS = {"loss_objectness": 0, "loss_rpn_box_reg": 0, "loss_classifier": 1, "loss_box_reg": 1, "loss_mask": 2}
+
+
+def _batch_means(losses: dict[str, torch.Tensor], counts: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each of this process's mean losses scaled to its share of the mean over every process's images: DDP
+    averages the gradients over processes, which then equal those of the mean over the whole batch."""
+    world = torch.distributed.get_world_size()
+    totals = torch.tensor(counts, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(totals)
+    scale = [world * c / t if t > 0 else 0.0 for c, t in zip(counts, totals.tolist())]
+    return {k: v * scale[_DENOMINATORS[k]] if k in _DENOMINATORS else v for k, v in losses.items()}
 
 
 class DetectionTask(Task):
@@ -216,7 +296,7 @@ class DetectionTask(Task):
         train = CocoInstances(
             paths["train_ann"],
             paths["train_images"],
-            v2.Compose([v2.RandomHorizontalFlip(0.5), TO_FLOAT]),
+            train_transform(cfg),
             masks=masks,
             strict_data=cfg.strict_data,
         )
@@ -243,7 +323,7 @@ class DetectionTask(Task):
             backbone=cfg.model,
             num_classes=len(data.classes),
             pretrained_backbone=cfg.pretrained if architecture is None else False,  # a resumed run loads its own
-            min_size=cfg.img_size,
+            min_size=train_sizes(cfg),  # evaluation resizes to the largest, img_size
             max_size=cfg.max_size,
             frozen_stages=cfg.frozen_stages,
             backbone_overrides=overrides,
@@ -310,11 +390,20 @@ class DetectionTask(Task):
         }
 
     def loss(self, net: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, int]:
+        """The sum of the detector's losses. Each image's anchors and RoIs are drawn from its own seed (`SampleSeed`),
+        and across processes each mean loss is rescaled to the mean over the whole batch, so that a run gives the
+        same steps however many processes share its batches."""
         images, targets = batch
+        detector = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
+        rpn, roi = samplers(detector)
+        rpn.seeds = roi.seeds = [t["seed"] for t in targets] if all("seed" in t for t in targets) else None
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [_to_device(t, device) for t in targets]
         with autocast(self.cfg.amp, device):
             losses = net(images, targets)
+        rpn.seeds = roi.seeds = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            losses = _batch_means(losses, [rpn.sampled, roi.sampled, roi.positives], device)
         return sum(losses.values()), len(images)
 
     @torch.no_grad()
