@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from gcvit.cli import main
 
@@ -45,6 +46,7 @@ def test_detect_commands_write_what_they_say(tmp_path: Path, monkeypatch: pytest
     )
     predictions = json.loads((out / "predictions.json").read_text())
     assert sorted(p.name for p in out.glob("*.png")) == ["val_00000.png", "val_00001.png"]
+    assert Image.open(out / "val_00000.png").size == (384, 384)  # a 96 px scene drawn 4x as large
     assert predictions and {p["category_id"] for p in predictions} <= set(range(1, 11))
     assert all(len(p["bbox"]) == 4 and "segmentation" in p for p in predictions)
     capsys.readouterr()

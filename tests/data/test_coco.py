@@ -152,3 +152,23 @@ def test_written_digit_scenes_read_back_as_coco(tmp_path: Path) -> None:
             ys, xs = np.nonzero(mask)
             assert box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert json.loads(paths["val_ann"].read_text())["images"][0]["file_name"] == "val_00000.png"
+
+
+def test_the_photo_set_reads_with_its_polygons_ids_and_empty_image(tmp_path: Path) -> None:
+    from tests.data.photo_objects import write_photo_objects
+
+    paths = write_photo_objects(tmp_path, n_train=6, n_val=2)
+    again = write_photo_objects(tmp_path / "again", n_train=6, n_val=2)
+    assert paths["train_ann"].read_text() == again["train_ann"].read_text()  # reproducible
+    data = CocoInstances(paths["train_ann"], paths["train_images"], masks=True)
+    assert data.category_ids == [0, 3, 7, 11, 20, 42] and data.classes == ["pagoda", "dahlia", "tree", "bush", "bud"]
+    sizes = set()
+    for i in range(len(data)):
+        image, target = data[i]
+        sizes.add(tuple(image.shape[-2:]))
+        assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
+        for box, mask in zip(target["boxes"], target["masks"]):
+            ys, xs = torch.nonzero(mask, as_tuple=True)  # the polygon's mask lies in its box
+            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+    assert len(data[0][1]["boxes"]) == 0 and len(sizes) > 1
+    assert {p.suffix for p in paths["train_images"].iterdir()} == {".png", ".jpg"}

@@ -124,3 +124,36 @@ def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         gcvit.create_backbone("gcvit_tinyy")
     assert isinstance(gcvit.create_backbone("gcvit_nano"), GCViTBackbone)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    backbone = gcvit.create_backbone("gcvit_xxtiny", window_size=7, drop_path_rate=0.0)
+    x = torch.randn(1, 3, 120, 100)
+
+    def grads() -> dict[str, torch.Tensor]:
+        backbone.zero_grad()
+        sum((m.square().mean() for m in backbone(x)), torch.zeros(())).backward()
+        return {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    backbone.set_grad_checkpointing(True)
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 100
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-7, rtol=1e-5) for k in plain)
+
+
+def test_a_folder_of_this_package_loads_with_its_own_query_pools(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    classifier = randomize_(gcvit.create_model("gcvit_nano"))  # the digits model: one query pool, in stage 0
+    classifier.save_pretrained(tmp_path / "saved")
+    backbone = gcvit.create_backbone("gcvit_nano", pretrained=tmp_path / "saved", window_size=8)
+    assert backbone.cfg.global_query_pools == classifier.cfg.global_query_pools == (1, 0, 0, 0)
+    mine = backbone.state_dict()
+    shared = [
+        k for k in classifier.state_dict() if not k.startswith(("norm.", "head.")) and "relative_position" not in k
+    ]
+    assert len(shared) > 50 and all(torch.equal(mine[k], classifier.state_dict()[k]) for k in shared)
+    assert [m.shape[1] for m in backbone(torch.randn(1, 3, 96, 128))] == backbone.out_channels
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        gcvit.create_backbone("gcvit_nano", pretrained=tmp_path)

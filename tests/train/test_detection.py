@@ -65,7 +65,7 @@ def test_detection_settings_are_checked(scenes_cache: Path, tmp_path: Path) -> N
     with pytest.raises(ValueError, match="arch must be one of"):
         DetectConfig(arch="cascade_mask_rcnn")
     cfg = _config(tmp_path, lr_steps=None)
-    assert cfg.window_size == 8 and cfg.img_size == 128 and cfg.epochs == 10 and cfg.lr_steps == (7, 9)
+    assert cfg.window_size == 8 and cfg.img_size == 128 and cfg.epochs == 10 and cfg.lr_steps == (9,)
     paths = scene_paths(cfg)
     assert len(json.loads(paths["train_ann"].read_text())["images"]) == 8
     assert len(json.loads(paths["val_ann"].read_text())["images"]) == 2
@@ -133,3 +133,39 @@ def test_scale_augmentations_keep_boxes_masks_and_labels_together(scenes_cache: 
     else:  # half the images cropped to random sizes; the detector then resizes to one of train_sizes
         assert len(sizes) > 3 and (128, 128) in sizes
         assert train_sizes(cfg) == tuple(round(200 * s / 800) for s in range(480, 801, 32))
+
+
+@pytest.mark.slow
+def test_a_photo_set_trains_from_scratch_and_eval_reports_its_ap(tmp_path: Path) -> None:
+    """The issue's user set: real photographs' objects on real textures (tests/data/photo_objects.py), category ids
+    3, 7, 11, 20, 42, polygons, an image without objects, JPEG and PNG; 15 minutes of training on the 2-core CPU."""
+    from tests.data.photo_objects import write_photo_objects
+
+    paths = write_photo_objects(tmp_path / "set")
+    run = tmp_path / "run"
+    data = [
+        a
+        for k in ("train_ann", "train_images", "val_ann", "val_images")
+        for a in (f"--{k.replace('_', '-')}", str(paths[k]))
+    ]
+    args = [*data, "--model", "gcvit_xxtiny", "--img-size", "256", "--time-limit", "900", "--out-dir", str(run)]
+    done = subprocess.run(
+        [sys.executable, "-m", "gcvit.cli", "detect", "train", *args, "--no-progress"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "gcvit.cli", "detect", "eval", str(run)], capture_output=True, text=True
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    scores = json.loads((run / "eval.json").read_text())
+    assert set(scores["bbox"]["per_category"]) == {"pagoda", "dahlia", "tree", "bush", "bud"}
+    assert scores["bbox"]["AP50"] > 0.3 and scores["segm"]["AP50"] > 0.3, scores
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train_a_detector(scenes_cache: Path, tmp_path: Path) -> None:
+    done = train(_config(tmp_path / "run", epochs=1, amp="bf16", grad_checkpointing=True))
+    assert done.epochs_done == 1 and 0.0 <= done.best_top1 <= 1.0
+    weights = ckpt.read_weights(tmp_path / "run" / "last").values()
+    assert all(v.dtype == torch.float32 for v in weights if v.is_floating_point())  # autocast leaves fp32 weights
+    with pytest.raises(ValueError, match="amp='fp16' needs CUDA"):
+        train(_config(tmp_path / "fp16", epochs=1, amp="fp16", device="cpu"))

@@ -156,7 +156,7 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--epochs", type=int, default=None, help="(default 12; the digit scenes 10; official 36)")
     p.add_argument("--batch-size", type=int, default=None, help="(default 4)")
     p.add_argument("--grad-accum", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None, help="(default 1e-4; the digit scenes 1e-3)")
+    p.add_argument("--lr", type=float, default=None, help="(default 1e-4 with pretrained weights, 1e-3 from scratch)")
     p.add_argument("--weight-decay", type=float, default=None, help="(default 0.05)")
     p.add_argument("--warmup-iters", type=int, default=None, help="(default 100; official 2500)")
     p.add_argument("--clip-grad", type=float, default=None)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from gcvit.models.base import check_images, init_weights
+from gcvit.models.folder import checkpoint_folder, chosen_weights, read_config
 from gcvit.models.gcvit import MIN_INPUT_SIZE, GCViT, GCViTConfig, PatchEmbed, build_levels
 from gcvit.models.registry import model_settings, pretrained_source, resolve_name
 from gcvit.models.weights import CheckpointError, load_state_dict_into, read_state_dict, resolve
@@ -121,7 +123,9 @@ def create_backbone(
             classification checkpoint (official, timm or this package's: bias tables resized bicubically to the
             windows, `norm` and `head` dropped, `norm0..3` freshly initialised), an official detection-backbone state
             dict (loaded strictly), or a detector's checkpoint holding the backbone under `backbone.` (mmdet) or
-            `backbone.body.` (torchvision, `gcvit.create_detector`).
+            `backbone.body.` (torchvision, `gcvit.create_detector`); or a folder of this package (a run of `gcvit
+            train` or `gcvit detect train`, a checkpoint or `save_pretrained` folder), whose global-query pools the
+            backbone keeps (the query map is resized to the window whatever the pools).
         window_size: one window side for every stage, or one per stage.
         out_indices: the stages whose maps are returned.
         frozen_stages: -1 trains everything; 0 freezes the stem; k >= 1 the stem and the first k stages (frozen parts
@@ -133,10 +137,20 @@ def create_backbone(
         raise ValueError(f"create_backbone builds GC ViT; got {name!r} (create_detector takes Swin and ResNet-50)")
     stages = len(overrides.get("depths", spec.config.depths))  # type: ignore[arg-type]
     windows = (window_size,) * stages if isinstance(window_size, int) else tuple(window_size)
+    weights = None
+    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():  # a folder of this package's
+        folder = checkpoint_folder(Path(pretrained))
+        saved = read_config(folder)
+        weights = chosen_weights(folder, saved, None)
+        pools = saved.get("config", {}).get("global_query_pools")
+        if pools is not None:  # its query generator's modules: the digits models pool once, in stage 0 only
+            overrides.setdefault("global_query_pools", tuple(pools))
     overrides.setdefault("global_query_pools", tuple(range(stages - 1, -1, -1)))  # 3, 2, 1, 0: the 224 px geometry
     config, _ = model_settings(name, num_classes=0, window_size=windows, **overrides)
     backbone = GCViTBackbone(config, out_indices, frozen_stages)
-    if pretrained is not False and pretrained is not None:
+    if weights is not None:
+        load_backbone_weights(backbone, read_state_dict(weights), str(weights))
+    elif pretrained is not False and pretrained is not None:
         source, sha = pretrained_source(name, pretrained)
         load_backbone_weights(backbone, read_state_dict(resolve(source, sha)), source)
     return backbone

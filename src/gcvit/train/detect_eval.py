@@ -26,6 +26,7 @@ from gcvit.train.detection import TO_FLOAT, collate
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
+DRAW_SIDE = 384  # px: the shorter side below which predict enlarges an image before drawing on it
 
 
 def load_detector(model: PathLike | nn.Module, device: str | torch.device = "cpu") -> nn.Module:
@@ -131,16 +132,25 @@ def predict_detections(
 
 
 def _drawn(image: torch.Tensor, output: dict[str, torch.Tensor], classes: list[str]) -> bytes:
-    """PNG bytes of `image` with masks (translucent), boxes, class names and scores drawn (torchvision.utils)."""
+    """PNG bytes of `image` with masks (translucent), boxes, class names and scores drawn (torchvision.utils).
+    Images shorter than DRAW_SIDE px are enlarged first by a whole factor (pixels repeated), so that the labels stay
+    legible."""
     import io
 
     from PIL import Image
 
+    factor = max(1, -(-DRAW_SIDE // min(image.shape[-2:])))
+    if factor > 1:
+        image = image.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
     if "masks" in output and len(output["masks"]):
-        image = draw_segmentation_masks(image, output["masks"][:, 0] > MASK_THRESHOLD, alpha=0.45)
+        masks = output["masks"][:, 0] > MASK_THRESHOLD
+        masks = masks.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+        image = draw_segmentation_masks(image, masks, alpha=0.45)
     labels = [f"{classes[int(k) - 1]} {s:.2f}" for k, s in zip(output["labels"], output["scores"])]
     if len(output["boxes"]):
-        image = draw_bounding_boxes(image, output["boxes"], labels=labels, width=2)
+        image = draw_bounding_boxes(
+            image, output["boxes"] * factor, labels=labels, width=2, fill_labels=True, label_colors="white"
+        )
     buffer = io.BytesIO()
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
