@@ -5,6 +5,7 @@ from gcvit.models.detector import create_detector
 from gcvit.models.gcvit import VARIANTS, GCViT, GCViTConfig, convert_timm
 from gcvit.models.pretrained import PRETRAINED, PretrainedCfg
 from gcvit.models.registry import FAMILIES, create_model, list_models, resolve_name
+from gcvit.models.segmenter import create_segmenter
 from gcvit.models.swin import SwinConfig, SwinTransformer
 from gcvit.models.vit import VisionTransformer, ViTConfig
 from gcvit.models.weights import CheckpointError, LoadReport, load_checkpoint, save_checkpoint
@@ -27,6 +28,7 @@ __all__ = [
     "create_backbone",
     "create_detector",
     "create_model",
+    "create_segmenter",
     "list_models",
     "load_checkpoint",
     "resolve_name",
