@@ -6,7 +6,8 @@ background, placed so that two boxes overlap by at most a third. A digit's mask 
 digit is more than half ink); a later digit occludes the earlier ones, whose masks lose what it covers, and their boxes
 are the masks' extents. Training scenes draw their digits from the first 80% of scikit-learn's samples, validation
 scenes from the rest, so no digit image is in both. `write_digit_scenes` writes them as COCO JSON plus PNGs (masks as
-RLE), the format `CocoInstances` reads.
+RLE), the format `CocoInstances` reads; `write_segmentation_scenes` writes the same scenes with semantic masks (each
+pixel's topmost digit), the folders `SegmentationFolder` reads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 from gcvit.atomic import atomic_write_bytes
 
 CATEGORY_IDS = list(range(1, 11))  # category id of digit d: d + 1 (COCO's ids start at 1)
+SEGMENTATION_CLASSES = ["background"] + [str(d) for d in range(10)]  # semantic label of digit d: d + 1
 TRAIN_FRACTION = 0.8  # of scikit-learn's 1797 digit samples: the first 80% for training scenes, the rest for validation
 
 
@@ -151,6 +153,34 @@ def write_digit_scenes(
         ann = out / f"{split}.json"
         atomic_write_bytes(ann, json.dumps(coco_json(scenes, names)).encode())
         paths[f"{split}_ann"], paths[f"{split}_images"] = ann, folder
+    return paths
+
+
+def semantic_mask(objects: list[tuple[int, np.ndarray]], size: int) -> np.ndarray:
+    """(size, size) uint8 labels of a scene's objects: 0 background, digit d -> d + 1. The objects' masks are
+    disjoint (a later digit already took what it covers from the earlier ones), so each pixel gets its topmost digit."""
+    labels = np.zeros((size, size), np.uint8)
+    for digit, mask in objects:
+        labels[mask] = digit + 1
+    return labels
+
+
+def write_segmentation_scenes(
+    out_dir: str | Path, n_train: int = 400, n_val: int = 100, size: int = 128, seed: int = 0
+) -> dict[str, Path]:
+    """Write the scenes of `digit_scenes` for semantic segmentation: train/images, train/masks, val/images and
+    val/masks under `out_dir`, PNGs of one name per scene; masks in mode 'L' with labels 0..10
+    (`SEGMENTATION_CLASSES`). Returns {"train_images", "train_masks", "val_images", "val_masks"}. Files are written
+    atomically: a run cut short leaves no half-written file."""
+    out = Path(out_dir)
+    paths = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        images, masks = out / split / "images", out / split / "masks"
+        for i, (image, objects) in enumerate(digit_scenes(n, split, size, seed)):
+            name = f"{split}_{i:05d}.png"
+            atomic_write_bytes(images / name, _png(image))
+            atomic_write_bytes(masks / name, _png(semantic_mask(objects, size)))
+        paths[f"{split}_images"], paths[f"{split}_masks"] = images, masks
     return paths
 
 
