@@ -31,7 +31,7 @@ from gcvit.models.folder import (
     read_config,
     weights_record,
 )
-from gcvit.models.pretrained import PretrainedCfg
+from gcvit.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, PretrainedCfg
 from gcvit.models.registry import close_names, create_model, is_model_name
 from gcvit.models.weights import load_checkpoint
 
@@ -122,10 +122,13 @@ def _saved_model(folder: Path, weights: Path, origin: str, overrides: dict[str, 
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist; expected the weights next to {CONFIG_FILE}")
     config = read_config(folder)
-    if config.get("task") == "detection":
+    if config.get("task") in ("detection", "segmentation"):
         if overrides:
-            raise ValueError(f"{folder} holds a detector; overrides {sorted(overrides)} go with classifiers")
-        return _detector(config, folder, weights, origin)
+            raise ValueError(
+                f"{folder} holds a {config['task']} model; overrides {sorted(overrides)} go with classifiers"
+            )
+        build = _detector if config["task"] == "detection" else _segmenter
+        return build(config, folder, weights, origin)
     num_classes = overrides.pop("num_classes", None)
     model = build_from_config(config, str(folder / CONFIG_FILE), origin=origin, **overrides)
     load_checkpoint(model, weights, strict=True)
@@ -139,7 +142,6 @@ def _detector(config: Mapping[str, Any], folder: Path, weights: Path, origin: st
     """The detector a detection run's config.json describes (`gcvit.train.detection`), its weights loaded strictly;
     `classes`, `category_ids` (label -> the annotations' category id) and `model_name` (the backbone) from it."""
     from gcvit.models.detector import create_detector
-    from gcvit.models.weights import CheckpointError, read_state_dict
 
     source = str(folder / CONFIG_FILE)
     missing = [k for k in ("arch", "model", "classes", "category_ids") if k not in config]
@@ -159,16 +161,56 @@ def _detector(config: Mapping[str, Any], folder: Path, weights: Path, origin: st
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: does not describe a detector gcvit can build: {e}") from None
-    try:
-        result = model.load_state_dict(read_state_dict(weights), strict=False)
-    except RuntimeError as e:  # mis-shaped tensors
-        raise CheckpointError(f"{weights} does not fit the detector its config.json describes: {e}") from None
-    if result.missing_keys or result.unexpected_keys:
-        keys = (result.missing_keys + result.unexpected_keys)[:10]
-        raise CheckpointError(f"{weights} does not fit the detector its config.json describes: {keys}")
+    _load_whole(model, weights, "detector")
     model.classes, model.category_ids = list(config["classes"]), list(config["category_ids"])
     model.model_name, model.source = str(config["model"]), origin
     return model
+
+
+def _segmenter(config: Mapping[str, Any], folder: Path, weights: Path, origin: str) -> nn.Module:
+    """The segmenter a segmentation run's config.json describes (`gcvit.train.segmentation`), its weights loaded
+    strictly; `classes`, `crop_size`, `reduce_zero_label`, `mean`, `std` and `model_name` from it."""
+    from gcvit.models.segmenter import create_segmenter
+
+    source = str(folder / CONFIG_FILE)
+    missing = [k for k in ("arch", "model", "classes") if k not in config]
+    if missing:
+        raise ValueError(f"{source}: a segmenter's config.json needs {missing}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.get("config") or {}).items()}
+    fields.pop("num_classes", None)
+    try:
+        model = create_segmenter(
+            str(config["arch"]),
+            backbone=str(config["model"]),
+            num_classes=len(config["classes"]),
+            backbone_overrides=fields,
+            channels=int(config.get("head_channels", 512)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: does not describe a segmenter gcvit can build: {e}") from None
+    _load_whole(model, weights, "segmenter")
+    model.task, model.classes = "segmentation", list(config["classes"])
+    model.crop_size, model.reduce_zero_label = int(config.get("crop_size", 512)), bool(config.get("reduce_zero_label"))
+    model.mean, model.std = tuple(config.get("mean", IMAGENET_MEAN)), tuple(config.get("std", IMAGENET_STD))
+    model.model_name, model.source = str(config["model"]), origin
+    return model
+
+
+def _load_whole(model: nn.Module, weights: Path, kind: str) -> None:
+    """Load `weights` into a detector or segmenter strictly, naming the file when they do not fit."""
+    from gcvit.models.weights import CheckpointError, read_state_dict
+
+    try:
+        result = model.load_state_dict(read_state_dict(weights), strict=False)
+    except RuntimeError as e:  # mis-shaped tensors: torch names each on a line of its own
+        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise CheckpointError(
+            f"{weights} does not fit the {kind} its config.json describes: {(lines or [str(e)])[0]}{more}"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        keys = (result.missing_keys + result.unexpected_keys)[:10]
+        raise CheckpointError(f"{weights} does not fit the {kind} its config.json describes: {keys}")
 
 
 def build_from_config(

@@ -23,6 +23,7 @@ from gcvit.extras import EXTRA_OF, install_hint
 _COMMAND_MODULES = (
     "gcvit.cli.train",
     "gcvit.cli.detect",
+    "gcvit.cli.segment",
     "gcvit.cli.visualize",
     "gcvit.cli.export",
     "gcvit.cli.compare",

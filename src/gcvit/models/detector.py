@@ -107,6 +107,12 @@ class _Pyramid(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.model.forward_intermediates(x)
 
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{name}" for name in self.model.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
 
 class _ResNet50(nn.Module):
     """torchvision's ResNet-50 as a body: the outputs of layer1..layer4 (256, 512, 1024, 2048 channels), with frozen
@@ -134,7 +140,7 @@ class _ResNet50(nn.Module):
         return maps
 
 
-def detection_body(
+def pyramid_body(
     backbone: str,
     *,
     pretrained: bool | str | os.PathLike[str] = False,
@@ -156,7 +162,7 @@ def detection_body(
             raise ValueError("frozen_stages goes with GC ViT and resnet50 backbones")
         model = create_model(backbone, pretrained=pretrained, num_classes=0, **overrides)
         return _Pyramid(model), [model.cfg.embed_dim * 2**i for i in range(len(model.cfg.depths))]
-    raise ValueError(f"expected a GC ViT or Swin name, or 'resnet50', as a detection backbone; got {backbone!r}")
+    raise ValueError(f"expected a GC ViT or Swin name, or 'resnet50', as a backbone; got {backbone!r}")
 
 
 def create_detector(
@@ -203,7 +209,7 @@ def create_detector(
         raise ValueError(
             f"expected num_classes of at least 1 (object classes, background not counted); got {num_classes!r}"
         )
-    body, channels = detection_body(
+    body, channels = pyramid_body(
         backbone, pretrained=pretrained_backbone, frozen_stages=frozen_stages, **(backbone_overrides or {})
     )
     sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)

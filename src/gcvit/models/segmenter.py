@@ -13,7 +13,7 @@ state-dict keys are mmseg's. mmseg trains with SyncBN; here the norms are BatchN
 `torch.nn.SyncBatchNorm.convert_sync_batchnorm`. In training mode the batch needs at least 2 images (pool scale 1
 leaves one value per channel to BatchNorm).
 
-The backbone is the detectors' (`detection_body`): NVIDIA's detection backbone for a GC ViT name (windows 24 unless
+The backbone is the detectors' (`pyramid_body`): NVIDIA's detection backbone for a GC ViT name (windows 24 unless
 `backbone_overrides` sets `window_size`), a Swin classifier's pyramid, or torchvision's ResNet-50.
 Written here rather than taken from segmentation_models_pytorch: smp's UPerNet builds its encoder by name from its own
 or timm's registry (a backbone of this package would have to become an smp encoder), its auxiliary output is a pooled
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcvit.models.detector import detection_body
+from gcvit.models.detector import pyramid_body
 
 ARCHS = ("upernet",)
 POOL_SCALES = (1, 2, 3, 6)  # PPM's pooled map sides
@@ -191,9 +191,14 @@ class UPerNet(nn.Module):
             return logits, None
         return logits, _resize(self.auxiliary_head(maps[self.aux_index]), padded)[:, :, :H, :W]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Images (B, 3, H, W), any H, W the backbone takes (GC ViT, Swin: from 32 px) -> logits (B, num_classes, H,
-        W), upsampled bilinearly (align_corners=False) from stride 4."""
+        W), upsampled bilinearly (align_corners=False) from stride 4; with `masks`, the training losses instead
+        (`losses`), so that DistributedDataParallel, which syncs gradients of calls through `forward`, trains it."""
+        if masks is not None:
+            return self.losses(images, masks, ignore_index)
         return self._logits(images, aux=False)[0]
 
     def losses(
@@ -201,8 +206,7 @@ class UPerNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The training losses: `sum(losses.values())` is what to minimise.
 
-        Under DistributedDataParallel, which syncs gradients only for calls through `forward`, call this from the
-        forward of a module that DDP wraps.
+        Under DistributedDataParallel, call the wrapped model with the masks (`forward(images, masks)`) instead.
 
         Args:
             images: (B, 3, H, W), normalised.
@@ -301,7 +305,7 @@ def create_segmenter(
             raise ValueError(f"expected {name} of at least 1; got {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"expected dropout in [0, 1); got {dropout!r}")
-    body, in_channels = detection_body(
+    body, in_channels = pyramid_body(
         backbone, pretrained=pretrained_backbone, frozen_stages=frozen_stages, **(backbone_overrides or {})
     )
     model = UPerNet(

@@ -105,11 +105,11 @@ def predict_detections(
     """Detect objects in images (files, or folders searched for images); write OUT/<stem>.png with the detections
     drawn and OUT/predictions.json (COCO results, the original category ids, with "file_name" and "category_name"
     added; "image_id" is the image's index). Returns the results."""
-    from gcvit.train.evaluate import _image_files
+    from gcvit.train.evaluate import image_inputs
 
     if not 0 <= score_threshold <= 1:
         raise ValueError(f"expected --score-threshold in [0, 1]; got {score_threshold}")
-    files = _image_files(inputs)
+    files = image_inputs(inputs)
     detector = load_detector(model, device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

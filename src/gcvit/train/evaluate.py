@@ -191,7 +191,8 @@ def plot_confusion(
     return path
 
 
-def _image_files(inputs: Sequence[PathLike]) -> list[Path]:
+def image_inputs(inputs: Sequence[PathLike]) -> list[Path]:
+    """The image files that predict commands take: files as given, folders searched for images."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -234,7 +235,7 @@ def predict(
         raise ValueError(f"expected topk of at least 1; got {topk}")
     if batch_size < 1:
         raise ValueError(f"expected batch_size of at least 1; got {batch_size}")
-    files = _image_files(inputs)  # a mistyped path fails before any weights are downloaded
+    files = image_inputs(inputs)  # a mistyped path fails before any weights are downloaded
     net = load_model(model, device)
     transform, classes = preprocess(net), classes_of(net)
     k = min(topk, len(classes))

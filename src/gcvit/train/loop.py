@@ -432,19 +432,26 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
 
 
 def task_for(cfg: Any) -> Task:
-    """The task a config trains: detection for a `DetectConfig`, classification for a `TrainConfig`."""
+    """The task a config trains: detection for a `DetectConfig`, segmentation for a `SegmentConfig`, classification
+    for a `TrainConfig`."""
     from gcvit.train.detection import DetectConfig, DetectionTask
+    from gcvit.train.segmentation import SegmentationTask, SegmentConfig
 
-    return DetectionTask(cfg) if isinstance(cfg, DetectConfig) else ClassificationTask(cfg)
+    if isinstance(cfg, DetectConfig):
+        return DetectionTask(cfg)
+    return SegmentationTask(cfg) if isinstance(cfg, SegmentConfig) else ClassificationTask(cfg)
 
 
 def _saved_config(run_dir: str | Path) -> Any:
     """The config a run folder's config.yaml holds, of its task."""
     from gcvit.train.config import read_yaml
     from gcvit.train.detection import detect_config_from
+    from gcvit.train.segmentation import segment_config_from
 
     values = read_yaml(Path(run_dir) / "config.yaml", check=False)
-    return detect_config_from(values) if values.get("task") == "detection" else load_run_config(run_dir)
+    if values.get("task") == "detection":
+        return detect_config_from(values)
+    return segment_config_from(values) if values.get("task") == "segmentation" else load_run_config(run_dir)
 
 
 def _interrupted(run: Run, run_dir: Path) -> str:
