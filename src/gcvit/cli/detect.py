@@ -180,7 +180,7 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--ann", default=None, help="COCO annotations of other data (default: the run's validation data)")
     p.add_argument("--images", default=None, help="their image folder")
     p.add_argument("--out", default=None, help="the JSON file (default RUN/eval.json)")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2, help="images read at a time (each detected on its own)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_eval)
 

@@ -21,7 +21,7 @@ from gcvit.data.coco import CocoInstances
 from gcvit.data.transforms import load_rgb
 from gcvit.loading import load
 from gcvit.train.coco_eval import MASK_THRESHOLD, coco_ap, to_coco_results
-from gcvit.train.detection import TO_FLOAT, collate
+from gcvit.train.detection import TO_FLOAT, collate, detect_each
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def evaluate_detector(
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
     results = []
     for batch_images, targets in loader:
-        outputs = detector([image.to(device) for image in batch_images])
+        outputs = detect_each(detector, batch_images, device)
         results += to_coco_results(outputs, [t["image_id"] for t in targets], detector.category_ids)
     scores = coco_ap(data.coco, results, ("bbox", "segm") if masks else ("bbox",))
     target = Path(out) if out is not None else (run / "eval.json" if run is not None and run.is_dir() else None)

@@ -266,6 +266,12 @@ def collate(batch: list[tuple[Any, dict[str, Any]]]) -> tuple[list[Any], list[di
     return list(images), list(targets)
 
 
+def detect_each(model: nn.Module, images: list[torch.Tensor], device: torch.device | str) -> list[dict[str, Any]]:
+    """The detections of each image on its own: torchvision's detectors pad a batch to its largest image, which
+    changes the detections of the others, so that validation, `gcvit detect eval` and predict would disagree."""
+    return [model([image.to(device)])[0] for image in images]
+
+
 def _to_device(target: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A target's tensors on `device` as plain tensors (what torchvision's detectors take)."""
     return {k: v.as_subclass(torch.Tensor).to(device) for k, v in target.items() if k in ("boxes", "labels", "masks")}
@@ -416,7 +422,7 @@ class DetectionTask(Task):
         model.eval()
         results = []
         for images, targets in loader:
-            outputs = model([image.to(info.device) for image in images])
+            outputs = detect_each(model, images, info.device)
             results += to_coco_results(outputs, [t["image_id"] for t in targets], self.category_ids)
         if info.distributed:
             gathered: list[Any] = [None] * info.world_size
