@@ -157,3 +157,22 @@ def test_a_folder_of_this_package_loads_with_its_own_query_pools(tmp_path: Path)
     assert [m.shape[1] for m in backbone(torch.randn(1, 3, 96, 128))] == backbone.out_channels
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         gcvit.create_backbone("gcvit_nano", pretrained=tmp_path)
+
+
+@pytest.mark.parametrize(("size", "masked"), [((768, 1536), False), ((200, 296), True)])
+def test_the_official_backbones_maps_at_any_size(size: tuple[int, int], masked: bool) -> None:
+    """Against NVIDIA's detection backbone re-implemented in plain modules (tests/models/official_detection_backbone):
+    an official-format state dict loads strictly into both; at 768 x 1536 (no padding, a non-square query map
+    resized to the window) the maps agree as they are; at a size that needs padding, with the official padded keys
+    masked as ours are."""
+    from tests.models.official_detection_backbone import OfficialDetectionBackbone
+
+    torch.manual_seed(0)
+    ours = randomize_(gcvit.create_backbone("gcvit_xxtiny", window_size=24)).eval()
+    reference = OfficialDetectionBackbone(ours.cfg).eval()
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        mine, theirs = ours(x), reference(x, mask_padded_keys=masked)
+    assert [m.shape for m in mine] == [t.shape for t in theirs]
+    assert max((m - t).abs().max().item() for m, t in zip(mine, theirs)) < 1e-4
