@@ -250,3 +250,26 @@ def test_crash_between_last_and_best_writes_keeps_best_in_step(tmp_path: Path, m
     assert resumed.best_top1 == full.best_top1
     assert_same_weights(tmp_path / "a" / "run" / "last", tmp_path / "b" / "run" / "last")
     assert_same_weights(tmp_path / "a" / "run" / "best", tmp_path / "b" / "run" / "best")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost interrupt, as Python prints it
+def test_a_ctrl_c_that_python_loses_in_a_finalizer_still_ends_the_run() -> None:
+    """Python prints a KeyboardInterrupt raised inside `__del__` as "Exception ignored" and goes on; the loop's
+    Ctrl-C guard remembers the press, and its check raises it at the next micro-batch."""
+    import gc
+    import signal
+
+    from gcvit.train.loop import _CtrlC
+
+    class RaisesInFinalizer:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    with _CtrlC() as ctrl_c:
+        RaisesInFinalizer()  # collected at once: the interrupt is raised inside __del__ and lost
+        gc.collect()
+        assert ctrl_c.pressed
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,34 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) during a run; its message says after which epoch, where the checkpoint is and how to go on."""
 
 
+class _CtrlC:
+    """Remembers a Ctrl-C as well as raising it. Python raises KeyboardInterrupt wherever the main thread is; in a
+    finalizer (`__del__`, a weakref callback) it is printed as "Exception ignored" and lost, and a run once went on
+    training after a Ctrl-C that way. The loop calls `check()` after every micro-batch and epoch, so a press it lost
+    still ends the run there."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signals are the main thread's only
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -80,6 +110,7 @@ class Run:
     step: int = 0  # optimizer steps done
     best: float = -1.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    ctrl_c: _CtrlC = field(default_factory=_CtrlC)  # a Ctrl-C even where Python lost its KeyboardInterrupt
 
 
 def _check_amp(cfg: TrainConfig, device: torch.device) -> None:
@@ -264,6 +295,7 @@ def _train_epoch(run: Run, run_dir: Path, bar: Any) -> float:
         with sync:
             loss, n = run.task.loss(run.net, batch, dev)
             _check_finite(loss, run, run_dir)
+            run.ctrl_c.check()
             run.scaler.scale(loss / cfg.grad_accum).backward()
         if last_micro:
             _optimizer_step(run)
@@ -411,17 +443,8 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
     tb = TensorBoard(run_dir / "tb") if info.is_main else None
     start, first_epoch = time.perf_counter(), run.epoch
     try:
-        while run.epoch < cfg.epochs + cfg.cooldown_epochs:
-            bar = _progress_bar(run, progress)
-            t0 = time.perf_counter()
-            train_loss = _train_epoch(run, run_dir, bar)
-            if bar is not None:
-                bar.close()
-            row = _epoch_end(run, run_dir, train_loss, time.perf_counter() - t0, tb)
-            _log_epoch(row, run, start, first_epoch)
-            if cfg.time_limit is not None and time.perf_counter() - start > cfg.time_limit:
-                logger.info("time limit of %.0f s reached after epoch %d", cfg.time_limit, run.epoch)
-                break
+        with run.ctrl_c:
+            _epochs(run, run_dir, progress, tb, start, first_epoch)
     except KeyboardInterrupt:
         raise TrainingInterrupted(_interrupted(run, run_dir)) from None
     finally:
@@ -429,6 +452,24 @@ def _train_in(cfg: TrainConfig, info: D.DistInfo, run_dir: Path, resuming: bool,
             tb.close()
     epoch, weights, _ = best_epoch(run.history, cfg.keep_best, task.metric, task.ema_metric)
     return TrainResult(run_dir, run.epoch, run.best, run.history, epoch, weights)
+
+
+def _epochs(run: Run, run_dir: Path, progress: bool, tb: TensorBoard | None, start: float, first_epoch: int) -> None:
+    """The epochs left, each ending with validation, a checkpoint and its log line; a Ctrl-C ends them after a
+    micro-batch or an epoch."""
+    cfg = run.cfg
+    while run.epoch < cfg.epochs + cfg.cooldown_epochs:
+        bar = _progress_bar(run, progress)
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(run, run_dir, bar)
+        if bar is not None:
+            bar.close()
+        row = _epoch_end(run, run_dir, train_loss, time.perf_counter() - t0, tb)
+        _log_epoch(row, run, start, first_epoch)
+        run.ctrl_c.check()
+        if cfg.time_limit is not None and time.perf_counter() - start > cfg.time_limit:
+            logger.info("time limit of %.0f s reached after epoch %d", cfg.time_limit, run.epoch)
+            break
 
 
 def task_for(cfg: Any) -> Task:
