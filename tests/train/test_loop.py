@@ -252,7 +252,7 @@ def test_crash_between_last_and_best_writes_keeps_best_in_step(tmp_path: Path, m
     assert_same_weights(tmp_path / "a" / "run" / "best", tmp_path / "b" / "run" / "best")
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost interrupt, as Python prints it
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost interrupt, printed
 def test_a_ctrl_c_that_python_loses_in_a_finalizer_still_ends_the_run() -> None:
     """Python prints a KeyboardInterrupt raised inside `__del__` as "Exception ignored" and goes on; the loop's
     Ctrl-C guard remembers the press, and its check raises it at the next micro-batch."""
