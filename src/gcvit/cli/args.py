@@ -67,3 +67,50 @@ def add_pretrained_argument(p: argparse.ArgumentParser, default: bool | None, wh
         default=default,
         help=f"{what}'true' (or no value) for NVIDIA's ImageNet weights, or a checkpoint path or URL",
     )
+
+
+def dense_task_settings(args: argparse.Namespace, fields: Any, paths: tuple[str, ...], task: str) -> dict[str, Any]:
+    """The settings `gcvit detect train` or `gcvit segment train` got: each flag given whose name is a field of the
+    config dataclass `fields` (a store_true flag when set), `--pretrained` as True for 'true', the `paths` made
+    absolute; with --resume, the run's config.yaml under what a resumed run may change (epochs, time limit, workers,
+    device), after checking it is a `task` run."""
+    import dataclasses
+    from pathlib import Path
+
+    from gcvit.train.config import read_yaml
+
+    names = {f.name for f in dataclasses.fields(fields)} - {"pretrained"}
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in names and v is not None and v is not False}
+    if args.pretrained is not None:
+        given["pretrained"] = True if args.pretrained == "true" else args.pretrained
+    for key in paths:
+        if key in given:
+            given[key] = str(Path(given[key]).expanduser().resolve())
+    if not args.resume:
+        return given
+    saved = Path(args.resume, "config.yaml")
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume {args.resume}: expected a run folder holding config.yaml; there is none")
+    base = read_yaml(saved, check=False)
+    if base.get("task") != task:
+        raise ValueError(f"--resume {args.resume} is not a {task} run; continue it with its own command")
+    return base | {k: v for k, v in given.items() if k in ("epochs", "time_limit", "num_workers", "device")}
+
+
+def add_dense_training_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `gcvit detect train` and `gcvit segment train` share: the backbone's window, frozen stages, drop path
+    and checkpointing, the run's accumulation, clipping, autocast, EMA, seed, workers, device, time limit, resume."""
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--clip-grad", type=float, default=None)
+    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"])
+    p.add_argument("--ema", type=float, default=None, help="EMA decay (default: none)")
+    p.add_argument("--seed", type=parse_seed, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; stops after the epoch that passes it")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--window-size", type=int, default=None, help="GC ViT's window (default 24; the digit scenes 8)")
+    p.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 the stem, k the stem and k stages")
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the backbone in the backward pass")

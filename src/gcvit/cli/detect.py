@@ -9,67 +9,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gcvit.cli.args import DefaultsFormatter, parse_seed
+from gcvit.cli.args import DefaultsFormatter, add_dense_training_flags, dense_task_settings, parse_seed
 
 # this module's command and its line in `gcvit --help`
 COMMANDS = {"detect": "detection and instance segmentation: train, eval, predict, and the digit scenes"}
 
-# DetectConfig fields a flag sets (flag name = field name with dashes)
-_TRAIN_FLAGS = (
-    "train_ann",
-    "train_images",
-    "val_ann",
-    "val_images",
-    "scenes",
-    "arch",
-    "model",
-    "img_size",
-    "max_size",
-    "window_size",
-    "frozen_stages",
-    "drop_path",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "weight_decay",
-    "warmup_iters",
-    "clip_grad",
-    "amp",
-    "ema",
-    "seed",
-    "num_workers",
-    "device",
-    "out_dir",
-    "time_limit",
-    "recipe",
-    "scale_aug",
-    "flip",
-)
-
 
 def _train(args: argparse.Namespace) -> None:
-    from gcvit.train.config import read_yaml
-    from gcvit.train.detection import detect_config_from, path_or_none
+    from gcvit.train.detection import DetectConfig, detect_config_from
     from gcvit.train.loop import train
 
-    given: dict[str, Any] = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-    for flag in ("strict_data", "grad_checkpointing"):
-        if getattr(args, flag):
-            given[flag] = True
-    if args.pretrained is not None:
-        given["pretrained"] = True if args.pretrained == "true" else args.pretrained
-    for key in ("train_ann", "train_images", "val_ann", "val_images"):
-        if key in given:
-            given[key] = path_or_none(given[key])
-    if args.resume:
-        saved = Path(args.resume, "config.yaml")
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume {args.resume}: expected a run folder holding config.yaml; there is none")
-        base = read_yaml(saved, check=False)
-        if base.get("task") != "detection":
-            raise ValueError(f"--resume {args.resume} is not a detection run; continue it with `gcvit train --resume`")
-        given = base | {k: v for k, v in given.items() if k in ("epochs", "time_limit", "num_workers", "device")}
+    paths = ("train_ann", "train_images", "val_ann", "val_images")
+    given = dense_task_settings(args, DetectConfig, paths, "detection")
     cfg = detect_config_from(given)
     progress = not args.no_progress and sys.stderr.isatty()
     result = train(cfg, resume=args.resume, progress=progress)
@@ -142,9 +93,6 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--pretrained", default=None, help="backbone weights: 'true' (the tag's), a path or URL")
     p.add_argument("--img-size", type=int, default=None, help="shorter side (default 800; the digit scenes 128)")
     p.add_argument("--max-size", type=int, default=None, help="longest longer side (default img-size * 1333 / 800)")
-    p.add_argument("--window-size", type=int, default=None, help="GC ViT's window (default 24; the digit scenes 8)")
-    p.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 the stem, k the stem and k stages")
-    p.add_argument("--drop-path", type=float, default=None)
     p.add_argument(
         "--scale-aug",
         default=None,
@@ -152,25 +100,15 @@ def add_subcommands(subparsers: Any) -> None:
         help="multiscale: the official DETR-style resize and crop; lsj: large-scale jitter (default none)",
     )
     p.add_argument("--flip", type=float, default=None, help="horizontal flip chance (default 0.5; digit scenes 0)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the backbone in the backward pass")
     p.add_argument("--epochs", type=int, default=None, help="(default 12; the digit scenes 10; official 36)")
     p.add_argument("--batch-size", type=int, default=None, help="(default 4)")
-    p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="(default 1e-4 with pretrained weights, 1e-3 from scratch)")
     p.add_argument("--weight-decay", type=float, default=None, help="(default 0.05)")
     p.add_argument("--warmup-iters", type=int, default=None, help="(default 100; official 2500)")
-    p.add_argument("--clip-grad", type=float, default=None)
-    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"])
-    p.add_argument("--ema", type=float, default=None, help="EMA decay (default: none)")
-    p.add_argument("--seed", type=parse_seed, default=None)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--device", default=None)
     p.add_argument("--out-dir", default=None, help="run folder (default runs/detect-scenes or runs/detect-<images>)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; stops after the epoch that passes it")
     p.add_argument("--recipe", default=None, choices=["default", "official"], help="official: Mask R-CNN 3x")
     p.add_argument("--strict-data", action="store_true", help="refuse unreadable images and unusable annotations")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_dense_training_flags(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser(

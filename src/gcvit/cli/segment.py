@@ -9,70 +9,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gcvit.cli.args import DefaultsFormatter, parse_seed
+from gcvit.cli.args import DefaultsFormatter, add_dense_training_flags, dense_task_settings, parse_seed
 
 # this module's command and its line in `gcvit --help`
 COMMANDS = {"segment": "semantic segmentation: train, eval, predict, and the digit scenes' label maps"}
 
-# SegmentConfig fields a flag sets (flag name = field name with dashes)
-_TRAIN_FLAGS = (
-    "train_images",
-    "train_masks",
-    "val_images",
-    "val_masks",
-    "ade20k",
-    "num_classes",
-    "class_names",
-    "scenes",
-    "model",
-    "img_size",
-    "window_size",
-    "frozen_stages",
-    "drop_path",
-    "head_channels",
-    "epochs",
-    "iters",
-    "batch_size",
-    "grad_accum",
-    "lr",
-    "weight_decay",
-    "warmup_iters",
-    "clip_grad",
-    "amp",
-    "ema",
-    "seed",
-    "num_workers",
-    "device",
-    "out_dir",
-    "time_limit",
-    "recipe",
-    "flip",
-)
-
 
 def _train(args: argparse.Namespace) -> None:
-    from gcvit.train.config import read_yaml
-    from gcvit.train.detection import path_or_none
     from gcvit.train.loop import train
-    from gcvit.train.segmentation import segment_config_from
+    from gcvit.train.segmentation import SegmentConfig, segment_config_from
 
-    given: dict[str, Any] = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
-    for flag in ("strict_data", "grad_checkpointing", "reduce_zero_label"):
-        if getattr(args, flag):
-            given[flag] = True
-    if args.pretrained is not None:
-        given["pretrained"] = True if args.pretrained == "true" else args.pretrained
-    for key in ("train_images", "train_masks", "val_images", "val_masks", "ade20k", "class_names"):
-        if key in given:
-            given[key] = path_or_none(given[key])
-    if args.resume:
-        saved = Path(args.resume, "config.yaml")
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume {args.resume}: expected a run folder holding config.yaml; there is none")
-        base = read_yaml(saved, check=False)
-        if base.get("task") != "segmentation":
-            raise ValueError(f"--resume {args.resume} is not a segmentation run; continue it with its own command")
-        given = base | {k: v for k, v in given.items() if k in ("epochs", "time_limit", "num_workers", "device")}
+    paths = ("train_images", "train_masks", "val_images", "val_masks", "ade20k", "class_names")
+    given = dense_task_settings(args, SegmentConfig, paths, "segmentation")
     cfg = segment_config_from(given)
     progress = not args.no_progress and sys.stderr.isatty()
     result = train(cfg, resume=args.resume, progress=progress)
@@ -176,31 +124,18 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument("--model", default=None, help="backbone: a GC ViT or Swin name (default gcvit_nano)")
     p.add_argument("--pretrained", default=None, help="backbone weights: 'true' (the tag's), a path, URL or run")
     p.add_argument("--img-size", type=int, default=None, help="crop side (default 512; the digit scenes 128)")
-    p.add_argument("--window-size", type=int, default=None, help="GC ViT's window (default 24; the digit scenes 8)")
-    p.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 the stem, k the stem and k stages")
-    p.add_argument("--drop-path", type=float, default=None)
     p.add_argument("--flip", type=float, default=None, help="horizontal flip chance (default 0.5; digit scenes 0)")
     p.add_argument("--head-channels", type=int, default=None, help="UPerNet's channels (default 512; scenes 64)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute the backbone in the backward pass")
     p.add_argument("--epochs", type=int, default=None, help="(default 12; the digit scenes 10)")
     p.add_argument("--iters", type=int, default=None, help="optimizer steps instead of epochs (official 160000)")
     p.add_argument("--batch-size", type=int, default=None, help="(default 8; official 16)")
-    p.add_argument("--grad-accum", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="(default 6e-5 with pretrained weights, 1e-3 from scratch)")
     p.add_argument("--weight-decay", type=float, default=None, help="(default 0.01)")
     p.add_argument("--warmup-iters", type=int, default=None, help="(default 100; official 1500)")
-    p.add_argument("--clip-grad", type=float, default=None)
-    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"])
-    p.add_argument("--ema", type=float, default=None, help="EMA decay (default: none)")
-    p.add_argument("--seed", type=parse_seed, default=None)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--device", default=None)
     p.add_argument("--out-dir", default=None, help="run folder (default runs/segment-scenes or runs/segment-<images>)")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; stops after the epoch that passes it")
     p.add_argument("--recipe", default=None, choices=["default", "official"], help="official: UPerNet 160k")
     p.add_argument("--strict-data", action="store_true", help="refuse unusable images and masks")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from last/")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_dense_training_flags(p)
     p.set_defaults(func=_train)
 
     def inference_flags(p: argparse.ArgumentParser) -> None:

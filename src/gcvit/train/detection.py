@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from gcvit.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, NVIDIA_LICENSE
 from gcvit.train import distributed as D
 from gcvit.train.coco_eval import coco_ap, to_coco_results
 from gcvit.train.metrics import plot_history, plot_title
-from gcvit.train.task import Task, TaskData, autocast
+from gcvit.train.task import Task, TaskData, autocast, backbone_overrides, check_common_settings, config_from
 
 logger = logging.getLogger(__name__)
 
@@ -147,14 +146,7 @@ class DetectConfig:
         self.lr_steps = tuple(self.lr_steps)
         if self.out_dir is None:
             self.out_dir = str(Path("runs") / ("detect-scenes" if scenes else f"detect-{Path(self.train_images).name}"))
-        for name in ("epochs", "batch_size", "grad_accum", "scenes", "img_size", "max_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be one of ('none', 'bf16', 'fp16'); got {self.amp!r}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"expected lr > 0 and weight_decay >= 0; got {self.lr}, {self.weight_decay}")
+        check_common_settings(self, ("epochs", "batch_size", "grad_accum", "scenes", "img_size", "max_size"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -322,11 +314,6 @@ class DetectionTask(Task):
     def build_model(self, data: TaskData, architecture: dict[str, Any] | None) -> nn.Module:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        overrides: dict[str, Any] = {}
-        if cfg.window_size is not None:
-            overrides["window_size"] = cfg.window_size
-        if cfg.drop_path is not None:
-            overrides["drop_path_rate"] = cfg.drop_path
         detector = create_detector(
             cfg.arch,
             backbone=cfg.model,
@@ -335,7 +322,7 @@ class DetectionTask(Task):
             min_size=train_sizes(cfg),  # evaluation resizes to the largest, img_size
             max_size=cfg.max_size,
             frozen_stages=cfg.frozen_stages,
-            backbone_overrides=overrides,
+            backbone_overrides=backbone_overrides(cfg),
             **cfg.detector_options,
         )
         if cfg.grad_checkpointing:
@@ -463,14 +450,4 @@ class DetectionTask(Task):
 
 def detect_config_from(values: dict[str, Any]) -> DetectConfig:
     """A DetectConfig from flags or a saved config.yaml (the official recipe's settings under the given ones)."""
-    if values.get("recipe") == "official":
-        values = official_detect_recipe() | {k: v for k, v in values.items() if v is not None}
-    fields = {f.name for f in dataclasses.fields(DetectConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"unknown detection setting(s) {unknown}; expected among {sorted(fields)}")
-    return DetectConfig(**{k: v for k, v in values.items() if v is not None or k in ("ema", "clip_grad")})
-
-
-def path_or_none(value: str | os.PathLike[str] | None) -> str | None:
-    return str(Path(value).expanduser().resolve()) if value is not None else None
+    return config_from(DetectConfig, values, official_detect_recipe, "detection")

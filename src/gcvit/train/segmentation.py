@@ -25,7 +25,7 @@ from gcvit.data import DataError
 from gcvit.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, NVIDIA_LICENSE
 from gcvit.train import distributed as D
 from gcvit.train.metrics import plot_history, plot_title
-from gcvit.train.task import Task, TaskData, autocast
+from gcvit.train.task import Task, TaskData, autocast, backbone_overrides, check_common_settings, config_from
 
 SCENE_SIZE = 128  # px a side of the digit scenes
 IGNORE = 255  # the label of pixels no class is scored on
@@ -124,20 +124,10 @@ class SegmentConfig:
         if self.out_dir is None:
             name = "scenes" if scenes else Path(self.ade20k or self.train_images or "data").name
             self.out_dir = str(Path("runs") / f"segment-{name}")
-        for name in ("batch_size", "grad_accum", "scenes", "img_size", "num_classes", "head_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        for name in ("epochs", "iters"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        positive = ("batch_size", "grad_accum", "scenes", "img_size", "num_classes", "head_channels")
+        check_common_settings(self, positive, optional=("epochs", "iters"))
         if self.num_classes > 255:
             raise ValueError(f"num_classes must be at most 255 (255 marks ignored pixels); got {self.num_classes}")
-        if self.amp not in ("none", "bf16", "fp16"):
-            raise ValueError(f"amp must be one of ('none', 'bf16', 'fp16'); got {self.amp!r}")
-        if not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"expected lr > 0 and weight_decay >= 0; got {self.lr}, {self.weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -293,18 +283,13 @@ class SegmentationTask(Task):
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        overrides: dict[str, Any] = {}
-        if cfg.window_size is not None:
-            overrides["window_size"] = cfg.window_size
-        if cfg.drop_path is not None:
-            overrides["drop_path_rate"] = cfg.drop_path
         model = create_segmenter(
             cfg.arch,
             backbone=cfg.model,
             num_classes=cfg.num_classes,
             pretrained_backbone=cfg.pretrained if architecture is None else False,  # a resumed run loads its own
             frozen_stages=cfg.frozen_stages,
-            backbone_overrides=overrides,
+            backbone_overrides=backbone_overrides(cfg),
             channels=cfg.head_channels,
         )
         if cfg.grad_checkpointing:
@@ -412,10 +397,4 @@ class SegmentationTask(Task):
 
 def segment_config_from(values: dict[str, Any]) -> SegmentConfig:
     """A SegmentConfig from flags or a saved config.yaml (the official recipe's settings under the given ones)."""
-    if values.get("recipe") == "official":
-        values = official_segment_recipe() | {k: v for k, v in values.items() if v is not None}
-    fields = {f.name for f in dataclasses.fields(SegmentConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"unknown segmentation setting(s) {unknown}; expected among {sorted(fields)}")
-    return SegmentConfig(**{k: v for k, v in values.items() if v is not None or k in ("ema", "clip_grad")})
+    return config_from(SegmentConfig, values, official_segment_recipe, "segmentation")

@@ -10,6 +10,7 @@ history row holds the loop's columns (epoch, train_loss, lr, epoch_time) around 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,3 +95,40 @@ class Task(ABC):
     @abstractmethod
     def plot(self, run_dir: Path, history: list[dict[str, Any]], best: tuple[int, str]) -> None:
         """plots/ of the run; `best`: (epoch, weights file) best/ holds."""
+
+
+def check_common_settings(cfg: Any, positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """The checks the dense tasks' settings share, each a ValueError naming the value: `positive` fields are
+    positive integers (`optional` ones too, or None), amp is none, bf16 or fp16, lr > 0 and weight_decay >= 0."""
+    for name in positive + optional:
+        value = getattr(cfg, name)
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be one of ('none', 'bf16', 'fp16'); got {cfg.amp!r}")
+    if not cfg.lr > 0 or cfg.weight_decay < 0:
+        raise ValueError(f"expected lr > 0 and weight_decay >= 0; got {cfg.lr}, {cfg.weight_decay}")
+
+
+def config_from(cls: type, values: dict[str, Any], official: Callable[[], dict[str, Any]], kind: str) -> Any:
+    """A dense task's config (`cls`, a dataclass) from flags or a saved config.yaml: the official recipe's settings
+    (`official()`) under the given ones when `recipe` is 'official'; unknown keys named."""
+    if values.get("recipe") == "official":
+        values = official() | {k: v for k, v in values.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown {kind} setting(s) {unknown}; expected among {sorted(fields)}")
+    return cls(**{k: v for k, v in values.items() if v is not None or k in ("ema", "clip_grad")})
+
+
+def backbone_overrides(cfg: Any) -> dict[str, Any]:
+    """The backbone config fields a dense task's settings give: its window and stochastic depth, where set."""
+    overrides: dict[str, Any] = {}
+    if cfg.window_size is not None:
+        overrides["window_size"] = cfg.window_size
+    if cfg.drop_path is not None:
+        overrides["drop_path_rate"] = cfg.drop_path
+    return overrides
