@@ -138,17 +138,26 @@ def _saved_model(folder: Path, weights: Path, origin: str, overrides: dict[str, 
     return model
 
 
+def _dense_fields(
+    config: Mapping[str, Any], folder: Path, needed: tuple[str, ...], kind: str
+) -> tuple[str, dict[str, Any]]:
+    """(config.json's path, the backbone's config fields as create_detector/create_segmenter take them) of a detector
+    or segmenter folder; a ValueError names the `needed` keys its config.json lacks."""
+    source = str(folder / CONFIG_FILE)
+    missing = [k for k in needed if k not in config]
+    if missing:
+        raise ValueError(f"{source}: a {kind}'s config.json needs {missing}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.get("config") or {}).items()}
+    fields.pop("num_classes", None)
+    return source, fields
+
+
 def _detector(config: Mapping[str, Any], folder: Path, weights: Path, origin: str) -> nn.Module:
     """The detector a detection run's config.json describes (`gcvit.train.detection`), its weights loaded strictly;
     `classes`, `category_ids` (label -> the annotations' category id) and `model_name` (the backbone) from it."""
     from gcvit.models.detector import create_detector
 
-    source = str(folder / CONFIG_FILE)
-    missing = [k for k in ("arch", "model", "classes", "category_ids") if k not in config]
-    if missing:
-        raise ValueError(f"{source}: a detector's config.json needs {missing}")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.get("config") or {}).items()}
-    fields.pop("num_classes", None)
+    source, fields = _dense_fields(config, folder, ("arch", "model", "classes", "category_ids"), "detector")
     try:
         model = create_detector(
             str(config["arch"]),
@@ -172,12 +181,7 @@ def _segmenter(config: Mapping[str, Any], folder: Path, weights: Path, origin: s
     strictly; `classes`, `crop_size`, `reduce_zero_label`, `mean`, `std` and `model_name` from it."""
     from gcvit.models.segmenter import create_segmenter
 
-    source = str(folder / CONFIG_FILE)
-    missing = [k for k in ("arch", "model", "classes") if k not in config]
-    if missing:
-        raise ValueError(f"{source}: a segmenter's config.json needs {missing}")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (config.get("config") or {}).items()}
-    fields.pop("num_classes", None)
+    source, fields = _dense_fields(config, folder, ("arch", "model", "classes"), "segmenter")
     try:
         model = create_segmenter(
             str(config["arch"]),
